@@ -1,0 +1,147 @@
+"""Typed job configuration: dataclass sections loaded from TOML, then ``--section.key=value`` overrides.
+
+Loading is strict: an unknown section or key, or a value of the wrong type, is an error naming it.
+Override values are parsed as TOML values (``--data.seq_len=128``, ``--data.allow_pipe=true``); a value
+that is not valid TOML is taken as a string (``--data.shards=shards/demo``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+
+class ConfigError(ValueError):
+    pass
+
+
+@dataclass
+class DataConfig:
+    shards: str = "shards/demo"
+    """Shard URL spec: a file, a directory with manifest.json, file:// or http(s):// URLs, brace ranges
+    (``wiki-{000000..000127}.tar``), several joined with ``::``; ``pipe:CMD`` needs ``allow_pipe``."""
+    seq_len: int = 1024
+    batch_size: int = 8
+    """Windows per micro-batch on each rank."""
+    num_workers: int = 2
+    """Dataloader worker processes per rank (0: read in the training process)."""
+    seed: int = 0
+    """Seed of the per-epoch shard shuffle."""
+    max_doc_chars: int = 1_000_000
+    """Longer documents are split into parts (spaCy's limit) at paragraph or sentence boundaries."""
+    allow_pipe: bool = False
+    """Allow ``pipe:`` shard URLs, which run a shell command."""
+    http_timeout_s: float = 30.0
+    http_retries: int = 3
+    prefetch_factor: int = 2
+
+
+@dataclass
+class TokenizerConfig:
+    path: str = "shards/demo/tokenizer.model"
+    """A SentencePiece model; ``<CALL>`` gets the id after its last piece."""
+
+
+@dataclass
+class JobConfig:
+    data: DataConfig = field(default_factory=DataConfig)
+    tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
+
+
+def load_job_config(path: str | Path | None = None, overrides: list[str] = ()) -> JobConfig:
+    raw: dict = {}
+    if path is not None:
+        try:
+            raw = tomllib.loads(Path(path).read_text())
+        except FileNotFoundError:
+            raise ConfigError(f"config file {path} not found") from None
+        except tomllib.TOMLDecodeError as error:
+            raise ConfigError(f"config file {path} is not valid TOML: {error}") from None
+    for section, key, text in parse_overrides(overrides):
+        raw.setdefault(section, {})[key] = _parse_value(text, _field_type(JobConfig, section, key))
+    return build_dataclass(JobConfig, raw, "")
+
+
+def parse_overrides(arguments: list[str]) -> list[tuple[str, str, str]]:
+    """``["--data.seq_len=128", "--data.shards", "x"]`` -> ``[("data", "seq_len", "128"), ("data", "shards", "x")]``."""
+    parsed = []
+    index = 0
+    while index < len(arguments):
+        argument = arguments[index]
+        if not argument.startswith("--") or "." not in argument.partition("=")[0]:
+            raise ConfigError(f"expected an override --section.key=value, got {argument!r}")
+        name, has_value, text = argument[2:].partition("=")
+        if not has_value:
+            if index + 1 >= len(arguments):
+                raise ConfigError(f"override --{name} has no value")
+            index += 1
+            text = arguments[index]
+        section, _, key = name.partition(".")
+        parsed.append((section, key, text))
+        index += 1
+    return parsed
+
+
+def _field_type(cls: type, section: str, key: str) -> object:
+    section_type = typing.get_type_hints(cls).get(section)
+    if section_type is None or not dataclasses.is_dataclass(section_type):
+        return None
+    return typing.get_type_hints(section_type).get(key)
+
+
+def _parse_value(text: str, kind: object) -> object:
+    """A TOML value; for string fields an unquoted text is the string itself (``--data.shards=a/b``)."""
+    if kind is str and not text.startswith(('"', "'")):
+        return text
+    try:
+        return tomllib.loads(f"value = {text}")["value"]
+    except tomllib.TOMLDecodeError:
+        return text
+
+
+def build_dataclass(cls: type, raw: dict, where: str):
+    if not isinstance(raw, dict):
+        raise ConfigError(f"[{where}] must be a table, got {raw!r}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(raw) - set(fields))
+    if unknown:
+        raise ConfigError(f"unknown key(s) {unknown} in [{where or 'top level'}]; known: {sorted(fields)}")
+    hints = typing.get_type_hints(cls)
+    values = {}
+    for name, value in raw.items():
+        qualified = f"{where}.{name}" if where else name
+        kind = hints[name]
+        if dataclasses.is_dataclass(kind):
+            values[name] = build_dataclass(kind, value, qualified)
+        else:
+            values[name] = _check_type(value, kind, qualified)
+    return cls(**values)
+
+
+def _check_type(value: object, kind: object, name: str) -> object:
+    origin = typing.get_origin(kind)
+    if origin in (typing.Union, types.UnionType):
+        for option in typing.get_args(kind):
+            if option is type(None) and value is None:
+                return None
+            try:
+                return _check_type(value, option, name)
+            except ConfigError:
+                continue
+        raise ConfigError(f"{name}: {value!r} is not a {kind}")
+    if origin is list:
+        (item_kind,) = typing.get_args(kind)
+        if not isinstance(value, list):
+            raise ConfigError(f"{name}: expected a list, got {value!r}")
+        return [_check_type(item, item_kind, f"{name}[]") for item in value]
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if kind is str and isinstance(value, (int, float)) and not isinstance(value, bool):
+        raise ConfigError(f"{name}: expected a string, got {value!r}")
+    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+        raise ConfigError(f"{name}: expected {kind.__name__}, got {value!r} ({type(value).__name__})")
+    return value

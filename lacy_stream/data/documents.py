@@ -1,0 +1,134 @@
+"""Documents as they leave the shard reader, the skip accounting, and the splitting of huge documents.
+
+A document that is too long for spaCy (``nlp.max_length``, 1,000,000 characters by default) is cut into
+consecutive parts at paragraph, then line, then sentence, then word boundaries. The parts concatenate back
+to the original text exactly; they keep the document's identity and are packed as one document.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Iterator
+
+log = logging.getLogger(__name__)
+
+# Boundaries tried in order when a document must be split; each pattern matches the separator that ends a
+# part (the separator stays with the part before it, so nothing is lost).
+_SPLIT_BOUNDARIES = (
+    re.compile(r"\n[ \t]*\n\s*"),  # paragraph
+    re.compile(r"\n"),  # line
+    re.compile(r"(?<=[.!?])[\"')\]]*\s+"),  # sentence
+    re.compile(r"\s+"),  # word
+)
+
+
+@dataclass(frozen=True)
+class Document:
+    """One document (or one part of a huge document) read from a shard.
+
+    ``shard`` is the shard's index in the expanded shard list and ``index`` the sample's position inside
+    that shard (skipped samples keep their index, so indices are stable across reads).
+    """
+
+    text: str
+    key: str
+    url: str
+    shard: int
+    index: int
+    meta: dict = field(default_factory=dict)
+    part: int = 0
+    num_parts: int = 1
+
+    @property
+    def is_last_part(self) -> bool:
+        return self.part == self.num_parts - 1
+
+
+class ReadStats:
+    """Counts what a reader saw: documents, bytes, split documents and skips by reason.
+
+    Every skip is logged once with the URL, the tar member and the reason. ``skipped`` is the
+    reason -> count map that ``inspect --json`` prints and the trainer's metrics report.
+    """
+
+    def __init__(self) -> None:
+        self.docs = 0
+        self.text_bytes = 0
+        self.shards = 0
+        self.split_docs = 0
+        self.skipped: Counter[str] = Counter()
+
+    def skip(self, reason: str, url: str, member: str | None = None, detail: str = "") -> None:
+        self.skipped[reason] += 1
+        where = f"{url}:{member}" if member else url
+        log.warning("skipped %s (%s)%s", where, reason, f": {detail}" if detail else "")
+
+    def as_dict(self) -> dict:
+        return {
+            "docs": self.docs,
+            "text_bytes": self.text_bytes,
+            "shards": self.shards,
+            "split_docs": self.split_docs,
+            "skipped": dict(sorted(self.skipped.items())),
+        }
+
+    @classmethod
+    def from_dict(cls, state: dict) -> "ReadStats":
+        stats = cls()
+        stats.add_dict(state)
+        return stats
+
+    def add_dict(self, state: dict) -> None:
+        """Add the counts of another reader (e.g. another dataloader worker)."""
+        self.docs += state["docs"]
+        self.text_bytes += state["text_bytes"]
+        self.shards += state["shards"]
+        self.split_docs += state["split_docs"]
+        self.skipped.update(state["skipped"])
+
+
+def split_text(text: str, max_chars: int) -> list[str]:
+    """Cut ``text`` into parts of at most ``max_chars`` characters whose concatenation is ``text``.
+
+    Each cut is placed at the last paragraph boundary that fits, else the last line break, sentence end
+    or whitespace; a text without any of those is cut hard at ``max_chars``.
+    """
+    if max_chars <= 0:
+        raise ValueError(f"max_chars must be positive, got {max_chars}")
+    parts = []
+    start = 0
+    while len(text) - start > max_chars:
+        window = text[start : start + max_chars]
+        cut = _last_boundary(window)
+        parts.append(text[start : start + cut])
+        start += cut
+    parts.append(text[start:])
+    return parts
+
+
+def _last_boundary(window: str) -> int:
+    for pattern in _SPLIT_BOUNDARIES:
+        ends = [m.end() for m in pattern.finditer(window) if 0 < m.end() <= len(window)]
+        # A cut in the first tenth would make tiny parts from a text with one early boundary.
+        ends = [end for end in ends if end > len(window) // 10]
+        if ends:
+            return ends[-1]
+    return len(window)
+
+
+def split_document(doc: Document, max_chars: int) -> Iterator[Document]:
+    parts = split_text(doc.text, max_chars)
+    for number, text in enumerate(parts):
+        yield Document(
+            text=text,
+            key=doc.key,
+            url=doc.url,
+            shard=doc.shard,
+            index=doc.index,
+            meta=doc.meta,
+            part=number,
+            num_parts=len(parts),
+        )

@@ -1,0 +1,382 @@
+"""Building webdataset shards from raw-text corpora.
+
+Inputs are ``.jsonl`` / ``.jsonl.zst`` files, ``.parquet`` files, Hugging Face datasets (``hf:NAME``,
+``hf:NAME:SPLIT`` or ``hf:LOCAL_DIR``) and the embedded demo corpus. Every input is read as a stream of
+records ``{"id", "title", "text", "annotated_text"?}``; a record that cannot become a document is counted
+and logged under a reason, never dropped silently and never fatal.
+
+Each document becomes one tar sample: ``{key}.txt`` holds the UTF-8 text and ``{key}.json`` holds
+``{"id", "title", "annotated_text"?}``, where the key is the 9-digit zero-padded global document ordinal.
+Shards are ``{prefix}-{index:06d}.tar`` (``.tar.zst`` when zstd-compressed as a whole) and
+``manifest.json`` lists them with their document count, size and sha256. Builds are reproducible: the
+same inputs give byte-identical shards.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO, Iterable, Iterator
+
+import zstandard
+
+from .demo_corpus import DEMO_SOURCE, iter_demo_documents
+from .documents import ReadStats
+from .urls import MANIFEST_FORMAT, MANIFEST_NAME, MANIFEST_VERSION, ShardOpenError, TruncatedStreamError, open_shard
+
+log = logging.getLogger(__name__)
+
+COMPRESSIONS = ("none", "zstd")
+
+# A fixed member mtime keeps the tar bytes, hence the sha256, independent of the build time.
+_TAR_MTIME = 0
+_ZSTD_LEVEL = 3
+_PARQUET_BATCH_ROWS = 1024
+_KEY_DIGITS = 9
+_HF_DEFAULT_SPLIT = "train"
+_UTF8_BOM = b"\xef\xbb\xbf"
+
+
+class ShardInputError(ValueError):
+    """An input that cannot be read at all: missing, of an unknown kind, truncated or corrupt."""
+
+
+@dataclass(frozen=True)
+class FieldNames:
+    """Where a record keeps its text and id; ``title`` and ``annotated_text`` have fixed names."""
+
+    text: str = "text"
+    id: str = "id"
+
+
+def make_shards(
+    inputs: list[str],
+    out_dir: Path,
+    *,
+    docs_per_shard: int = 1000,
+    compress: str | None = None,
+    demo: bool = False,
+    prefix: str = "shard",
+    text_field: str = "text",
+    id_field: str = "id",
+) -> dict:
+    """Builds shards + manifest.json in out_dir; returns the manifest dict.
+
+    ``inputs`` are read in order, then the demo corpus when ``demo`` is set. Existing shards named
+    ``{prefix}-NNNNNN.tar[.zst]`` in ``out_dir`` are replaced, and those beyond this build's count are removed.
+    The manifest is removed first and written last, so a directory without one holds no finished build.
+    """
+    if docs_per_shard < 1:
+        raise ValueError(f"docs_per_shard must be at least 1, got {docs_per_shard}")
+    compression = compress or "none"
+    if compression not in COMPRESSIONS:
+        raise ValueError(f"compress must be one of {', '.join(COMPRESSIONS)}, got {compress!r}")
+    if not prefix or "/" in prefix or os.sep in prefix:
+        raise ValueError(f"prefix must be a plain file name prefix, got {prefix!r}")
+    if not inputs and not demo:
+        raise ValueError("no inputs given (pass input files, hf:NAME datasets or demo=True)")
+    for source in inputs:
+        check_source(source)
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / MANIFEST_NAME).unlink(missing_ok=True)
+
+    fields = FieldNames(text=text_field, id=id_field)
+    skips = ReadStats()
+    records = _iter_all_records(inputs, demo, fields, skips)
+    shards = _write_shards(records, out_dir, prefix, compression, docs_per_shard)
+    documents = sum(shard["documents"] for shard in shards)
+    if documents == 0:
+        raise ShardInputError(f"the inputs hold no usable document (skipped: {dict(sorted(skips.skipped.items()))})")
+    _remove_stale_shards(out_dir, prefix, keep={shard["name"] for shard in shards})
+
+    manifest = {
+        "format": MANIFEST_FORMAT,
+        "version": MANIFEST_VERSION,
+        "documents": documents,
+        "skipped": dict(sorted(skips.skipped.items())),
+        "sources": [*inputs, *([DEMO_SOURCE] if demo else [])],
+        "shards": shards,
+    }
+    _write_atomically(out_dir / MANIFEST_NAME, json.dumps(manifest, indent=2, ensure_ascii=False) + "\n")
+    log.info("wrote %d documents in %d shards to %s (skipped: %s)", documents, len(shards), out_dir, manifest["skipped"])
+    return manifest
+
+
+def check_source(source: str) -> None:
+    """Fails fast on an input that is neither an ``hf:`` dataset nor an existing file of a known kind."""
+    if source.startswith("hf:"):
+        if not source[3:]:
+            raise ShardInputError("hf: needs a dataset name or a local directory, as in hf:NAME[:SPLIT]")
+        return
+    if _file_kind(source) is None:
+        raise ShardInputError(f"{source}: unsupported input; expected .jsonl, .jsonl.zst, .parquet or hf:NAME[:SPLIT]")
+    if not Path(source).is_file():
+        raise ShardInputError(f"{source}: no such file")
+
+
+def _file_kind(source: str) -> str | None:
+    name = source.lower()
+    for suffix in (".jsonl.zst", ".jsonl", ".parquet"):
+        if name.endswith(suffix):
+            return suffix
+    return None
+
+
+def iter_source_records(source: str, fields: FieldNames, skips: ReadStats) -> Iterator[dict]:
+    """Yields the records of one input; a missing id is ``None`` (the shard builder numbers it)."""
+    check_source(source)
+    if source.startswith("hf:"):
+        yield from iter_hf_records(source[3:], fields, skips)
+        return
+    if _file_kind(source) == ".parquet":
+        yield from iter_parquet_records(Path(source), fields, skips)
+    else:
+        yield from iter_jsonl_records(Path(source), fields, skips)
+
+
+def _iter_all_records(inputs: list[str], demo: bool, fields: FieldNames, skips: ReadStats) -> Iterator[dict]:
+    for source in inputs:
+        log.info("reading %s", source)
+        yield from iter_source_records(source, fields, skips)
+    if demo:
+        log.info("reading the demo corpus")
+        for document in iter_demo_documents():
+            record = record_from_object(document, f"{DEMO_SOURCE} page {document['id']}", FieldNames(), skips)
+            if record is not None:
+                yield record
+
+
+def iter_jsonl_records(path: Path, fields: FieldNames, skips: ReadStats) -> Iterator[dict]:
+    """Reads a ``.jsonl`` or ``.jsonl.zst`` file line by line; each line is decoded as strict UTF-8."""
+    try:
+        with open_shard(str(path)) as stream:
+            for line_number, line in enumerate(stream, start=1):
+                if line_number == 1:
+                    line = line.removeprefix(_UTF8_BOM)
+                if not line.strip():
+                    continue
+                where = f"{path}:{line_number}"
+                try:
+                    decoded = line.decode("utf-8")
+                except UnicodeDecodeError as error:
+                    skips.skip("invalid_utf8", where, detail=str(error))
+                    continue
+                try:
+                    obj = json.loads(decoded)
+                except (ValueError, RecursionError) as error:
+                    skips.skip("invalid_json", where, detail=str(error))
+                    continue
+                record = record_from_object(obj, where, fields, skips)
+                if record is not None:
+                    yield record
+    except (ShardOpenError, TruncatedStreamError) as error:
+        raise ShardInputError(str(error)) from error
+
+
+def iter_parquet_records(path: Path, fields: FieldNames, skips: ReadStats) -> Iterator[dict]:
+    """Reads a parquet file batch by batch, loading only the columns a record uses."""
+    import pyarrow
+    import pyarrow.parquet
+
+    try:
+        parquet = pyarrow.parquet.ParquetFile(path)
+    except pyarrow.ArrowException as error:
+        raise ShardInputError(f"{path}: not a readable parquet file: {error}") from error
+    available = parquet.schema_arrow.names
+    if fields.text not in available:
+        raise ShardInputError(f"{path}: no column {fields.text!r} (columns: {', '.join(available)})")
+    wanted = dict.fromkeys((fields.text, fields.id, "title", "annotated_text"))
+    columns = [name for name in wanted if name in available]
+    row_number = 0
+    try:
+        for batch in parquet.iter_batches(batch_size=_PARQUET_BATCH_ROWS, columns=columns):
+            for row in batch.to_pylist():
+                record = record_from_object(row, f"{path} row {row_number}", fields, skips)
+                row_number += 1
+                if record is not None:
+                    yield record
+    except pyarrow.ArrowException as error:
+        raise ShardInputError(f"{path}: unreadable parquet data after row {row_number}: {error}") from error
+
+
+def parse_hf_spec(spec: str) -> tuple[str, str]:
+    """``NAME``, ``NAME:SPLIT`` or a local directory (optionally ``DIR:SPLIT``) -> (name or path, split)."""
+    if Path(spec).exists():
+        return spec, _HF_DEFAULT_SPLIT
+    name, colon, split = spec.rpartition(":")
+    if colon and name and split:
+        return name, split
+    return spec, _HF_DEFAULT_SPLIT
+
+
+def iter_hf_records(spec: str, fields: FieldNames, skips: ReadStats) -> Iterator[dict]:
+    """Streams one split of a Hugging Face dataset (a hub name or a local directory of jsonl/parquet files)."""
+    try:
+        import datasets
+    except ImportError as error:
+        raise ImportError("hf: inputs need the datasets package: pip install 'lacy-stream[hf]'") from error
+    name, split = parse_hf_spec(spec)
+    for row_number, row in enumerate(datasets.load_dataset(name, split=split, streaming=True)):
+        record = record_from_object(row, f"hf:{name}:{split} row {row_number}", fields, skips)
+        if record is not None:
+            yield record
+
+
+def record_from_object(obj: object, where: str, fields: FieldNames, skips: ReadStats) -> dict | None:
+    """Validates one input object into a record, or counts and logs why it cannot be one."""
+    if not isinstance(obj, dict):
+        skips.skip("not_an_object", where, detail=type(obj).__name__)
+        return None
+    text = obj.get(fields.text)
+    if text is None:
+        skips.skip("missing_text", where, detail=f"no {fields.text!r} field")
+        return None
+    if not isinstance(text, str):
+        skips.skip("non_string_text", where, detail=type(text).__name__)
+        return None
+    if not text.strip():
+        skips.skip("empty_text", where)
+        return None
+    annotated_text = obj.get("annotated_text")
+    if annotated_text is not None and not isinstance(annotated_text, str):
+        skips.skip("non_string_annotated_text", where, detail=type(annotated_text).__name__)
+        return None
+    title = obj.get("title")
+    if title is not None and not isinstance(title, str):
+        title = str(title)
+    doc_id = obj.get(fields.id)
+    if doc_id is not None and not isinstance(doc_id, (str, int, float)):
+        doc_id = str(doc_id)
+    for value in (text, title, annotated_text, doc_id):
+        if isinstance(value, str) and not _is_utf8_encodable(value):
+            # A JSON "\ud800" escape decodes to a lone surrogate, which no UTF-8 text can hold.
+            skips.skip("lone_surrogate", where)
+            return None
+    record = {"id": doc_id, "title": title, "text": text}
+    if annotated_text is not None:
+        record["annotated_text"] = annotated_text
+    return record
+
+
+def _is_utf8_encodable(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def shard_name(prefix: str, index: int, compression: str) -> str:
+    return f"{prefix}-{index:06d}.tar{'.zst' if compression == 'zstd' else ''}"
+
+
+def _write_shards(
+    records: Iterable[dict], out_dir: Path, prefix: str, compression: str, docs_per_shard: int
+) -> list[dict]:
+    shards: list[dict] = []
+    shard: _ShardFile | None = None
+    try:
+        for ordinal, record in enumerate(records):
+            if shard is None:
+                shard = _ShardFile(out_dir / shard_name(prefix, len(shards), compression), compression)
+            shard.write(ordinal, record)
+            if shard.documents == docs_per_shard:
+                shards.append(shard.finish())
+                shard = None
+        if shard is not None:
+            shards.append(shard.finish())
+            shard = None
+    finally:
+        if shard is not None:
+            shard.abort()
+    return shards
+
+
+class _HashingWriter:
+    """Passes bytes through to a file while hashing them, so that a shard is never read back."""
+
+    def __init__(self, raw: IO[bytes]) -> None:
+        self._raw = raw
+        self.sha256 = hashlib.sha256()
+
+    def write(self, data: bytes) -> int:
+        self.sha256.update(data)
+        return self._raw.write(data)
+
+    def flush(self) -> None:
+        self._raw.flush()
+
+
+class _ShardFile:
+    """One shard being written under a temporary name, renamed into place once complete."""
+
+    def __init__(self, path: Path, compression: str) -> None:
+        # Importing webdataset pulls in torch; only a build needs it.
+        from webdataset import TarWriter
+
+        self.path = path
+        self.temp_path = path.with_name(f".{path.name}.partial")
+        self.documents = 0
+        self._file = open(self.temp_path, "wb")
+        self._hashing = _HashingWriter(self._file)
+        self._zstd = (
+            zstandard.ZstdCompressor(level=_ZSTD_LEVEL, write_checksum=True).stream_writer(self._hashing, closefd=False)
+            if compression == "zstd"
+            else None
+        )
+        self._tar = TarWriter(self._zstd if self._zstd is not None else self._hashing, encoder=False, mtime=_TAR_MTIME)
+
+    def write(self, ordinal: int, record: dict) -> None:
+        doc_id = record["id"] if record["id"] is not None else ordinal
+        meta = {"id": doc_id, "title": record["title"]}
+        if "annotated_text" in record:
+            meta["annotated_text"] = record["annotated_text"]
+        self._tar.write(
+            {
+                "__key__": f"{ordinal:0{_KEY_DIGITS}d}",
+                "txt": record["text"].encode("utf-8"),
+                "json": json.dumps(meta, ensure_ascii=False).encode("utf-8"),
+            }
+        )
+        self.documents += 1
+
+    def finish(self) -> dict:
+        self._tar.close()
+        if self._zstd is not None:
+            self._zstd.close()
+        self._file.close()
+        os.replace(self.temp_path, self.path)
+        log.info("wrote %s (%d documents)", self.path, self.documents)
+        return {
+            "name": self.path.name,
+            "documents": self.documents,
+            "bytes": self.path.stat().st_size,
+            "sha256": self._hashing.sha256.hexdigest(),
+        }
+
+    def abort(self) -> None:
+        self._file.close()
+        self.temp_path.unlink(missing_ok=True)
+
+
+def _remove_stale_shards(out_dir: Path, prefix: str, keep: set[str]) -> None:
+    """Removes this prefix's shards (either compression) and leftover partial files that the build did not write."""
+    shard = rf"{re.escape(prefix)}-\d{{6}}\.tar(\.zst)?"
+    pattern = re.compile(rf"{shard}|\.{shard}\.partial")
+    for path in out_dir.iterdir():
+        if path.name not in keep and pattern.fullmatch(path.name) and path.is_file():
+            log.info("removing stale shard %s", path)
+            path.unlink()
+
+
+def _write_atomically(path: Path, text: str) -> None:
+    temp_path = path.with_name(f".{path.name}.partial")
+    temp_path.write_text(text, encoding="utf-8")
+    os.replace(temp_path, path)

@@ -1,0 +1,565 @@
+"""Shard URL specs and opening one shard as a stream of tar bytes.
+
+A shard spec is what users pass as ``--data.shards``: local paths, ``file:`` URLs, ``http(s)://`` URLs and
+``pipe:COMMAND`` sources, with brace expansion (``wiki-{000000..000127}.tar``), several specs joined by ``::``
+or given as a list, and shard directories (or their ``manifest.json``, also over http) that expand to the
+shards their manifest lists.
+
+Errors, by where they come from:
+
+* ``expand_shard_spec`` raises ``ValueError`` for a malformed spec or manifest and for a shard listed twice,
+  and ``ShardOpenError`` for what it cannot read or is not allowed to run (a directory without manifest, an
+  unreachable manifest URL, a ``pipe:`` source without ``allow_pipe``, an unsupported URL scheme).
+* ``open_shard`` raises ``ShardOpenError`` when the shard cannot be opened at all (nothing was read).
+* Reading the returned stream raises ``TruncatedStreamError`` when the shard ends early: a zstd stream that
+  ends inside a frame, an http body that stays short after the allowed resumes, a pipe command that exits
+  with a non-zero status. Corrupt zstd data is reported the same way: the bytes delivered before the error
+  are good, nothing after them can be read.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import os
+import re
+import signal
+import subprocess
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, BinaryIO, cast
+from urllib.parse import quote, urljoin, urlsplit
+from urllib.request import pathname2url, url2pathname
+
+import requests
+import zstandard
+from braceexpand import UnbalancedBracesError, braceexpand
+
+if TYPE_CHECKING:
+    from _typeshed import WriteableBuffer
+
+log = logging.getLogger(__name__)
+
+MANIFEST_NAME = "manifest.json"
+MANIFEST_FORMAT = "lacy-stream-shards"
+MANIFEST_VERSION = 1
+
+_SPEC_SEPARATOR = "::"
+_PIPE_PREFIX = "pipe:"
+_HTTP_PREFIXES = ("http://", "https://")
+_FILE_PREFIX = "file:"
+_URL_SCHEME = re.compile(r"^([a-zA-Z][a-zA-Z0-9+.-]*)://")
+_ZSTD_SUFFIXES = (".zst", ".zstd")
+_ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
+_CONTENT_RANGE = re.compile(r"bytes (\d+)-\d+/(\d+|\*)")
+# 408 and 429 are the 4xx answers that mean "try again later" rather than "this will never work".
+_RETRYABLE_CLIENT_ERRORS = frozenset({408, 429})
+
+_CHUNK_SIZE = 1 << 17
+_BUFFER_SIZE = 1 << 20
+
+
+@dataclass(frozen=True)
+class StreamOptions:
+    timeout_s: float = 30.0
+    """Connect and read timeout of every http request (each socket read, not the whole download)."""
+    retries: int = 3
+    """Retries after the first attempt on connection errors, timeouts, 5xx, 408 and 429; also how many
+    times a dropped http body is resumed."""
+    retry_backoff_s: float = 1.0
+    """The n-th retry waits ``retry_backoff_s * 2 ** (n - 1)`` seconds."""
+    allow_pipe: bool = False
+    """Whether ``pipe:COMMAND`` sources, which run shell commands, may be used."""
+
+    def __post_init__(self) -> None:
+        if self.timeout_s <= 0 or self.retries < 0 or self.retry_backoff_s < 0:
+            raise ValueError(f"invalid stream options {self}: need timeout_s > 0, retries >= 0, retry_backoff_s >= 0")
+
+
+class ShardOpenError(OSError):
+    """A shard (or a manifest) cannot be opened: missing file, http 4xx, unreachable after retries,
+    ``pipe:`` not allowed, unsupported URL scheme."""
+
+
+class TruncatedStreamError(OSError):
+    """A shard stream ended before its real end: truncated or corrupt zstd data, an http body short of its
+    Content-Length that could not be resumed, a pipe command with a non-zero exit status."""
+
+
+def expand_shard_spec(spec: str | Sequence[str], options: StreamOptions = StreamOptions()) -> list[str]:
+    """Expands a shard spec into the list of shard URLs, in the order given.
+
+    Plain paths and URLs stay as written (after ``~`` expansion of local paths); shard directories and
+    ``manifest.json`` files or URLs become the shards their manifest lists, joined to the manifest's
+    location in the same notation. A shard that appears twice (under any spelling that names the same
+    file) is an error, since its documents would be read twice.
+    """
+    urls: list[str] = []
+    first_spelling: dict[str, str] = {}
+    for pattern in _split_spec(spec):
+        try:
+            expanded = list(braceexpand(pattern))
+        except UnbalancedBracesError as error:
+            raise ValueError(f"shard spec {pattern!r}: {error}") from error
+        for item in expanded:
+            for url in _expand_item(item, options):
+                identity = _shard_identity(url)
+                if identity in first_spelling:
+                    also = "" if first_spelling[identity] == url else f" (also as {first_spelling[identity]!r})"
+                    raise ValueError(
+                        f"shard {url!r} appears twice in the shard spec{also}; its documents would be read twice"
+                    )
+                first_spelling[identity] = url
+                urls.append(url)
+    return urls
+
+
+def open_shard(url: str, options: StreamOptions = StreamOptions()) -> BinaryIO:
+    """Opens one shard URL (as returned by ``expand_shard_spec``) for reading its tar bytes.
+
+    The stream is read-only and never seekable, whatever the source; names ending in ``.zst``/``.zstd``
+    are decompressed on the fly, and ``pipe:`` output is decompressed when it starts with the zstd magic
+    number (the command text says nothing reliable about its output). Closing the stream releases its
+    connection or kills its pipe command; the stream is also a context manager.
+    """
+    return cast(BinaryIO, _open(url, options))
+
+
+def _open(url: str, options: StreamOptions) -> io.BufferedReader:
+    if url.startswith(_PIPE_PREFIX):
+        _require_pipe_allowed(url, options)
+        command_output = _buffered(_PipeOutput(url[len(_PIPE_PREFIX) :]))
+        return _buffered(_ZstdReader(url, command_output, only_if_zstd=True))
+    if url.startswith(_HTTP_PREFIXES):
+        source = _buffered(_HttpBody(url, options))
+        name = urlsplit(url).path
+    elif url.startswith(_FILE_PREFIX):
+        source = _open_local_file(_file_url_path(url))
+        name = urlsplit(url).path
+    else:
+        _reject_unsupported_scheme(url)
+        source = _open_local_file(os.path.expanduser(url))
+        name = url
+    if name.lower().endswith(_ZSTD_SUFFIXES):
+        return _buffered(_ZstdReader(url, source))
+    return source
+
+
+# --- spec expansion -----------------------------------------------------------------------------------
+
+
+def _split_spec(spec: str | Sequence[str]) -> list[str]:
+    specs = [spec] if isinstance(spec, str) else list(spec)
+    parts = [part.strip() for item in specs for part in item.split(_SPEC_SEPARATOR)]
+    if not parts:
+        raise ValueError("empty shard spec")
+    if not all(parts):
+        raise ValueError(f"shard spec {spec!r} has an empty part (check for a stray '::' or an empty entry)")
+    return parts
+
+
+def _expand_item(item: str, options: StreamOptions) -> list[str]:
+    if item.startswith(_PIPE_PREFIX):
+        _require_pipe_allowed(item, options)
+        return [item]
+    if item.startswith(_HTTP_PREFIXES):
+        if urlsplit(item).path.endswith("/" + MANIFEST_NAME):
+            return _expand_http_manifest(item, options)
+        return [item]
+    if item.startswith(_FILE_PREFIX):
+        return _expand_local(_file_url_path(item), as_written=item, to_url=_path_to_file_url)
+    _reject_unsupported_scheme(item)
+    path = os.path.expanduser(item)
+    return _expand_local(path, as_written=path, to_url=lambda shard_path: shard_path)
+
+
+def _expand_local(path: str, as_written: str, to_url: Callable[[str], str]) -> list[str]:
+    """Expands a local directory or manifest file into its shards; any other path is a shard itself."""
+    if os.path.isdir(path):
+        manifest_path = os.path.join(path, MANIFEST_NAME)
+        if not os.path.isfile(manifest_path):
+            raise ShardOpenError(
+                f"{as_written} is a directory without {MANIFEST_NAME}; shard directories are written by "
+                f"`lacy-stream make-shards`, or name the shards with a brace pattern "
+                f"(e.g. {os.path.join(path, 'name-{000000..000009}.tar')})"
+            )
+    elif os.path.basename(path) == MANIFEST_NAME and os.path.isfile(path):
+        manifest_path = path
+    else:
+        return [as_written]
+    try:
+        with open(manifest_path, "rb") as manifest_file:
+            manifest = manifest_file.read()
+    except OSError as error:
+        raise ShardOpenError(f"cannot read {manifest_path}: {error}") from error
+    directory = os.path.dirname(manifest_path)
+    return [to_url(os.path.join(directory, name)) for name in _manifest_shard_names(manifest, manifest_path)]
+
+
+def _expand_http_manifest(manifest_url: str, options: StreamOptions) -> list[str]:
+    with open_shard(manifest_url, options) as stream:
+        manifest = stream.read()
+    return [urljoin(manifest_url, quote(name)) for name in _manifest_shard_names(manifest, manifest_url)]
+
+
+def _manifest_shard_names(manifest_bytes: bytes, where: str) -> list[str]:
+    try:
+        manifest = json.loads(manifest_bytes)
+    except ValueError as error:
+        raise ValueError(f"{where}: not valid JSON: {error}") from error
+    if not isinstance(manifest, dict) or manifest.get("format") != MANIFEST_FORMAT:
+        raise ValueError(f'{where}: not a lacy-stream shard manifest (expected "format": "{MANIFEST_FORMAT}")')
+    if manifest.get("version") != MANIFEST_VERSION:
+        raise ValueError(
+            f"{where}: manifest version {manifest.get('version')!r} is not supported (expected {MANIFEST_VERSION})"
+        )
+    shards = manifest.get("shards")
+    if not isinstance(shards, list) or not shards:
+        raise ValueError(f"{where}: the manifest lists no shards")
+    names = []
+    for entry in shards:
+        name = entry.get("name") if isinstance(entry, dict) else None
+        if not isinstance(name, str) or not _is_name_inside_directory(name):
+            raise ValueError(f"{where}: bad shard entry {entry!r} (need a relative name inside the directory)")
+        names.append(name)
+    return names
+
+
+def _is_name_inside_directory(name: str) -> bool:
+    return bool(name) and not name.startswith("/") and "\\" not in name and ".." not in name.split("/")
+
+
+def _shard_identity(url: str) -> str:
+    """What two spellings of the same shard have in common: the real path of local files, else the URL."""
+    if url.startswith(_PIPE_PREFIX) or url.startswith(_HTTP_PREFIXES):
+        return url
+    path = _file_url_path(url) if url.startswith(_FILE_PREFIX) else url
+    return _FILE_PREFIX + os.path.realpath(path)
+
+
+def _require_pipe_allowed(url: str, options: StreamOptions) -> None:
+    if not options.allow_pipe:
+        raise ShardOpenError(
+            f"refusing to run shard source {url!r}: pipe: sources run shell commands and are off by default; "
+            f"allow them with --data.allow_pipe=true (StreamOptions(allow_pipe=True))"
+        )
+
+
+def _reject_unsupported_scheme(url: str) -> None:
+    match = _URL_SCHEME.match(url)
+    if match:
+        raise ShardOpenError(
+            f"cannot open {url!r}: unsupported URL scheme {match.group(1)!r} "
+            f"(supported: local paths, file:, http://, https://, pipe:COMMAND)"
+        )
+
+
+def _file_url_path(url: str) -> str:
+    parts = urlsplit(url)
+    if parts.netloc not in ("", "localhost"):
+        raise ShardOpenError(f"cannot open {url!r}: file: URLs on another host ({parts.netloc}) are not supported")
+    return url2pathname(parts.path)
+
+
+def _path_to_file_url(path: str) -> str:
+    return ("file://" if os.path.isabs(path) else _FILE_PREFIX) + pathname2url(path)
+
+
+# --- opening shards -----------------------------------------------------------------------------------
+
+
+def _buffered(raw: io.RawIOBase) -> io.BufferedReader:
+    return io.BufferedReader(raw, buffer_size=_BUFFER_SIZE)
+
+
+class _UnseekableFile(io.FileIO):
+    """A local file that claims not to be seekable, so that local shards behave like streamed ones."""
+
+    def seekable(self) -> bool:
+        return False
+
+
+def _open_local_file(path: str) -> io.BufferedReader:
+    try:
+        raw = _UnseekableFile(path, "rb")
+    except IsADirectoryError as error:
+        raise ShardOpenError(f"cannot open shard {path}: it is a directory (expand it with the shard spec)") from error
+    except OSError as error:
+        raise ShardOpenError(f"cannot open shard {path}: {error.strerror or error}") from error
+    return _buffered(raw)
+
+
+class _ChunkReader(io.RawIOBase):
+    """A raw stream over a source that produces bytes chunk by chunk.
+
+    Subclasses implement ``_next_chunk``, which returns the next non-empty chunk or ``b""`` at the end,
+    and ``_release``, which frees what the source holds.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._pending = memoryview(b"")
+        self._exhausted = False
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: WriteableBuffer) -> int:
+        while not self._pending:
+            if self._exhausted:
+                return 0
+            chunk = self._next_chunk()
+            if not chunk:
+                self._exhausted = True
+                return 0
+            self._pending = memoryview(chunk)
+        target = memoryview(buffer).cast("B")
+        size = min(len(target), len(self._pending))
+        target[:size] = self._pending[:size]
+        self._pending = self._pending[size:]
+        return size
+
+    def close(self) -> None:
+        if not self.closed:
+            self._release()
+        super().close()
+
+    def _next_chunk(self) -> bytes:
+        raise NotImplementedError
+
+    def _release(self) -> None:
+        raise NotImplementedError
+
+
+class _ZstdReader(_ChunkReader):
+    """Decompresses a stream of concatenated zstd frames and refuses to end inside a frame.
+
+    ``zstandard``'s ``stream_reader`` ends silently on a truncated frame, hence one ``decompressobj`` per
+    frame, whose ``eof`` says whether the frame was complete. With ``only_if_zstd``, input that does not
+    start with the zstd magic number is passed through unchanged.
+    """
+
+    def __init__(self, url: str, source: io.BufferedReader, only_if_zstd: bool = False) -> None:
+        super().__init__()
+        self._url = url
+        self._source = source
+        self._decompressor = zstandard.ZstdDecompressor()
+        self._frame = self._decompressor.decompressobj()
+        self._frame_has_input = False
+        self._check_magic = only_if_zstd
+        self._passthrough = False
+
+    def _next_chunk(self) -> bytes:
+        while True:
+            if self._check_magic:
+                self._check_magic = False
+                data = self._source.read(len(_ZSTD_MAGIC))
+                self._passthrough = bool(data) and data != _ZSTD_MAGIC
+            else:
+                # read1 does at most one read of the source, so the source's error at its end cannot
+                # swallow input that was already read
+                data = self._source.read1(_CHUNK_SIZE)
+            if self._passthrough:
+                return data
+            if not data:
+                if self._frame_has_input:
+                    raise TruncatedStreamError(f"{self._url}: zstd stream ends inside a frame (truncated data)")
+                return b""
+            output = self._decompress(data)
+            if output:
+                return output
+
+    def _decompress(self, data: bytes) -> bytes:
+        outputs = []
+        while data:
+            self._frame_has_input = True
+            try:
+                outputs.append(self._frame.decompress(data))
+            except zstandard.ZstdError as error:
+                raise TruncatedStreamError(f"{self._url}: corrupt zstd data: {error}") from error
+            if not self._frame.eof:
+                break
+            data = self._frame.unused_data
+            self._frame = self._decompressor.decompressobj()
+            self._frame_has_input = False
+        return b"".join(outputs)
+
+    def _release(self) -> None:
+        self._source.close()
+
+
+class _HttpBody(_ChunkReader):
+    """The body of an http(s) GET, with retries on opening and resumption when the body breaks off.
+
+    A resumed request asks for ``Range: bytes=N-``; a server that ignores the range answers 200 and its
+    first N bytes are skipped. Bytes are counted as sent (``Accept-Encoding: identity``), so that offsets,
+    ranges and Content-Length agree; a server that encodes the body anyway is read without resumption.
+    """
+
+    def __init__(self, url: str, options: StreamOptions) -> None:
+        super().__init__()
+        self._url = url
+        self._options = options
+        self._session = requests.Session()
+        self._response: requests.Response | None = None
+        self._delivered = 0
+        self._resumes = 0
+        try:
+            response = self._get(start=0)
+        except BaseException:
+            self.close()
+            raise
+        self._length = _full_length(response)
+        self._etag = response.headers.get("ETag")
+        self._resumable = response.headers.get("Content-Encoding", "identity").lower() == "identity"
+        if not self._resumable:
+            self._length = None  # Content-Length counts encoded bytes, the body yields decoded ones
+        self._start_body(response, offset=0)
+
+    def _start_body(self, response: requests.Response, offset: int) -> None:
+        self._response = response
+        self._chunks = response.iter_content(chunk_size=_CHUNK_SIZE)
+        self._body_offset = offset
+
+    def _next_chunk(self) -> bytes:
+        while True:
+            try:
+                chunk = next(self._chunks, b"")
+            except requests.RequestException as error:
+                self._resume(f"the connection broke ({error})")
+                continue
+            if not chunk:
+                if self._length is not None and self._body_offset < self._length:
+                    self._resume(f"the body ended at byte {self._body_offset} of {self._length}")
+                    continue
+                return b""
+            chunk_start = self._body_offset
+            self._body_offset += len(chunk)
+            if self._body_offset <= self._delivered:
+                continue  # a server that ignored our Range header is re-sending bytes already delivered
+            chunk = chunk[self._delivered - chunk_start :]
+            self._delivered += len(chunk)
+            return chunk
+
+    def _resume(self, reason: str) -> None:
+        where = f"{self._url} at byte {self._delivered}" + (f" of {self._length}" if self._length else "")
+        if not self._resumable:
+            raise TruncatedStreamError(f"{where}: {reason}; the body is content-encoded and cannot be resumed")
+        if self._resumes >= self._options.retries:
+            raise TruncatedStreamError(f"{where}: {reason}; gave up after {self._resumes} resumes")
+        self._resumes += 1
+        log.warning("%s: %s; resuming (%d of %d)", where, reason, self._resumes, self._options.retries)
+        self._close_response()
+        try:
+            response = self._get(start=self._delivered)
+        except ShardOpenError as error:
+            raise TruncatedStreamError(f"{where}: {reason}; resuming failed: {error}") from error
+        resumed_in_range = response.status_code == 206
+        if resumed_in_range and (range_start := _content_range_start(response)) != self._delivered:
+            response.close()
+            raise TruncatedStreamError(f"{where}: the server resumed at byte {range_start} instead")
+        changed = (self._etag is not None and response.headers.get("ETag") not in (None, self._etag)) or (
+            self._length is not None and _full_length(response) not in (None, self._length)
+        )
+        if changed:
+            response.close()
+            raise TruncatedStreamError(f"{where}: the file changed on the server while it was being read")
+        self._start_body(response, offset=self._delivered if resumed_in_range else 0)
+
+    def _get(self, start: int) -> requests.Response:
+        """GETs the URL from byte ``start`` on, retrying connection errors, timeouts and 5xx answers."""
+        headers = {"Accept-Encoding": "identity"}
+        if start:
+            headers["Range"] = f"bytes={start}-"
+        timeout = (self._options.timeout_s, self._options.timeout_s)
+        attempts = self._options.retries + 1
+        failure = ""
+        for attempt in range(attempts):
+            if attempt:
+                log.warning("%s: attempt %d of %d failed: %s", self._url, attempt, attempts, failure)
+                time.sleep(self._options.retry_backoff_s * 2 ** (attempt - 1))
+            try:
+                response = self._session.get(self._url, headers=headers, stream=True, timeout=timeout)
+            except (requests.ConnectionError, requests.Timeout) as error:
+                failure = str(error)
+                continue
+            except requests.RequestException as error:
+                raise ShardOpenError(f"cannot open {self._url}: {error}") from error
+            status = response.status_code
+            if status >= 500 or status in _RETRYABLE_CLIENT_ERRORS:
+                failure = f"HTTP {status} {response.reason}"
+                response.close()
+                continue
+            if not 200 <= status < 300:
+                response.close()
+                raise ShardOpenError(f"cannot open {self._url}: HTTP {status} {response.reason}")
+            return response
+        raise ShardOpenError(f"cannot open {self._url}: {failure} (gave up after {attempts} attempts)")
+
+    def _close_response(self) -> None:
+        if self._response is not None:
+            self._response.close()
+            self._response = None
+
+    def _release(self) -> None:
+        self._close_response()
+        self._session.close()
+
+
+def _full_length(response: requests.Response) -> int | None:
+    """The size of the whole file, from Content-Range for a 206 answer and Content-Length otherwise."""
+    if response.status_code == 206:
+        match = _CONTENT_RANGE.fullmatch(response.headers.get("Content-Range", ""))
+        return int(match.group(2)) if match and match.group(2) != "*" else None
+    length = response.headers.get("Content-Length", "")
+    return int(length) if length.isdigit() else None
+
+
+def _content_range_start(response: requests.Response) -> int | None:
+    match = _CONTENT_RANGE.fullmatch(response.headers.get("Content-Range", ""))
+    return int(match.group(1)) if match else None
+
+
+class _PipeOutput(io.RawIOBase):
+    """The standard output of a shell command; a non-zero exit status at the end is an error.
+
+    The command runs in its own process group so that closing the stream kills the whole pipeline,
+    not just the shell.
+    """
+
+    def __init__(self, command: str) -> None:
+        super().__init__()
+        self._command = command
+        try:
+            self._process = subprocess.Popen(
+                command, shell=True, stdout=subprocess.PIPE, bufsize=0, start_new_session=True
+            )
+        except OSError as error:
+            super().close()
+            raise ShardOpenError(f"cannot run {_PIPE_PREFIX}{command}: {error}") from error
+        self._stdout = cast(io.FileIO, self._process.stdout)
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: WriteableBuffer) -> int:
+        size = self._stdout.readinto(buffer)
+        if size == 0:
+            status = self._process.wait()
+            if status != 0:
+                how = f"was killed by signal {-status}" if status < 0 else f"exited with status {status}"
+                raise TruncatedStreamError(f"{_PIPE_PREFIX}{self._command} {how}")
+        return size or 0
+
+    def close(self) -> None:
+        if not self.closed:
+            if self._process.poll() is None:
+                try:
+                    os.killpg(self._process.pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+            self._stdout.close()
+            self._process.wait()
+        super().close()

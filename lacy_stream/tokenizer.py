@@ -1,0 +1,125 @@
+"""SentencePiece tokenizer with the ``<CALL>`` token appended after its vocabulary.
+
+The paper uses Llama 2's 32,000-piece SentencePiece model; ``<CALL>`` gets the id right after the last
+piece (so the model's vocabulary is 32,001). Text never encodes to ``<CALL>``: it is not a piece of the
+SentencePiece model, so the literal string "<CALL>" in a document is just characters.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Iterable, Iterator
+
+import sentencepiece as spm
+
+log = logging.getLogger(__name__)
+
+CALL_TOKEN = "<CALL>"
+
+# SentencePiece skips training sentences longer than this many bytes; documents are fed line by line and
+# longer lines are cut.
+_MAX_TRAINING_LINE_BYTES = 4096
+
+
+class Tokenizer:
+    def __init__(self, model_path: str | Path) -> None:
+        self.model_path = str(model_path)
+        if not Path(self.model_path).is_file():
+            raise FileNotFoundError(
+                f"tokenizer model {self.model_path} not found (train one with `lacy-stream train-tokenizer`)"
+            )
+        self._sp = spm.SentencePieceProcessor(model_file=self.model_path)
+        if self._sp.eos_id() < 0:
+            raise ValueError(f"tokenizer {self.model_path} has no EOS piece; documents could not be separated")
+
+    @property
+    def num_pieces(self) -> int:
+        return self._sp.get_piece_size()
+
+    @property
+    def call_id(self) -> int:
+        return self.num_pieces
+
+    @property
+    def vocab_size(self) -> int:
+        """Model vocabulary: the SentencePiece pieces plus ``<CALL>``."""
+        return self.num_pieces + 1
+
+    @property
+    def eos_id(self) -> int:
+        return self._sp.eos_id()
+
+    def encode(self, text: str) -> list[int]:
+        return self._sp.encode(text, out_type=int)
+
+    def decode(self, ids: Iterable[int]) -> str:
+        """Decode ids; each ``<CALL>`` id becomes the literal string "<CALL>"."""
+        text, run = [], []
+        for token in ids:
+            if token == self.call_id:
+                text.append(self._sp.decode(run))
+                text.append(CALL_TOKEN)
+                run = []
+            else:
+                run.append(int(token))
+        text.append(self._sp.decode(run))
+        return "".join(text)
+
+    def id_to_piece(self, token: int) -> str:
+        return CALL_TOKEN if token == self.call_id else self._sp.id_to_piece(token)
+
+
+def _training_lines(texts: Iterable[str]) -> Iterator[str]:
+    for text in texts:
+        for line in text.splitlines():
+            if not line.strip():
+                continue
+            data = line.encode("utf-8")
+            while len(data) > _MAX_TRAINING_LINE_BYTES:
+                head = data[:_MAX_TRAINING_LINE_BYTES].decode("utf-8", errors="ignore")
+                yield head
+                data = data[len(head.encode("utf-8")) :]
+            if data:
+                yield data.decode("utf-8")
+
+
+def train_tokenizer(
+    texts: Iterable[str],
+    out: str | Path,
+    vocab_size: int,
+    *,
+    max_sentences: int = 2_000_000,
+    num_threads: int = 2,
+) -> Tokenizer:
+    """Train a Llama-style SentencePiece BPE model: byte fallback, digits split, text kept verbatim.
+
+    ``vocab_size`` counts SentencePiece pieces; the model vocabulary is one more (``<CALL>``).
+    """
+    out = Path(out)
+    if out.suffix != ".model":
+        raise ValueError(f"--out must end in .model, got {out}")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=_training_lines(texts),
+        model_prefix=str(out.with_suffix("")),
+        model_type="bpe",
+        vocab_size=vocab_size,
+        byte_fallback=True,
+        split_digits=True,
+        character_coverage=0.9999,
+        normalization_rule_name="identity",
+        remove_extra_whitespaces=False,
+        allow_whitespace_only_pieces=True,
+        unk_id=0,
+        bos_id=1,
+        eos_id=2,
+        pad_id=-1,
+        input_sentence_size=max_sentences,
+        shuffle_input_sentence=True,
+        num_threads=num_threads,
+        minloglevel=2,
+    )
+    tokenizer = Tokenizer(out)
+    log.info("trained tokenizer %s: %d pieces + %s = %d", out, tokenizer.num_pieces, CALL_TOKEN, tokenizer.vocab_size)
+    return tokenizer

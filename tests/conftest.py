@@ -1,0 +1,79 @@
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import random
+from pathlib import Path
+
+import pytest
+import webdataset
+
+from lacy_stream.tokenizer import train_tokenizer
+
+SHARED_DIR = Path(os.environ.get("LACY_SHARED_DIR", Path(__file__).resolve().parents[1].parent / "shared"))
+
+WORDS = (
+    "the river city museum was founded in by a painter who studied law at university and later moved to "
+    "Paris where she met the composer Wolfgang Amadeus Mozart during winter of council committee born died "
+    "Dr Professor number bridge station island mountain village king queen war treaty company"
+).split()
+
+
+def synthetic_text(rng: random.Random, sentences: int) -> str:
+    lines = []
+    for _ in range(sentences):
+        words = [rng.choice(WORDS) for _ in range(rng.randint(4, 14))]
+        lines.append(" ".join(words).capitalize() + f" in {rng.randint(1000, 2024)}.")
+    return " ".join(lines)
+
+
+def write_tar(path: Path, samples: list[tuple[str, dict[str, bytes]]]) -> None:
+    path.write_bytes(tar_bytes(samples))
+
+
+def write_manifest(directory: Path, names: list[str], documents: list[int]) -> None:
+    shards = []
+    for name, count in zip(names, documents):
+        data = (directory / name).read_bytes()
+        shards.append({"name": name, "documents": count, "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()})
+    manifest = {"format": "lacy-stream-shards", "version": 1, "documents": sum(documents), "shards": shards}
+    (directory / "manifest.json").write_text(json.dumps(manifest))
+
+
+def make_corpus(directory: Path, shards: int, docs_per_shard: int | list[int], seed: int = 0) -> dict[str, str]:
+    """Shards of synthetic documents plus a manifest; returns key -> text of every document."""
+    rng = random.Random(seed)
+    directory.mkdir(parents=True, exist_ok=True)
+    counts = docs_per_shard if isinstance(docs_per_shard, list) else [docs_per_shard] * shards
+    texts, names = {}, []
+    for shard, count in enumerate(counts):
+        samples = []
+        for index in range(count):
+            key = f"{shard:03d}{index:05d}"
+            text = synthetic_text(rng, rng.randint(1, 12))
+            texts[key] = text
+            samples.append((key, {"txt": text.encode(), "json": json.dumps({"id": key, "title": None}).encode()}))
+        name = f"part-{shard:06d}.tar"
+        write_tar(directory / name, samples)
+        names.append(name)
+    write_manifest(directory, names, counts)
+    return texts
+
+
+@pytest.fixture(scope="session")
+def tokenizer_path(tmp_path_factory) -> str:
+    rng = random.Random(1)
+    texts = [synthetic_text(rng, 20) for _ in range(300)]
+    path = tmp_path_factory.mktemp("tokenizer") / "tiny.model"
+    train_tokenizer(texts, path, vocab_size=400)
+    return str(path)
+
+
+def tar_bytes(samples: list[tuple[str, dict[str, bytes]]]) -> bytes:
+    buffer = io.BytesIO()
+    with webdataset.TarWriter(buffer, mtime=0) as writer:
+        for key, members in samples:
+            writer.write({"__key__": key, **members})
+    return buffer.getvalue()

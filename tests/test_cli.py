@@ -1,0 +1,90 @@
+"""The command line as a user runs it: make-shards -> train-tokenizer -> inspect, the demo, clear errors."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import SHARED_DIR, tar_bytes
+from lacy_stream.tokenizer import Tokenizer
+
+
+def run(*args: str, cwd: Path | None = None, check: bool = True) -> subprocess.CompletedProcess:
+    result = subprocess.run(
+        [sys.executable, "-m", "lacy_stream", *args], cwd=cwd, capture_output=True, text=True, timeout=300,
+        env={**os.environ, "HF_DATASETS_OFFLINE": "1"},
+    )
+    if check and result.returncode != 0:
+        raise AssertionError(f"lacy-stream {' '.join(args)} failed:\n{result.stdout}\n{result.stderr}")
+    return result
+
+
+@pytest.fixture(scope="module")
+def dwiki_jsonl(tmp_path_factory) -> Path:
+    """200 real dwiki documents plus a few bad lines."""
+    source = SHARED_DIR / "data" / "dwiki-dev.jsonl"
+    if not source.exists():
+        pytest.skip(f"{source} not found (set LACY_SHARED_DIR)")
+    lines = source.read_text().splitlines()[:200]
+    path = tmp_path_factory.mktemp("input") / "dwiki.jsonl"
+    path.write_text("\n".join(lines[:100] + ["{broken json", '{"id": 1, "text": ""}'] + lines[100:]) + "\n")
+    return path
+
+
+def test_make_shards_train_tokenizer_inspect(tmp_path, dwiki_jsonl):
+    out = tmp_path / "dwiki"
+    made = run("make-shards", str(dwiki_jsonl), "--out", str(out), "--docs-per-shard", "64", "--compress", "zstd", "--prefix", "dwiki")
+    assert "wrote 4 shards, 200 documents" in made.stdout
+    assert "invalid_json" in made.stdout and "empty_text" in made.stdout
+
+    run("train-tokenizer", "--shards", str(out), "--vocab-size", "2000", "--out", str(out / "tok.model"))
+    tokenizer = Tokenizer(out / "tok.model")
+    assert tokenizer.call_id == 2000
+
+    report = json.loads(run("inspect", "--shards", str(out), "--tokenizer", str(out / "tok.model"), "--json").stdout)
+    assert report["docs"] == 200 and report["shards"] == 4 and report["skipped"] == {}
+    texts = [json.loads(line)["text"] for line in dwiki_jsonl.read_text().splitlines() if line.startswith('{"id": "dwiki')]
+    assert report["tokens"] == sum(len(tokenizer.encode(text)) + 1 for text in texts)
+
+    spec = str(out / "dwiki-{000000..000001}.tar.zst")
+    assert json.loads(run("inspect", "--shards", spec, "--json").stdout)["docs"] == 128
+
+
+def test_inspect_counts_skips_by_reason(tmp_path):
+    good = [(f"{i:03d}", {"txt": b"A fine document."}) for i in range(3)]
+    (tmp_path / "a.tar").write_bytes(tar_bytes(good + [("100", {"txt": b"\xff"}), ("101", {"json": b"{}"})]))
+    (tmp_path / "b.tar").write_bytes(tar_bytes(good)[:1500])
+    report = json.loads(run("inspect", "--shards", f"{tmp_path}/{{a,b,c}}.tar", "--json").stdout)
+    assert report["docs"] == 3
+    assert report["skipped"] == {"invalid_utf8": 1, "missing_text": 1, "corrupt_tar": 1, "unreachable_shard": 1}
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["inspect", "--shards", "/nonexistent-dir/"], "manifest"),
+        (["inspect", "--shards", "pipe:cat x.tar"], "allow_pipe"),
+        (["make-shards", "nothing.txt", "--out", "x"], "unsupported input"),
+        (["demo", "--data.seq_len=abc"], "expected int"),
+        (["demo", "--data.sequence=3"], "unknown key"),
+    ],
+)
+def test_clear_errors(tmp_path, args, message):
+    (tmp_path / "nonexistent-dir").mkdir()
+    args = [a.replace("/nonexistent-dir/", str(tmp_path / "nonexistent-dir")) for a in args]
+    result = run(*args, cwd=tmp_path, check=False)
+    assert result.returncode != 0
+    assert message in result.stderr and "Traceback" not in result.stderr
+
+
+def test_demo_main_job(tmp_path):
+    """The README's main command, on a small budget: builds the demo shards and tokenizer, then streams."""
+    result = run("demo", "--batches", "5", "--data.seq_len=128", "--data.batch_size=4", cwd=tmp_path)
+    assert (tmp_path / "shards/demo/manifest.json").exists() and (tmp_path / "shards/demo/tokenizer.model").exists()
+    report = json.loads(result.stdout[result.stdout.index("{") :])
+    assert report["batches"] == 5 and report["read"]["docs"] > 0 and report["read"]["skipped"] == {}

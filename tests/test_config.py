@@ -1,0 +1,53 @@
+from __future__ import annotations
+
+import pytest
+
+from lacy_stream.config.job_config import ConfigError, load_job_config
+
+
+def test_defaults_toml_and_overrides(tmp_path):
+    path = tmp_path / "job.toml"
+    path.write_text('[data]\nshards = "/data/wiki-{000000..000127}.tar"\nseq_len = 512\n\n[tokenizer]\npath = "llama.model"\n')
+    config = load_job_config(path, ["--data.seq_len=256", "--data.num_workers", "4", "--data.allow_pipe=true",
+                                    "--data.http_timeout_s=5", "--tokenizer.path=/x/y.model"])
+    assert config.data.shards == "/data/wiki-{000000..000127}.tar"
+    assert config.data.seq_len == 256 and config.data.num_workers == 4 and config.data.allow_pipe is True
+    assert config.data.http_timeout_s == 5.0 and isinstance(config.data.http_timeout_s, float)
+    assert config.tokenizer.path == "/x/y.model"
+    assert load_job_config().data.seq_len == 1024
+
+
+def test_string_overrides_need_no_quotes():
+    config = load_job_config(None, ["--data.shards=https://host/wiki-{000..009}.tar::shards/demo", "--tokenizer.path", "123"])
+    assert config.data.shards == "https://host/wiki-{000..009}.tar::shards/demo"
+    assert config.tokenizer.path == "123"
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["--data.seq_lenn=3"], "unknown key"),
+        (["--dat.seq_len=3"], "unknown key"),
+        (["--data.seq_len=abc"], "expected int"),
+        (["--data.seq_len=1.5"], "expected int"),
+        (["--data.allow_pipe=1"], "expected bool"),
+        (["--data.seq_len"], "no value"),
+        (["data.seq_len=3"], "expected an override"),
+    ],
+)
+def test_strictness(overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        load_job_config(None, overrides)
+
+
+def test_bad_files(tmp_path):
+    with pytest.raises(ConfigError, match="not found"):
+        load_job_config(tmp_path / "none.toml")
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[data\n")
+    with pytest.raises(ConfigError, match="not valid TOML"):
+        load_job_config(bad)
+    wrong = tmp_path / "wrong.toml"
+    wrong.write_text("[data]\nbatch_size = true\n")
+    with pytest.raises(ConfigError, match="data.batch_size"):
+        load_job_config(wrong)

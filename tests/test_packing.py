@@ -1,0 +1,84 @@
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from lacy_stream.data.documents import Document, split_document, split_text
+from lacy_stream.data.packing import WindowPacker, doc_uid, document_columns, split_doc_uid
+from lacy_stream.tokenizer import Tokenizer
+
+
+def test_split_text_loses_nothing_and_prefers_paragraphs():
+    paragraphs = ["First paragraph. It has two sentences.", "Second one is here.", "Third, and last."]
+    text = "\n\n".join(paragraphs)
+    parts = split_text(text, 60)
+    assert "".join(parts) == text
+    assert all(len(part) <= 60 for part in parts)
+    assert parts[0] == paragraphs[0] + "\n\n"
+
+
+def test_split_text_falls_back_to_sentences_words_and_hard_cuts():
+    sentences = "One sentence here. Another sentence there! A third one? " * 20
+    parts = split_text(sentences, 100)
+    assert "".join(parts) == sentences
+    assert all(part.rstrip().endswith((".", "!", "?")) for part in parts[:-1])
+    assert "".join(split_text("word " * 100, 33)) == "word " * 100
+    unbroken = "x" * 250
+    assert split_text(unbroken, 100) == ["x" * 100, "x" * 100, "x" * 50]
+    with pytest.raises(ValueError):
+        split_text("abc", 0)
+
+
+def test_doc_uid_round_trip_and_range():
+    assert split_doc_uid(doc_uid(5, 1023, 77_777)) == (5, 1023, 77_777)
+    with pytest.raises(ValueError, match="smaller shards"):
+        doc_uid(0, 0, 1 << 24)
+
+
+def make_doc(text: str, index: int = 0) -> Document:
+    return Document(text=text, key=f"k{index}", url="mem", shard=1, index=index)
+
+
+def test_windows_are_full_with_eos_between_documents(tokenizer_path):
+    tokenizer = Tokenizer(tokenizer_path)
+    texts = ["The river city museum was founded in 1850.", "A painter studied law.", "Mozart met the king."]
+    packer = WindowPacker(seq_len=7)
+    windows = []
+    for index, text in enumerate(texts):
+        columns = document_columns(make_doc(text, index), tokenizer, epoch=0, position_base=0)
+        windows += [window for window, _ in packer.add(columns)]
+    stream = np.concatenate([w["tokens"] for w in windows])
+    expected = sum((tokenizer.encode(t) + [tokenizer.eos_id] for t in texts), [])
+    assert all(len(w["tokens"]) == 8 for w in windows)
+    assert stream.tolist() == expected[: len(stream)]
+    uids = np.concatenate([w["doc_ids"] for w in windows])
+    positions = np.concatenate([w["positions"] for w in windows])
+    eos = np.flatnonzero(stream == tokenizer.eos_id)
+    for at in eos:
+        assert positions[at] == len(tokenizer.encode(texts[split_doc_uid(uids[at])[2]]))
+
+
+def test_parts_of_a_split_document_continue_positions(tokenizer_path):
+    tokenizer = Tokenizer(tokenizer_path)
+    text = "Mozart met the king in 1780.\n\nThe queen founded a museum.\n\nA war ended the treaty."
+    parts = list(split_document(make_doc(text), 35))
+    assert len(parts) == 3 and "".join(p.text for p in parts) == text
+    base = 0
+    positions, tokens = [], []
+    for part in parts:
+        columns = document_columns(part, tokenizer, epoch=0, position_base=base)
+        positions += columns["positions"].tolist()
+        tokens += columns["tokens"].tolist()
+        base += len(columns["tokens"])
+    assert positions == list(range(len(tokens)))
+    assert tokens.count(tokenizer.eos_id) == 1 and tokens[-1] == tokenizer.eos_id
+
+
+def test_packer_resumes_inside_a_document(tokenizer_path):
+    tokenizer = Tokenizer(tokenizer_path)
+    columns = document_columns(make_doc("The composer met the queen of the island in 1791. " * 4), tokenizer, 0, 0)
+    whole = [w for w, _ in WindowPacker(seq_len=9).add(columns)]
+    first_window, consumed = next(WindowPacker(seq_len=9).add(columns))
+    rest = [w for w, _ in WindowPacker(seq_len=9).add(columns, start=consumed)]
+    assert np.array_equal(first_window["tokens"], whole[0]["tokens"])
+    assert [w["tokens"].tolist() for w in rest] == [w["tokens"].tolist() for w in whole[1:]]

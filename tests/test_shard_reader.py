@@ -1,0 +1,125 @@
+"""Every kind of bad input is a counted, logged skip (or a clear error), and good documents survive it."""
+
+from __future__ import annotations
+
+import json
+import logging
+
+import pytest
+import zstandard
+
+from conftest import tar_bytes
+from lacy_stream.data.documents import ReadStats
+from lacy_stream.data.shard_reader import read_shard
+
+
+def sample(key: str, text: bytes | None, meta: bytes | None = b'{"id": 1}') -> tuple[str, dict[str, bytes]]:
+    members = {}
+    if text is not None:
+        members["txt"] = text
+    if meta is not None:
+        members["json"] = meta
+    return key, members
+
+
+GOOD = [sample(f"{i:03d}", f"Document number {i}. It is fine.".encode()) for i in range(20)]
+
+
+def read(path, **kwargs) -> tuple[list, ReadStats]:
+    stats = ReadStats()
+    return list(read_shard(str(path), 0, stats, **kwargs)), stats
+
+
+def test_good_shard(tmp_path):
+    path = tmp_path / "good.tar"
+    path.write_bytes(tar_bytes(GOOD))
+    docs, stats = read(path)
+    assert [d.text for d in docs] == [s[1]["txt"].decode() for s in GOOD]
+    assert [d.index for d in docs] == list(range(20))
+    assert docs[0].meta == {"id": 1}
+    assert stats.docs == 20 and stats.shards == 1 and not stats.skipped
+
+
+def test_bad_samples_are_counted_and_logged(tmp_path, caplog):
+    bad = [
+        sample("100", b"\xff\xfe not utf-8"),
+        sample("101", b"lone surrogate \xed\xa0\x80 here"),
+        sample("102", None),
+        sample("103", b"   \n\t "),
+        sample("104", b"fine text", meta=b"{not json"),
+        sample("105", b"fine text", meta=b"[1, 2]"),
+    ]
+    path = tmp_path / "bad.tar"
+    path.write_bytes(tar_bytes(GOOD[:2] + bad + GOOD[2:4]))
+    with caplog.at_level(logging.WARNING):
+        docs, stats = read(path)
+    assert len(docs) == 4 and stats.docs == 4
+    assert stats.skipped == {"invalid_utf8": 2, "missing_text": 1, "empty_document": 1, "invalid_metadata": 2}
+    assert f"{path}:101.txt (invalid_utf8)" in caplog.text
+    assert f"{path}:102 (missing_text)" in caplog.text
+
+
+@pytest.mark.parametrize("cut", [0.3, 0.75, 2048 * 7])
+def test_truncated_tar_keeps_what_came_before(tmp_path, cut):
+    data = tar_bytes(GOOD)
+    path = tmp_path / "cut.tar"
+    path.write_bytes(data[: int(len(data) * cut) if cut < 1 else cut])  # 2048 * 7: right after sample 7
+    docs, stats = read(path)
+    assert 0 < len(docs) < 20
+    assert [d.index for d in docs] == list(range(len(docs)))
+    assert stats.skipped == {"corrupt_tar": 1}
+
+
+def test_corrupt_tar_header(tmp_path):
+    data = bytearray(tar_bytes(GOOD))
+    data[512 * 6 : 512 * 6 + 100] = b"\x00garbage" * 12 + b"\x00" * 4
+    path = tmp_path / "corrupt.tar"
+    path.write_bytes(bytes(data))
+    docs, stats = read(path)
+    assert len(docs) < 20 and sum(stats.skipped.values()) == 1
+
+
+def test_truncated_zstd_is_detected(tmp_path):
+    compressed = zstandard.ZstdCompressor().compress(tar_bytes(GOOD))
+    whole = tmp_path / "whole.tar.zst"
+    whole.write_bytes(compressed)
+    assert len(read(whole)[0]) == 20
+    cut = tmp_path / "cut.tar.zst"
+    cut.write_bytes(compressed[: len(compressed) - 40])
+    docs, stats = read(cut)
+    assert len(docs) < 20
+    assert stats.skipped.keys() <= {"truncated_stream", "corrupt_tar"} and sum(stats.skipped.values()) == 1
+
+
+def test_unreachable_shard(tmp_path):
+    docs, stats = read(tmp_path / "nothing-here.tar")
+    assert docs == [] and stats.skipped == {"unreachable_shard": 1} and stats.shards == 0
+
+
+def test_huge_document_is_split_losslessly(tmp_path):
+    text = "\n\n".join(f"Paragraph {i} is about the river. " * 30 for i in range(40))
+    path = tmp_path / "huge.tar"
+    path.write_bytes(tar_bytes([sample("999", text.encode()), GOOD[0]]))
+    docs, stats = read(path, max_doc_chars=5000)
+    parts = [d for d in docs if d.key == "999"]
+    assert len(parts) > 1 and all(len(p.text) <= 5000 for p in parts)
+    assert "".join(p.text for p in parts) == text
+    assert [p.part for p in parts] == list(range(len(parts))) and parts[-1].is_last_part
+    assert stats.docs == 2 and stats.split_docs == 1
+
+
+def test_strided_and_resumed_reads(tmp_path):
+    path = tmp_path / "good.tar"
+    path.write_bytes(tar_bytes(GOOD))
+    docs, _ = read(path, stride=3, offset=1)
+    assert [d.index for d in docs] == list(range(1, 20, 3))
+    docs, stats = read(path, start=10, resumed=True)
+    assert [d.index for d in docs] == list(range(10, 20))
+    assert stats.docs == 9 and stats.shards == 0  # the shard and sample 10 were counted before the resume
+
+
+def test_metadata_with_annotated_text_passes_through(tmp_path):
+    meta = {"id": "x", "title": "T", "annotated_text": "born [dblookup('A', 'born') -> 1900] 1900"}
+    path = tmp_path / "meta.tar"
+    path.write_bytes(tar_bytes([sample("000", b"born 1900", json.dumps(meta).encode())]))
+    assert read(path)[0][0].meta == meta
