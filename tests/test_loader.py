@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import functools
+import http.server
+import threading
 from collections import defaultdict
 from pathlib import Path
 
@@ -163,3 +166,29 @@ def test_skip_counters_reach_the_loader(tmp_path, tokenizer_path):
     stats = loader.read_stats()
     assert stats["skipped"]["unreachable_shard"] >= 1
     assert stats["docs"] >= 10
+
+
+@pytest.fixture
+def http_base(tmp_path):
+    handler = functools.partial(_QuietHandler, directory=str(tmp_path))
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+
+
+class _QuietHandler(http.server.SimpleHTTPRequestHandler):
+    def log_message(self, format, *args):
+        pass
+
+
+def test_http_shards_stream_like_local_ones(tmp_path, tokenizer_path, http_base):
+    make_corpus(tmp_path, shards=3, docs_per_shard=6)
+    local = build_loader(tmp_path, tokenizer_path, rank=1, world=2, workers=2)
+    remote = TokenLoader(
+        expand_shard_spec(f"{http_base}/manifest.json"), tokenizer_path, seq_len=SEQ_LEN, batch_size=BATCH,
+        num_workers=2, rank=1, world_size=2, seed=3,
+    )
+    assert remote.dataset.urls[0].startswith("http://127.0.0.1")
+    assert_batches_equal([b for _, b in zip(range(25), local)], [b for _, b in zip(range(25), remote)])
+    assert remote.read_stats()["skipped"] == {}

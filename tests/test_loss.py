@@ -1,0 +1,137 @@
+"""The LaCy loss against an fp64 reference, F.linear_cross_entropy, and across 2 gloo processes."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+import torch.nn.functional as F
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+from lacy_stream.labels import TokenClass
+from lacy_stream.loss.lacy_loss import lacy_loss
+from lacy_stream.loss.masks import METHODS
+
+N, D, V = 48, 24, 37
+
+
+def make_batch(seed: int = 0, n: int = N, dtype=torch.float32):
+    generator = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(n, D, generator=generator, dtype=torch.float64).to(dtype)
+    weight = (torch.randn(V, D, generator=generator, dtype=torch.float64) * 0.5).to(dtype)
+    targets = torch.randint(0, V - 1, (n,), generator=generator)
+    valid = torch.rand(n, generator=generator) > 0.1
+    targets[~valid] = -100
+    token_class = torch.randint(0, 3, (n,), generator=generator).to(torch.int8)
+    extras = {
+        "token_class": token_class,
+        "judge": torch.rand(n, generator=generator) < 0.2,
+        "ref_loss": torch.rand(n, generator=generator) * 5,
+    }
+    return hidden, weight, targets, valid, extras
+
+
+def reference_loss(hidden, weight, targets, valid, call, ignore, call_id):
+    """Eq. A.4 in fp64 with the masks given."""
+    logits = hidden.double() @ weight.double().T
+    without_call = logits.clone()
+    without_call[:, call_id] = float("-inf")
+    safe = torch.where(valid, targets, 0)
+    learned = torch.logsumexp(without_call, 1) - logits.gather(1, safe[:, None]).squeeze(1)
+    delegated = torch.logsumexp(logits, 1) - logits[:, call_id]
+    learn = valid & ~call & ~ignore
+    return ((learned * learn).sum() + (delegated * call).sum()) / valid.sum()
+
+
+@pytest.mark.parametrize("implementation", ["torch", "triton"])
+@pytest.mark.parametrize("method", METHODS)
+def test_loss_and_gradients_match_fp64(method, implementation):
+    hidden, weight, targets, valid, extras = make_batch()
+    hidden.requires_grad_(True)
+    weight.requires_grad_(True)
+    out = lacy_loss(hidden, weight, targets, valid, call_id=V - 1, method=method, implementation=implementation, **extras)
+    out.loss.backward()
+
+    h64 = hidden.detach().double().requires_grad_(True)
+    w64 = weight.detach().double().requires_grad_(True)
+    expected = reference_loss(h64, w64, targets, valid, out.masks.call, out.masks.ignore, V - 1)
+    expected.backward()
+    torch.testing.assert_close(out.loss.double(), expected, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(hidden.grad.double(), h64.grad, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(weight.grad.double(), w64.grad, rtol=1e-4, atol=1e-6)
+
+
+def test_learned_loss_equals_linear_cross_entropy_with_call_masked():
+    hidden, weight, targets, valid, extras = make_batch(1)
+    call_id = 5
+    targets = torch.where(targets == call_id, 0, targets)
+    out = lacy_loss(hidden, weight, targets, valid, call_id=call_id, method="baseline", implementation="torch")
+    bias = torch.zeros(V)
+    bias[call_id] = float("-inf")
+    oracle = F.linear_cross_entropy(hidden, weight, torch.where(valid, targets, -100), linear_bias=bias, reduction="none", ignore_index=-100)
+    torch.testing.assert_close(out.learned_loss[valid], oracle[valid])
+    torch.testing.assert_close(out.loss, oracle[valid].mean())
+
+
+def test_calls_are_trained_towards_call_and_ignored_tokens_get_no_gradient():
+    hidden, weight, targets, valid, extras = make_batch(2)
+    valid[:] = True
+    extras["token_class"][:] = TokenClass.FACT
+    hidden.requires_grad_(True)
+    out = lacy_loss(hidden, weight, targets, valid, call_id=V - 1, method="lacy_ignorefacts", implementation="torch", **extras)
+    out.loss.backward()
+    ignored = out.masks.ignore
+    assert ignored.any() and out.masks.call.any()
+    assert torch.all(hidden.grad[ignored] == 0)
+    # A step against the gradient raises p(<CALL>) on called tokens.
+    with torch.no_grad():
+        stepped = hidden - 1.0 * hidden.grad
+        before = F.log_softmax(hidden @ weight.T, 1)[:, V - 1]
+        after = F.log_softmax(stepped @ weight.T, 1)[:, V - 1]
+    assert (after[out.masks.call] > before[out.masks.call]).float().mean() > 0.9
+
+
+def test_no_valid_token_gives_a_zero_loss():
+    hidden, weight, targets, valid, extras = make_batch(3)
+    valid[:] = False
+    out = lacy_loss(hidden.requires_grad_(True), weight, targets, valid, call_id=V - 1, method="lacy", implementation="torch", **extras)
+    out.loss.backward()
+    assert out.loss.item() == 0.0 and torch.all(hidden.grad == 0)
+
+
+def _two_rank_worker(rank: int, world: int, init_file: str, results) -> None:
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        hidden, weight, targets, valid, extras = make_batch(4, n=2 * N)
+        part = slice(rank * N, (rank + 1) * N)
+        weight.requires_grad_(True)
+        local_hidden = hidden[part].clone().requires_grad_(True)
+        out = lacy_loss(
+            local_hidden, weight, targets[part], valid[part], call_id=V - 1, method="lacy_ignore",
+            implementation="torch", group=dist.group.WORLD, **{k: v[part] for k, v in extras.items()},
+        )
+        out.loss.backward()
+        results[rank] = (out.loss.detach(), local_hidden.grad, weight.grad)
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.timeout(120)
+def test_two_ranks_add_up_to_one_process(tmp_path):
+    with mp.Manager() as manager:
+        results = manager.dict()
+        mp.spawn(_two_rank_worker, args=(2, str(tmp_path / "init"), results), nprocs=2)
+        results = dict(results)
+    hidden, weight, targets, valid, extras = make_batch(4, n=2 * N)
+    hidden.requires_grad_(True)
+    weight.requires_grad_(True)
+    out = lacy_loss(hidden, weight, targets, valid, call_id=V - 1, method="lacy_ignore", implementation="torch", **extras)
+    out.loss.backward()
+    torch.testing.assert_close(results[0][0] + results[1][0], out.loss.detach())
+    torch.testing.assert_close(torch.cat([results[0][1], results[1][1]]), hidden.grad)
+    torch.testing.assert_close(results[0][2] + results[1][2], weight.grad)

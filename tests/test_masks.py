@@ -1,0 +1,176 @@
+"""Mask properties for every method of Table 5, edge cases, and global selection over 2 gloo processes."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from lacy_stream.labels import TokenClass
+from lacy_stream.loss.masks import METHODS, MaskInputs, select_masks
+
+BUDGETED = ("rho1", "spacy", "lacy", "spacy_refloss", "lacy_ignorefacts", "lacy_ignore")
+FACT_ONLY = ("spacy", "lacy", "spacy_refloss", "lacy_ignorefacts", "lacy_ignore")
+
+
+def random_inputs(n: int, seed: int = 0, fact_share: float = 0.3) -> MaskInputs:
+    generator = torch.Generator().manual_seed(seed)
+    uniform = torch.rand(n, generator=generator)
+    token_class = torch.full((n,), int(TokenClass.OTHER), dtype=torch.int8)
+    token_class[uniform < fact_share] = TokenClass.FACT
+    token_class[uniform > 0.75] = TokenClass.GRAMMAR
+    return MaskInputs(
+        token_loss=torch.rand(n, generator=generator) * 10,
+        valid=torch.rand(n, generator=generator) > 0.05,
+        token_class=token_class,
+        judge=torch.rand(n, generator=generator) < 0.15,
+        ref_loss=torch.rand(n, generator=generator) * 10,
+    )
+
+
+def keys_for(method: str, inputs: MaskInputs) -> torch.Tensor | None:
+    return {
+        "rho1": inputs.ref_loss - inputs.token_loss,
+        "lacy": inputs.token_loss,
+        "lacy_ignorefacts": inputs.token_loss,
+        "lacy_ignore": inputs.token_loss,
+        "spacy_refloss": inputs.ref_loss,
+    }.get(method)
+
+
+@pytest.mark.parametrize("fact_share", [0.25, 0.4])
+@pytest.mark.parametrize("method", METHODS)
+def test_mask_properties(method, fact_share):
+    inputs = random_inputs(1000, fact_share=fact_share)
+    masks = select_masks(method, inputs, seed=1, step=5)
+    valid = inputs.valid
+    fact = valid & (inputs.token_class == TokenClass.FACT)
+    k = round(0.15 * int(valid.sum()))
+    assert masks.valid_tokens == int(valid.sum())
+    assert not (masks.call & ~valid).any() and not (masks.ignore & ~valid).any()
+    assert not (masks.call & masks.ignore).any()
+    if method in BUDGETED:
+        assert int(masks.call.sum()) == k == masks.wanted_calls and masks.call_shortfall == 0
+    if method in FACT_ONLY:
+        assert not (masks.call & ~fact).any()
+    keys = keys_for(method, inputs)
+    if keys is not None:
+        eligible = valid if method == "rho1" else fact
+        assert keys[masks.call].min() >= keys[eligible & ~masks.call].max()
+    if method == "baseline":
+        assert not masks.call.any() and not masks.ignore.any()
+    if method == "llm_judge":
+        assert torch.equal(masks.call, inputs.judge & valid)
+    if method == "lacy_ignorefacts":
+        assert torch.equal(masks.ignore, fact & ~masks.call)
+    if method == "lacy_ignore":
+        remaining_facts = int((fact & ~masks.call).sum())
+        assert int(masks.ignore.sum()) == max(round(0.15 * int(valid.sum())), remaining_facts)
+        extra = masks.ignore & ~fact
+        other = valid & (inputs.token_class == TokenClass.OTHER)
+        assert not (extra & ~other).any()
+        if extra.any():
+            assert inputs.token_loss[extra].min() >= inputs.token_loss[other & ~extra].max()
+    if method not in ("lacy_ignorefacts", "lacy_ignore"):
+        assert not masks.ignore.any()
+
+
+def test_lacy_calls_the_highest_loss_facts_up_to_the_budget():
+    """The paper's example: with 25% facts, a 15% budget delegates the 60% highest-loss facts."""
+    inputs = random_inputs(4000, fact_share=0.25)
+    inputs.valid[:] = True
+    masks = select_masks("lacy", inputs)
+    fact = inputs.token_class == TokenClass.FACT
+    assert int(masks.call.sum()) == 600
+    assert abs(int(masks.call.sum()) / int(fact.sum()) - 0.6) < 0.05
+
+
+def test_random_methods_are_seeded_and_hit_their_rate():
+    inputs = random_inputs(20000)
+    first = select_masks("loss_based", inputs, seed=3, step=7)
+    assert torch.equal(first.call, select_masks("loss_based", inputs, seed=3, step=7).call)
+    assert not torch.equal(first.call, select_masks("loss_based", inputs, seed=3, step=8).call)
+    assert abs(int(first.call.sum()) / int(inputs.valid.sum()) - 0.15) < 0.01
+    spacy = select_masks("spacy", inputs, seed=3, step=7)
+    assert not torch.equal(spacy.call, select_masks("spacy", inputs, seed=4, step=7).call)
+
+
+def test_edge_cases():
+    no_facts = random_inputs(100)
+    no_facts.token_class[:] = TokenClass.OTHER
+    masks = select_masks("lacy", no_facts)
+    assert not masks.call.any() and masks.call_shortfall == masks.wanted_calls > 0
+
+    few_facts = random_inputs(100)
+    few_facts.valid[:] = True
+    few_facts.token_class[:] = TokenClass.OTHER
+    few_facts.token_class[[3, 50, 99]] = TokenClass.FACT
+    masks = select_masks("lacy", few_facts)
+    assert masks.call.nonzero().flatten().tolist() == [3, 50, 99] and masks.call_shortfall == 12
+
+    nothing_valid = random_inputs(50)
+    nothing_valid.valid[:] = False
+    for method in METHODS:
+        masks = select_masks(method, nothing_valid)
+        assert masks.valid_tokens == 0 and not masks.call.any() and not masks.ignore.any()
+
+    single = random_inputs(1)
+    single.valid[:] = True
+    single.token_class[:] = TokenClass.FACT
+    assert select_masks("lacy", single, call_ratio=1.0).call.tolist() == [True]
+
+
+def test_ties_go_to_the_lower_index():
+    inputs = random_inputs(40)
+    inputs.valid[:] = True
+    inputs.token_class[:] = TokenClass.FACT
+    inputs.token_loss[:] = 1.0
+    assert select_masks("lacy", inputs, call_ratio=0.25).call.nonzero().flatten().tolist() == list(range(10))
+
+
+def test_missing_inputs_and_bad_arguments():
+    inputs = random_inputs(10)
+    with pytest.raises(ValueError, match="ref_loss"):
+        select_masks("rho1", MaskInputs(inputs.token_loss, inputs.valid))
+    with pytest.raises(ValueError, match="token_class"):
+        select_masks("lacy", MaskInputs(inputs.token_loss, inputs.valid))
+    with pytest.raises(ValueError, match="judge"):
+        select_masks("llm_judge", MaskInputs(inputs.token_loss, inputs.valid))
+    with pytest.raises(ValueError, match="unknown method"):
+        select_masks("lacy2", inputs)
+    with pytest.raises(ValueError, match="call_ratio"):
+        select_masks("lacy", inputs, call_ratio=1.5)
+
+
+def _global_selection_worker(rank: int, world: int, init_file: str, results) -> None:
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        whole = random_inputs(2 * 300, seed=11)
+        part = slice(rank * 300, (rank + 1) * 300)
+        local = MaskInputs(*(getattr(whole, name)[part] for name in ("token_loss", "valid", "token_class", "judge", "ref_loss")))
+        # Equal keys across the two ranks check that ties are broken by global index.
+        local.token_loss[:5] = 4.0
+        for method in METHODS:
+            masks = select_masks(method, local, seed=2, step=9, group=dist.group.WORLD)
+            results[(rank, method)] = (masks.call, masks.ignore, masks.valid_tokens, masks.call_shortfall)
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.timeout(120)
+def test_global_selection_over_two_gloo_processes_equals_one_process(tmp_path):
+    with mp.Manager() as manager:
+        results = manager.dict()
+        mp.spawn(_global_selection_worker, args=(2, str(tmp_path / "init"), results), nprocs=2)
+        results = dict(results)
+    whole = random_inputs(600, seed=11)
+    whole.token_loss[:5] = 4.0
+    whole.token_loss[300:305] = 4.0
+    for method in METHODS:
+        expected = select_masks(method, whole, seed=2, step=9)
+        call = torch.cat([results[(0, method)][0], results[(1, method)][0]])
+        ignore = torch.cat([results[(0, method)][1], results[(1, method)][1]])
+        assert torch.equal(call, expected.call), method
+        assert torch.equal(ignore, expected.ignore), method
+        assert results[(0, method)][2] == expected.valid_tokens and results[(1, method)][3] == expected.call_shortfall
