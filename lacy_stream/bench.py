@@ -33,3 +33,96 @@ def bench_stream(config: JobConfig, *, batches: int) -> dict:
         "tokens_per_s": round(tokens / seconds) if seconds > 0 else None,
         "read": loader.read_stats(),
     }
+
+
+LOSS_CASES = ("lacy fused (triton)", "lacy eager (torch)", "F.linear_cross_entropy", "F.linear_cross_entropy chunked")
+
+
+def bench_loss(
+    *, hidden_sizes: tuple[int, ...] = (1024, 2048), tokens: int = 8 * 1024, vocab: int = 32001, repeats: int = 3
+) -> list[dict]:
+    """Forward + backward time and peak memory of the loss variants, side by side, on the present device.
+
+    On CUDA the inputs are bf16 and peak memory is ``max_memory_allocated`` above the inputs and their
+    gradients; on the CPU the inputs are fp32, each case runs in a fresh process and peak memory is the
+    growth of its peak resident set. The fused kernel runs only on CUDA (the CPU interpreter is not a
+    benchmark). ``F.linear_cross_entropy`` does plain cross-entropy, the lower bound LaCy's loss is held to.
+    """
+    import multiprocessing
+
+    import torch
+
+    from .loss.fused_kernel import triton_available
+
+    cuda = torch.cuda.is_available()
+    rows = []
+    for hidden in hidden_sizes:
+        for case in LOSS_CASES:
+            if case.startswith("lacy fused") and not (cuda and triton_available()):
+                rows.append({"case": case, "hidden": hidden, "tokens": tokens, "skipped": "needs a CUDA GPU"})
+                continue
+            arguments = (case, hidden, tokens, vocab, repeats)
+            if cuda:
+                result = _measure_loss_case(*arguments)
+            else:
+                with multiprocessing.get_context("spawn").Pool(1) as pool:
+                    result = pool.apply(_measure_loss_case, arguments)
+            rows.append({"case": case, "hidden": hidden, "tokens": tokens, **result})
+    return rows
+
+
+def _measure_loss_case(case: str, hidden_size: int, tokens: int, vocab: int, repeats: int) -> dict:
+    import resource
+    import statistics
+
+    import torch
+    import torch.nn.functional as F
+    from torch.nn.modules.linear_cross_entropy_options import LinearCrossEntropyOptions
+
+    from .loss.lacy_loss import lacy_loss
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    generator = torch.Generator(device).manual_seed(0)
+    hidden = torch.randn(tokens, hidden_size, device=device, dtype=dtype, generator=generator, requires_grad=True)
+    weight = (0.02 * torch.randn(vocab, hidden_size, device=device, dtype=dtype, generator=generator)).requires_grad_(True)
+    targets = torch.randint(0, vocab - 1, (tokens,), device=device, generator=generator)
+    valid = torch.ones(tokens, dtype=torch.bool, device=device)
+    token_class = torch.randint(0, 3, (tokens,), device=device, generator=generator).to(torch.int8)
+
+    def step() -> None:
+        if case.startswith("lacy"):
+            implementation = "triton" if "fused" in case else "torch"
+            out = lacy_loss(hidden, weight, targets, valid, call_id=vocab - 1, method="lacy",
+                            token_class=token_class, implementation=implementation)
+            loss = out.loss
+        else:
+            options = LinearCrossEntropyOptions() if case.endswith("chunked") else None
+            loss = F.linear_cross_entropy(hidden, weight, targets, options=options)
+        loss.backward()
+        hidden.grad = weight.grad = None
+
+    def synchronize() -> None:
+        if device == "cuda":
+            torch.cuda.synchronize()
+
+    # The resident-set peak never goes down, so on the CPU it is read before the first step.
+    cpu_baseline = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    step()  # warm-up: kernel compilation, allocator
+    synchronize()
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+        # the gradients of hidden and weight are part of any backward, not of the loss
+        baseline = torch.cuda.memory_allocated() + hidden.nbytes + weight.nbytes
+    times = []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        step()
+        synchronize()
+        times.append(time.perf_counter() - started)
+    if device == "cuda":
+        peak = torch.cuda.max_memory_allocated() - baseline
+    else:
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - cpu_baseline - hidden.nbytes - weight.nbytes
+    return {"device": device, "dtype": str(dtype).removeprefix("torch."), "ms": round(1000 * statistics.median(times), 1),
+            "peak_mib": round(max(peak, 0) / 2**20)}

@@ -122,6 +122,22 @@ def cmd_bench_stream(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench_loss(args: argparse.Namespace) -> int:
+    from .bench import bench_loss
+
+    rows = bench_loss(hidden_sizes=tuple(args.hidden), tokens=args.tokens, vocab=args.vocab, repeats=args.repeats)
+    if args.json:
+        print(json.dumps(rows))
+        return 0
+    print("| case | hidden | tokens | device | ms (fwd+bwd) | peak MiB |\n|---|---|---|---|---|---|")
+    for row in rows:
+        if "skipped" in row:
+            print(f"| {row['case']} | {row['hidden']} | {row['tokens']} | skipped: {row['skipped']} | | |")
+        else:
+            print(f"| {row['case']} | {row['hidden']} | {row['tokens']} | {row['device']} {row['dtype']} | {row['ms']} | {row['peak_mib']} |")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lacy-stream", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
@@ -162,6 +178,13 @@ def build_parser() -> argparse.ArgumentParser:
     stream.add_argument("--batches", type=int, default=200)
     stream.add_argument("--json", action="store_true")
     stream.set_defaults(run=cmd_bench_stream)
+    loss = bench.add_parser("loss", help="LaCy loss: fused kernel vs eager vs F.linear_cross_entropy, time and memory")
+    loss.add_argument("--hidden", type=int, nargs="+", default=[1024, 2048])
+    loss.add_argument("--tokens", type=int, default=8 * 1024)
+    loss.add_argument("--vocab", type=int, default=32001)
+    loss.add_argument("--repeats", type=int, default=3)
+    loss.add_argument("--json", action="store_true")
+    loss.set_defaults(run=cmd_bench_loss)
     return parser
 
 

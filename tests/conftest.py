@@ -77,3 +77,23 @@ def tar_bytes(samples: list[tuple[str, dict[str, bytes]]]) -> bytes:
         for key, members in samples:
             writer.write({"__key__": key, **members})
     return buffer.getvalue()
+
+
+def _gloo_entry(rank: int, world: int, init_file: str, worker, args: tuple, results) -> None:
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        results[rank] = worker(rank, world, *args)
+    finally:
+        dist.destroy_process_group()
+
+
+def spawn_gloo(worker, world: int, tmp_path: Path, *args) -> dict:
+    """Run ``worker(rank, world, *args)`` in ``world`` processes joined in a gloo group; {rank: its result}."""
+    import torch.multiprocessing as mp
+
+    with mp.Manager() as manager:
+        results = manager.dict()
+        mp.spawn(_gloo_entry, args=(world, str(tmp_path / "gloo-init"), worker, args, results), nprocs=world)
+        return dict(results)

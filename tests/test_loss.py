@@ -7,12 +7,12 @@ import os
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn.functional as F
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+from conftest import spawn_gloo
 from lacy_stream.labels import TokenClass
 from lacy_stream.loss.lacy_loss import lacy_loss
 from lacy_stream.loss.masks import METHODS
@@ -104,29 +104,22 @@ def test_no_valid_token_gives_a_zero_loss():
     assert out.loss.item() == 0.0 and torch.all(hidden.grad == 0)
 
 
-def _two_rank_worker(rank: int, world: int, init_file: str, results) -> None:
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
-    try:
-        hidden, weight, targets, valid, extras = make_batch(4, n=2 * N)
-        part = slice(rank * N, (rank + 1) * N)
-        weight.requires_grad_(True)
-        local_hidden = hidden[part].clone().requires_grad_(True)
-        out = lacy_loss(
-            local_hidden, weight, targets[part], valid[part], call_id=V - 1, method="lacy_ignore",
-            implementation="torch", group=dist.group.WORLD, **{k: v[part] for k, v in extras.items()},
-        )
-        out.loss.backward()
-        results[rank] = (out.loss.detach(), local_hidden.grad, weight.grad)
-    finally:
-        dist.destroy_process_group()
+def _two_rank_worker(rank: int, world: int) -> tuple:
+    hidden, weight, targets, valid, extras = make_batch(4, n=2 * N)
+    part = slice(rank * N, (rank + 1) * N)
+    weight.requires_grad_(True)
+    local_hidden = hidden[part].clone().requires_grad_(True)
+    out = lacy_loss(
+        local_hidden, weight, targets[part], valid[part], call_id=V - 1, method="lacy_ignore",
+        implementation="torch", group=dist.group.WORLD, **{k: v[part] for k, v in extras.items()},
+    )
+    out.loss.backward()
+    return out.loss.detach(), local_hidden.grad, weight.grad
 
 
 @pytest.mark.timeout(120)
 def test_two_ranks_add_up_to_one_process(tmp_path):
-    with mp.Manager() as manager:
-        results = manager.dict()
-        mp.spawn(_two_rank_worker, args=(2, str(tmp_path / "init"), results), nprocs=2)
-        results = dict(results)
+    results = spawn_gloo(_two_rank_worker, 2, tmp_path)
     hidden, weight, targets, valid, extras = make_batch(4, n=2 * N)
     hidden.requires_grad_(True)
     weight.requires_grad_(True)

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
+from conftest import spawn_gloo
 from lacy_stream.labels import TokenClass
 from lacy_stream.loss.masks import METHODS, MaskInputs, select_masks
 
@@ -143,34 +143,29 @@ def test_missing_inputs_and_bad_arguments():
         select_masks("lacy", inputs, call_ratio=1.5)
 
 
-def _global_selection_worker(rank: int, world: int, init_file: str, results) -> None:
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
-    try:
-        whole = random_inputs(2 * 300, seed=11)
-        part = slice(rank * 300, (rank + 1) * 300)
-        local = MaskInputs(*(getattr(whole, name)[part] for name in ("token_loss", "valid", "token_class", "judge", "ref_loss")))
-        # Equal keys across the two ranks check that ties are broken by global index.
-        local.token_loss[:5] = 4.0
-        for method in METHODS:
-            masks = select_masks(method, local, seed=2, step=9, group=dist.group.WORLD)
-            results[(rank, method)] = (masks.call, masks.ignore, masks.valid_tokens, masks.call_shortfall)
-    finally:
-        dist.destroy_process_group()
+def _global_selection_worker(rank: int, world: int) -> dict:
+    whole = random_inputs(2 * 300, seed=11)
+    part = slice(rank * 300, (rank + 1) * 300)
+    local = MaskInputs(*(getattr(whole, name)[part] for name in ("token_loss", "valid", "token_class", "judge", "ref_loss")))
+    # Equal keys across the two ranks check that ties are broken by global index.
+    local.token_loss[:5] = 4.0
+    results = {}
+    for method in METHODS:
+        masks = select_masks(method, local, seed=2, step=9, group=dist.group.WORLD)
+        results[method] = (masks.call, masks.ignore, masks.valid_tokens, masks.call_shortfall)
+    return results
 
 
 @pytest.mark.timeout(120)
 def test_global_selection_over_two_gloo_processes_equals_one_process(tmp_path):
-    with mp.Manager() as manager:
-        results = manager.dict()
-        mp.spawn(_global_selection_worker, args=(2, str(tmp_path / "init"), results), nprocs=2)
-        results = dict(results)
+    results = spawn_gloo(_global_selection_worker, 2, tmp_path)
     whole = random_inputs(600, seed=11)
     whole.token_loss[:5] = 4.0
     whole.token_loss[300:305] = 4.0
     for method in METHODS:
         expected = select_masks(method, whole, seed=2, step=9)
-        call = torch.cat([results[(0, method)][0], results[(1, method)][0]])
-        ignore = torch.cat([results[(0, method)][1], results[(1, method)][1]])
+        call = torch.cat([results[0][method][0], results[1][method][0]])
+        ignore = torch.cat([results[0][method][1], results[1][method][1]])
         assert torch.equal(call, expected.call), method
         assert torch.equal(ignore, expected.ignore), method
-        assert results[(0, method)][2] == expected.valid_tokens and results[(1, method)][3] == expected.call_shortfall
+        assert results[0][method][2] == expected.valid_tokens and results[1][method][3] == expected.call_shortfall

@@ -9,10 +9,10 @@ With ``z = hidden @ weight.T`` (``hidden`` [N, D], ``weight`` [V, D], ``<CALL>``
   ``grad_hidden``, another walks the tokens per vocabulary tile for ``grad_weight``.
 
 Only ``[BLOCK_N, BLOCK_V]`` tiles of logits exist at any time. The gradient accumulators are fp32 (fp64 for
-fp64 inputs) buffers shaped like the gradients and owned by one program each (no atomics, so the results
-are deterministic). When the grid has fewer programs than the GPU has SMs, the walk is split into
-``splits`` independent ranges whose partial results are combined in PyTorch; that costs one extra
-accumulator per split.
+fp64 inputs) buffers shaped like the gradients; each of their rows is written by one program only (no
+atomics, so the results are deterministic). When the grid has fewer programs than the GPU has SMs, the
+walk is split into ``splits`` independent ranges whose partial results are combined in PyTorch; that costs
+one extra accumulator per split.
 
 On a CPU the kernels run under the Triton interpreter, which has to be switched on (``TRITON_INTERPRET=1``)
 before this module is imported: ``triton.jit`` picks interpreted or compiled code when a kernel is defined.
@@ -65,14 +65,20 @@ class KernelConfig:
 
 
 def default_config(dtype: torch.dtype) -> KernelConfig:
-    """Block sizes for ``dtype`` inputs: tensor-core sized tiles on a GPU, large tiles in the interpreter
-    (where each ``tl`` op is one numpy call, so fewer and bigger tiles run faster)."""
+    """Block sizes for ``dtype`` inputs.
+
+    On a GPU: the largest tiles for which none of the three kernels spills registers when compiled for
+    sm_90 (the backward kernels hold a logit tile, its gradient and an accumulator tile at once). In the
+    interpreter each ``tl`` op is one numpy call, so fewer and bigger tiles run faster.
+    """
     if _INTERPRETED:
         return KernelConfig(block_n=64, block_v=64, block_d=64)
     if dtype in (torch.float16, torch.bfloat16):
-        return KernelConfig(block_n=128, block_v=128, block_d=64, num_warps=8, num_stages=3)
-    if dtype == torch.float32:
         return KernelConfig(block_n=64, block_v=128, block_d=32, num_warps=8, num_stages=3)
+    if dtype == torch.float32 and _dot_precision(dtype) == "tf32":
+        return KernelConfig(block_n=64, block_v=64, block_d=32, num_warps=8, num_stages=3)
+    if dtype == torch.float32:
+        return KernelConfig(block_n=64, block_v=64, block_d=16, num_warps=8, num_stages=2)
     return KernelConfig(block_n=32, block_v=64, block_d=16, num_warps=4, num_stages=2)
 
 
@@ -134,13 +140,16 @@ def _logit_stats_kernel(
 
         z = tl.where((col_mask & (cols != call_id))[None, :], z, float("-inf"))
         new_max = tl.maximum(running_max, tl.max(z, axis=1))
-        # A tile holding only the CALL column leaves the max at -inf; shift by 0 then so -inf - -inf never occurs.
+        # Until a non-CALL column is seen the max stays -inf; shift by 0 then so -inf - -inf never occurs.
         shift = tl.where(new_max == float("-inf"), 0.0, new_max)
         running_sum = running_sum * tl.exp(running_max - shift) + tl.sum(tl.exp(z - shift[:, None]), axis=1)
         running_max = new_max
 
+    # The sum is >= 1 (the max term is exp(0)) unless the split saw no column; then the max is -inf and
+    # clamping keeps log(0) out.
+    lse = running_max + tl.log(tl.maximum(running_sum, 1.0))
     out = split * N + rows
-    tl.store(lse_ptr + out, running_max + tl.log(running_sum), mask=row_mask)
+    tl.store(lse_ptr + out, lse, mask=row_mask)
     tl.store(target_logit_ptr + out, target_logit, mask=row_mask)
     tl.store(call_logit_ptr + out, call_logit, mask=row_mask)
 
@@ -183,6 +192,8 @@ def _grad_hidden_kernel(
                 acc = tl.load(acc_ptrs, mask=acc_mask, other=0.0)
                 acc = tl.dot(g, w, acc=acc, input_precision=DOT_PRECISION)
                 tl.store(acc_ptrs, acc, mask=acc_mask)
+            # The next tile re-reads these accumulator rows, possibly from other threads of the program.
+            tl.debug_barrier()
 
 
 @triton.jit
@@ -224,6 +235,8 @@ def _grad_weight_kernel(
                 acc = tl.load(acc_ptrs, mask=acc_mask, other=0.0)
                 acc = tl.dot(g_t, h, acc=acc, input_precision=DOT_PRECISION)
                 tl.store(acc_ptrs, acc, mask=acc_mask)
+            # The next token block re-reads these accumulator rows, possibly from other threads of the program.
+            tl.debug_barrier()
 
 
 def logit_stats(
@@ -336,7 +349,8 @@ def _check_projection(hidden: Tensor, weight: Tensor, targets: Tensor, call_id: 
         raise ValueError(f"hidden is on {hidden.device} but weight on {weight.device}")
     if hidden.device.type == "cpu":
         if not _INTERPRETED:
-            raise ValueError("CPU tensors need the Triton interpreter: set TRITON_INTERPRET=1 before importing this module")
+            raise ValueError("CPU tensors need the Triton interpreter: set TRITON_INTERPRET=1 before importing "
+                             "this module")
         if hidden.dtype not in (torch.float32, torch.float64):
             raise ValueError(f"the Triton interpreter supports float32 and float64 here, got {hidden.dtype}")
     elif hidden.device.type != "cuda":
@@ -360,21 +374,24 @@ def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+def _dot_precision(dtype: torch.dtype) -> str | None:
+    """``tl.dot`` input precision; PyTorch's fp32 matmul setting decides between exact fp32 (the default)
+    and TF32 tensor cores. 16-bit inputs take Triton's default."""
+    if dtype == torch.float64:
+        return "ieee"
+    if dtype == torch.float32:
+        return "ieee" if torch.get_float32_matmul_precision() == "highest" else "tf32"
+    return None
+
+
 def _launch_args(dtype: torch.dtype, acc_dtype: torch.dtype, config: KernelConfig) -> dict:
     """Constexpr and launch keyword arguments common to the three kernels."""
-    if dtype == torch.float64:
-        precision = "ieee"
-    elif dtype == torch.float32:
-        # Follow PyTorch's own fp32 matmul setting: exact fp32 by default, TF32 tensor cores if allowed.
-        precision = "ieee" if torch.get_float32_matmul_precision() == "highest" else "tf32"
-    else:
-        precision = None
     return {
         "ACC": tl.float64 if acc_dtype == torch.float64 else tl.float32,
         "BLOCK_N": config.block_n,
         "BLOCK_V": config.block_v,
         "BLOCK_D": config.block_d,
-        "DOT_PRECISION": precision,
+        "DOT_PRECISION": _dot_precision(dtype),
         "num_warps": config.num_warps,
         "num_stages": config.num_stages,
     }

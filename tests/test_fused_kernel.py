@@ -1,0 +1,230 @@
+"""The fused projection + LaCy cross-entropy kernels against a float64 plain-PyTorch reference.
+
+Without CUDA the kernels run under the Triton interpreter, which must be switched on before the kernel
+module is imported (``triton.jit`` decides at definition time).
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+from lacy_stream.loss.fused_kernel import KernelConfig, logit_grads, logit_stats, triton_available  # noqa: E402
+
+pytestmark = [
+    pytest.mark.timeout(300),
+    pytest.mark.skipif(not triton_available(), reason="needs CUDA or TRITON_INTERPRET=1"),
+]
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+SMALL_TILES = KernelConfig(block_n=16, block_v=16, block_d=16)
+TOLERANCE = {torch.float64: 1e-10, torch.float32: 1e-4}
+
+
+def make_inputs(n: int, v: int, d: int, dtype: torch.dtype, *, seed: int = 0, logit_scale: float = 1.0):
+    """Hidden states, weight, targets, a mix of CALL tokens and a non-uniform token scale with zeros."""
+    gen = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(n, d, generator=gen, dtype=torch.float64)
+    weight = torch.randn(v, d, generator=gen, dtype=torch.float64) * (logit_scale / d**0.5)
+    targets = torch.randint(0, v, (n,), generator=gen)
+    is_call = torch.rand(n, generator=gen) < 0.3
+    scale = torch.rand(n, generator=gen, dtype=torch.float64) + 0.5
+    scale[torch.rand(n, generator=gen) < 0.2] = 0.0
+    return (hidden.to(DEVICE, dtype), weight.to(DEVICE, dtype), targets.to(DEVICE), is_call.to(DEVICE),
+            scale.to(DEVICE, dtype))
+
+
+def reference(hidden, weight, targets, call_id, is_call, scale):
+    """float64 ``(lse_nocall, target_logit, call_logit, grad_hidden, grad_weight)`` from full logits and autograd
+    of ``sum(scale * loss)``; targets outside the vocabulary read column 0 (they only occur with scale 0)."""
+    h = hidden.detach().double().requires_grad_()
+    w = weight.detach().double().requires_grad_()
+    logits = h @ w.T
+    call_logit = logits[:, call_id]
+    call_col = torch.tensor([call_id], device=logits.device)
+    lse_nocall = torch.logsumexp(logits.index_fill(1, call_col, float("-inf")), dim=1)
+    safe_targets = torch.where((targets >= 0) & (targets < weight.shape[0]), targets, 0)
+    target_logit = logits.gather(1, safe_targets[:, None]).squeeze(1)
+    loss = torch.where(is_call, torch.logsumexp(logits, dim=1) - call_logit, lse_nocall - target_logit)
+    (scale.double() * loss).sum().backward()
+    return lse_nocall.detach(), target_logit.detach(), call_logit.detach(), h.grad, w.grad
+
+
+def assert_close(actual: torch.Tensor, expected: torch.Tensor, tol: float) -> None:
+    """Elementwise ``|a - e| <= tol * (|e| + max|e|)``: relative, with the tensor's scale as a floor."""
+    assert torch.isfinite(actual).all()
+    error = (actual.double() - expected).abs()
+    largest = expected.abs().max().item()
+    bound = tol * (expected.abs() + largest + 1e-30)
+    assert (error <= bound).all(), f"max error {error.max():.3e}, max |expected| {largest:.3e}"
+
+
+def check(n, v, d, call_id, dtype, *, config=SMALL_TILES, logit_scale=1.0, seed=0, is_call=None, scale=None):
+    hidden, weight, targets, mixed_calls, mixed_scale = make_inputs(n, v, d, dtype, seed=seed, logit_scale=logit_scale)
+    is_call = mixed_calls if is_call is None else is_call
+    scale = mixed_scale if scale is None else scale
+    tol = TOLERANCE[dtype]
+    lse_ref, target_ref, call_ref, grad_h_ref, grad_w_ref = reference(hidden, weight, targets, call_id, is_call, scale)
+
+    lse, target_logit, call_logit = logit_stats(hidden, weight, targets, call_id, config=config)
+    expected_dtype = torch.float64 if dtype == torch.float64 else torch.float32
+    assert lse.dtype == target_logit.dtype == call_logit.dtype == expected_dtype
+    assert lse.shape == target_logit.shape == call_logit.shape == (n,)
+    assert_close(lse, lse_ref, tol)
+    assert_close(target_logit, target_ref, tol)
+    assert_close(call_logit, call_ref, tol)
+
+    grad_h, grad_w = logit_grads(hidden, weight, targets, call_id, lse, call_logit, is_call, scale, config=config)
+    assert grad_h.shape == hidden.shape and grad_h.dtype == dtype
+    assert grad_w.shape == weight.shape and grad_w.dtype == dtype
+    assert_close(grad_h, grad_h_ref, tol)
+    assert_close(grad_w, grad_w_ref, tol)
+    return grad_h, grad_w
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize(
+    ("n", "v", "d", "call_id"),
+    [
+        (37, 77, 40, 76),  # odd sizes, CALL alone at the end of the last partial vocabulary tile
+        (37, 77, 40, 0),
+        (37, 77, 40, 38),
+        (1, 50, 24, 49),  # a single token
+        (32, 64, 32, 63),  # exact multiples of the tiles
+        (20, 17, 16, 16),  # the last vocabulary tile holds only the CALL column
+    ],
+)
+def test_matches_reference(n, v, d, call_id, dtype):
+    check(n, v, d, call_id, dtype)
+
+
+@pytest.mark.parametrize(
+    ("n", "v", "d", "call_id", "splits"),
+    [
+        (37, 77, 40, 76, 2),
+        (37, 77, 40, 30, 3),
+        (20, 17, 16, 16, 2),  # the second split holds only the CALL column: its partial log-sum-exp is -inf
+    ],
+)
+def test_split_reductions_match_reference(n, v, d, call_id, splits):
+    check(n, v, d, call_id, torch.float64, config=KernelConfig(block_n=16, block_v=16, block_d=16, splits=splits))
+
+
+def test_default_config_matches_reference():
+    check(70, 150, 72, 149, torch.float64, config=None)
+
+
+@pytest.mark.parametrize(("dtype", "logit_scale"), [(torch.float64, 1e4), (torch.float32, 1e3)])
+def test_large_logits(dtype, logit_scale):
+    """Logits of magnitude ~1e3-1e4 give finite statistics and gradients (the running max absorbs them)."""
+    check(37, 77, 40, 76, dtype, logit_scale=logit_scale, seed=1)
+
+
+def test_large_logits_float32_statistics():
+    hidden, weight, targets, is_call, scale = make_inputs(37, 77, 40, torch.float32, seed=2, logit_scale=1e4)
+    lse_ref, target_ref, call_ref, *_ = reference(hidden, weight, targets, 76, is_call, scale)
+    lse, target_logit, call_logit = logit_stats(hidden, weight, targets, 76, config=SMALL_TILES)
+    assert lse_ref.abs().max() > 1e3
+    for actual, expected in ((lse, lse_ref), (target_logit, target_ref), (call_logit, call_ref)):
+        assert_close(actual, expected, 1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_all_calls(dtype):
+    check(37, 77, 40, 5, dtype, is_call=torch.ones(37, dtype=torch.bool, device=DEVICE))
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_no_calls(dtype):
+    grad_h, grad_w = check(37, 77, 40, 76, dtype, is_call=torch.zeros(37, dtype=torch.bool, device=DEVICE))
+    # Non-call tokens never push gradient into the CALL embedding.
+    assert (grad_w[76] == 0).all()
+
+
+def test_all_scales_zero_give_exact_zero_gradients():
+    hidden, weight, targets, is_call, _ = make_inputs(37, 77, 40, torch.float64)
+    lse, _, call_logit = logit_stats(hidden, weight, targets, 76, config=SMALL_TILES)
+    scale = torch.zeros(37, dtype=torch.float64, device=DEVICE)
+    grad_h, grad_w = logit_grads(hidden, weight, targets, 76, lse, call_logit, is_call, scale, config=SMALL_TILES)
+    assert (grad_h == 0).all() and (grad_w == 0).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_ignored_tokens_with_out_of_range_targets(dtype):
+    """Targets of -100 or >= V are never read: target_logit 0, and with scale 0 they add nothing,
+    even when their statistics are garbage."""
+    n, v, d, call_id = 37, 77, 40, 76
+    hidden, weight, targets, is_call, scale = make_inputs(n, v, d, dtype, seed=3)
+    ignored = torch.zeros(n, dtype=torch.bool, device=DEVICE)
+    ignored[::4] = True
+    targets = torch.where(ignored, -100, targets)
+    targets[1] = v + 5
+    ignored[1] = True
+    scale = torch.where(ignored, 0.0, scale)
+    is_call = is_call & ~ignored
+
+    lse, target_logit, call_logit = logit_stats(hidden, weight, targets, call_id, config=SMALL_TILES)
+    assert (target_logit[ignored] == 0).all()
+    lse_ref, target_ref, call_ref, grad_h_ref, grad_w_ref = reference(hidden, weight, targets, call_id, is_call, scale)
+    tol = TOLERANCE[dtype]
+    assert_close(lse, lse_ref, tol)
+    assert_close(target_logit[~ignored], target_ref[~ignored], tol)
+    assert_close(call_logit, call_ref, tol)
+
+    garbage_lse = torch.where(ignored, float("nan"), lse)
+    grad_h, grad_w = logit_grads(hidden, weight, targets, call_id, garbage_lse, call_logit, is_call, scale,
+                                 config=SMALL_TILES)
+    assert (grad_h[ignored] == 0).all()
+    assert_close(grad_h, grad_h_ref, tol)
+    assert_close(grad_w, grad_w_ref, tol)
+
+
+def test_non_contiguous_inputs():
+    hidden, weight, targets, is_call, scale = make_inputs(20, 40, 24, torch.float64)
+    hidden_t = hidden.T.contiguous().T
+    weight_t = weight.T.contiguous().T
+    assert not hidden_t.is_contiguous() and not weight_t.is_contiguous()
+    lse, target_logit, call_logit = logit_stats(hidden_t, weight_t, targets, 3, config=SMALL_TILES)
+    lse_ref, target_ref, call_ref, grad_h_ref, grad_w_ref = reference(hidden, weight, targets, 3, is_call, scale)
+    assert_close(lse, lse_ref, 1e-10)
+    grad_h, grad_w = logit_grads(hidden_t, weight_t, targets, 3, lse, call_logit, is_call, scale, config=SMALL_TILES)
+    assert_close(grad_h, grad_h_ref, 1e-10)
+    assert_close(grad_w, grad_w_ref, 1e-10)
+
+
+def test_empty_batch():
+    hidden, weight, targets, is_call, scale = make_inputs(0, 20, 16, torch.float32)
+    lse, target_logit, call_logit = logit_stats(hidden, weight, targets, 19)
+    assert lse.shape == target_logit.shape == call_logit.shape == (0,)
+    grad_h, grad_w = logit_grads(hidden, weight, targets, 19, lse, call_logit, is_call, scale)
+    assert grad_h.shape == (0, 16) and (grad_w == 0).all()
+
+
+def test_invalid_inputs_raise_value_error():
+    hidden, weight, targets, is_call, scale = make_inputs(8, 20, 16, torch.float32)
+    with pytest.raises(ValueError, match="call_id"):
+        logit_stats(hidden, weight, targets, 20)
+    with pytest.raises(ValueError, match="call_id"):
+        logit_stats(hidden, weight, targets, -1)
+    with pytest.raises(ValueError, match="hidden"):
+        logit_stats(hidden, weight[:, :8], targets, 3)
+    with pytest.raises(ValueError, match="dtype"):
+        logit_stats(hidden, weight.double(), targets, 3)
+    with pytest.raises(ValueError, match="targets"):
+        logit_stats(hidden, weight, targets[:4], 3)
+    with pytest.raises(ValueError, match="targets"):
+        logit_stats(hidden, weight, targets.float(), 3)
+    with pytest.raises(ValueError, match="<CALL>"):
+        logit_stats(hidden, weight[:1], targets, 0)
+    lse, _, call_logit = logit_stats(hidden, weight, targets, 3)
+    with pytest.raises(ValueError, match="is_call"):
+        logit_grads(hidden, weight, targets, 3, lse, call_logit, is_call.int(), scale)
+    with pytest.raises(ValueError, match="token_scale"):
+        logit_grads(hidden, weight, targets, 3, lse, call_logit, is_call, scale[:5])
+    with pytest.raises(ValueError, match="power of two"):
+        KernelConfig(block_n=8, block_v=16, block_d=16)
