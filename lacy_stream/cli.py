@@ -48,13 +48,13 @@ def cmd_make_shards(args: argparse.Namespace) -> int:
     return 0
 
 
-def _document_texts(urls: list[str], options, max_docs: int | None):
+def _document_texts(urls: list[str], options, max_docs: int | None = None, max_doc_chars: int = DataConfig.max_doc_chars):
     from .data.documents import ReadStats
     from .data.shard_reader import read_shard
 
     stats = ReadStats()
     for shard, url in enumerate(urls):
-        for doc in read_shard(url, shard, stats, options=options):
+        for doc in read_shard(url, shard, stats, options=options, max_doc_chars=max_doc_chars):
             if max_docs is not None and stats.docs > max_docs:
                 return
             yield doc.text
@@ -66,7 +66,8 @@ def cmd_train_tokenizer(args: argparse.Namespace) -> int:
 
     options = _options_from_arguments(args)
     urls = expand_shard_spec(args.shards, options)
-    tokenizer = train_tokenizer(_document_texts(urls, options, args.max_docs), args.out, args.vocab_size)
+    texts = _document_texts(urls, options, args.max_docs, args.max_doc_chars)
+    tokenizer = train_tokenizer(texts, args.out, args.vocab_size)
     print(f"wrote {args.out}: {tokenizer.num_pieces} pieces, <CALL> = {tokenizer.call_id}, vocab {tokenizer.vocab_size}")
     return 0
 
@@ -107,7 +108,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
     if not tokenizer_path.exists():
         print(f"training a {DEMO_VOCAB_SIZE}-piece SentencePiece tokenizer on {config.data.shards} -> {tokenizer_path}")
         options = stream_options(config.data)
-        train_tokenizer(_document_texts(expand_shard_spec(config.data.shards, options), options, None), tokenizer_path, DEMO_VOCAB_SIZE)
+        texts = _document_texts(expand_shard_spec(config.data.shards, options), options)
+        train_tokenizer(texts, tokenizer_path, DEMO_VOCAB_SIZE)
     report = bench_stream(config, batches=args.batches)
     print(json.dumps(report, indent=2))
     return 0
