@@ -111,14 +111,11 @@ def _grad_tile(z, cols, col_mask, labels, keeps_call, norms, scales, call_id):
 
 @triton.jit
 def _scaled_grad_tile(
-    h_ptr, w_ptr, labels_ptr, keeps_call_ptr, norms_ptr, scales, rows, cols, row_mask, col_mask, D, call_id,
+    h_ptr, w_ptr, labels, keeps_call, norms, scales, rows, cols, row_mask, col_mask, D, call_id,
     ACC: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
     """The recomputed logit tile of ``rows`` x ``cols`` turned into its loss-gradient tile."""
-    labels = tl.load(labels_ptr + rows, mask=row_mask, other=-1)
-    keeps_call = tl.load(keeps_call_ptr + rows, mask=row_mask, other=0)
-    norms = tl.load(norms_ptr + rows, mask=row_mask, other=0.0)
     z = _logit_tile(h_ptr, w_ptr, rows, cols, row_mask, col_mask, D, ACC, BLOCK_N, BLOCK_V, BLOCK_D, DOT_PRECISION)
     return _grad_tile(z, cols, col_mask, labels, keeps_call, norms, scales, call_id)
 
@@ -183,6 +180,9 @@ def _grad_hidden_kernel(
     rows = rows.to(tl.int64)
     scales = tl.load(scales_ptr + rows, mask=row_mask, other=0.0)
     if tl.max(tl.abs(scales), axis=0) != 0:
+        labels = tl.load(labels_ptr + rows, mask=row_mask, other=-1)
+        keeps_call = tl.load(keeps_call_ptr + rows, mask=row_mask, other=0)
+        norms = tl.load(norms_ptr + rows, mask=row_mask, other=0.0)
         grad_rows = grad_ptr + (split * N + rows) * D
         v_begin = split * tiles_per_split * BLOCK_V
         v_end = tl.minimum(v_begin + tiles_per_split * BLOCK_V, V)
@@ -190,7 +190,7 @@ def _grad_hidden_kernel(
             cols = v_start + tl.arange(0, BLOCK_V)
             col_mask = cols < V
             g = _scaled_grad_tile(
-                h_ptr, w_ptr, labels_ptr, keeps_call_ptr, norms_ptr, scales, rows, cols, row_mask, col_mask, D,
+                h_ptr, w_ptr, labels, keeps_call, norms, scales, rows, cols, row_mask, col_mask, D,
                 call_id, ACC, BLOCK_N, BLOCK_V, BLOCK_D, DOT_PRECISION,
             ).to(w_ptr.dtype.element_ty)
             for d_start in range(0, D, BLOCK_D):
@@ -229,8 +229,11 @@ def _grad_weight_kernel(
         rows = rows.to(tl.int64)
         scales = tl.load(scales_ptr + rows, mask=row_mask, other=0.0)
         if tl.max(tl.abs(scales), axis=0) != 0:
+            labels = tl.load(labels_ptr + rows, mask=row_mask, other=-1)
+            keeps_call = tl.load(keeps_call_ptr + rows, mask=row_mask, other=0)
+            norms = tl.load(norms_ptr + rows, mask=row_mask, other=0.0)
             g = _scaled_grad_tile(
-                h_ptr, w_ptr, labels_ptr, keeps_call_ptr, norms_ptr, scales, rows, cols, row_mask, col_mask, D,
+                h_ptr, w_ptr, labels, keeps_call, norms, scales, rows, cols, row_mask, col_mask, D,
                 call_id, ACC, BLOCK_N, BLOCK_V, BLOCK_D, DOT_PRECISION,
             )
             g_t = tl.trans(g.to(h_ptr.dtype.element_ty))
