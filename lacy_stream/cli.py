@@ -5,10 +5,11 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 
-from .config.job_config import ConfigError, DataConfig, load_job_config
+from .config.job_config import AnnotationConfig, ConfigError, DataConfig, TokenizerConfig, load_job_config
 
 DEMO_DIR = Path("shards/demo")
 DEMO_VOCAB_SIZE = 8000
@@ -115,6 +116,109 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_annotate(args: argparse.Namespace) -> int:
+    modes = [args.text is not None, args.input is not None, args.shards is not None]
+    if sum(modes) != 1:
+        raise SystemExit("annotate: give exactly one of --text, --input (with --output) or --shards (with --out)")
+    if args.text is not None:
+        from .data.annotation import FactAnnotator
+
+        labels = FactAnnotator(args.spacy_model).annotate_text(args.text)
+        print(highlight_facts(args.text, labels.spans(args.text), color=sys.stdout.isatty()))
+        return 0
+    if args.input is not None:
+        if not args.output:
+            raise SystemExit("annotate: --input needs --output")
+        from .data.annotation import annotate_jsonl
+
+        counts = annotate_jsonl(Path(args.input), Path(args.output), args.spacy_model, batch_size=args.batch_size)
+        print(f"annotated {counts['documents']} documents -> {args.output}" + (f"; skipped {counts['skipped']}" if counts["skipped"] else ""), file=sys.stderr)
+        return 0
+    if not args.out or not args.tokenizer:
+        raise SystemExit("annotate: --shards needs --out and --tokenizer")
+    from .data.annotate_shards import annotate_shards
+    from .data.urls import expand_shard_spec
+
+    options = _options_from_arguments(args)
+    manifest = annotate_shards(
+        expand_shard_spec(args.shards, options),
+        args.out,
+        args.tokenizer,
+        spacy_model=args.spacy_model,
+        batch_size=args.batch_size,
+        max_doc_chars=args.max_doc_chars,
+        options=options,
+        compress=None if args.compress == "none" else args.compress,
+    )
+    print(
+        f"wrote {len(manifest['shards'])} annotated shards, {manifest['documents']} documents to {args.out}"
+        + (f"; skipped {manifest['skipped']}" if manifest["skipped"] else "")
+    )
+    return 0
+
+
+FACT_COLOR = "\033[1;33m"
+RESET = "\033[0m"
+
+
+def highlight_facts(text: str, spans: list[list], *, color: bool) -> str:
+    """The text with runs of fact words in colour (a terminal) or [brackets]."""
+    opening, closing = (FACT_COLOR, RESET) if color else ("[", "]")
+    out, position, run_end = [], 0, None
+    for begin, end, name in spans:
+        if name != "fact":
+            continue
+        if run_end is not None and not text[run_end:begin].strip():
+            run_end = end
+            continue
+        if run_end is not None:
+            out += [text[position:run_start], opening, text[run_start:run_end], closing]
+            position = run_end
+        run_start, run_end = begin, end
+    if run_end is not None:
+        out += [text[position:run_start], opening, text[run_start:run_end], closing]
+        position = run_end
+    out.append(text[position:])
+    return "".join(out)
+
+
+def cmd_bench_annotate(args: argparse.Namespace) -> int:
+    from .bench_annotation import bench_annotate
+
+    if (args.input is None) == (args.shards is None):
+        raise SystemExit("bench annotate: give --input FILE.jsonl or --shards URL")
+    report = bench_annotate(
+        args.input or args.shards,
+        args.tokenizer,
+        workers=args.workers,
+        max_docs=args.max_docs,
+        repeats=args.repeats,
+        spacy_model=args.spacy_model,
+        batch_size=args.batch_size,
+        options=_options_from_arguments(args),
+    )
+    if args.json:
+        print(json.dumps(report))
+        return 0
+    raw, path = report["spacy_full"], report["full_path"]
+    print(f"{report['documents']} documents from {report['source']}, {report['cpus']} CPUs\n")
+    print("| case | cores | tokens/s | vs raw spaCy |\n|---|---|---|---|")
+    print(f"| raw en_core_web_sm, full pipeline ({raw['words_per_s']} words/s) | 1 | {raw['tokens_per_s']} | 1.00 |")
+    print(f"| full path: read, annotate, align, pack | 1 | {path['tokens_per_s']} | {report['full_path_vs_spacy_full']} |")
+    print(f"| first epoch with cache writes | 1 | {report['cache_write']['tokens_per_s']} | |")
+    print(f"| cached epoch | 1 | {report['cached_epoch']['tokens_per_s']} | x{report['cached_vs_first_epoch']} vs first epoch |")
+    for row in report["workers"]:
+        print(f"| dataloader, {row['workers']} workers | {row['workers']} | {row['tokens_per_s']} | speedup {row['speedup']}, efficiency {row['efficiency']} |")
+    print(f"\nfull path vs the paper's {1827} tokens/s per core: x{report['full_path_vs_paper']}")
+    labels = report["labels"]
+    print(
+        f"labels: {labels['fact_fraction']:.1%} of tokens are facts ({labels['word_fact_fraction']:.1%} of spaCy tokens); "
+        f"judge calls: {labels['judge_call_fraction']:.1%} of tokens, "
+        + (f"{labels['judge_calls_labeled_fact']:.1%} of them labeled fact" if labels["judge_calls_labeled_fact"] is not None else "none in this text")
+    )
+    return 0
+
+
 def cmd_bench_stream(args: argparse.Namespace) -> int:
     from .bench import bench_stream
 
@@ -174,7 +278,33 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--batches", type=int, default=50)
     demo.set_defaults(run=cmd_demo)
 
+    annotate = commands.add_parser("annotate", help="label facts: --text (highlighted), --input jsonl, or --shards offline")
+    annotate.add_argument("--text", help="print this text with its facts highlighted")
+    annotate.add_argument("--input", help="jsonl of {id, text} objects; writes {id, spans} objects to --output")
+    annotate.add_argument("--output", help="output jsonl for --input")
+    annotate.add_argument("--shards", help="shard URL spec to annotate offline into --out")
+    annotate.add_argument("--out", help="output directory of annotated shards")
+    annotate.add_argument("--tokenizer", help="SentencePiece model the stored labels are aligned to (--shards)")
+    annotate.add_argument("--compress", choices=["none", "zstd"], default="none")
+    annotate.add_argument("--allow-pipe", action="store_true", help="allow pipe: URLs (runs a shell command)")
+    annotate.add_argument("--max-doc-chars", type=int, default=DataConfig.max_doc_chars)
+    annotate.add_argument("--spacy-model", default=AnnotationConfig.spacy_model)
+    annotate.add_argument("--batch-size", type=int, default=AnnotationConfig.batch_size)
+    annotate.set_defaults(run=cmd_annotate)
+
     bench = commands.add_parser("bench", help="benchmarks").add_subparsers(dest="bench", required=True)
+    bench_annotate = bench.add_parser("annotate", help="annotation throughput per core, scaling over workers, cache")
+    bench_annotate.add_argument("--input", help="a jsonl file of {id, text[, annotated_text]}")
+    bench_annotate.add_argument("--shards", help="a shard URL spec")
+    bench_annotate.add_argument("--tokenizer", default=TokenizerConfig.path)
+    bench_annotate.add_argument("--workers", type=int, default=os.cpu_count() or 1)
+    bench_annotate.add_argument("--max-docs", type=int, default=120)
+    bench_annotate.add_argument("--repeats", type=int, default=3, help="alternating runs of the two main cases")
+    bench_annotate.add_argument("--spacy-model", default=AnnotationConfig.spacy_model)
+    bench_annotate.add_argument("--batch-size", type=int, default=AnnotationConfig.batch_size)
+    bench_annotate.add_argument("--allow-pipe", action="store_true")
+    bench_annotate.add_argument("--json", action="store_true")
+    bench_annotate.set_defaults(run=cmd_bench_annotate)
     stream = bench.add_parser("stream", help="loader throughput: shards -> packed batches")
     stream.add_argument("--config", help="a TOML job config")
     stream.add_argument("--batches", type=int, default=200)

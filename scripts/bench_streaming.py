@@ -2,7 +2,8 @@
 
 Builds the same corpus as plain tar and as zstd shards in a temporary directory, then measures:
 - reading (tar -> documents, one process): local tar, local tar.zst, tar over loopback http;
-- the loader (reading + SentencePiece + packing into windows) with 0, 1 and 2 dataloader workers.
+- the loader (reading + SentencePiece + packing into windows) with 0, 1 and 2 dataloader workers, without
+  fact annotation (``lacy-stream bench annotate`` measures that).
 
     python scripts/bench_streaming.py                      # the demo corpus (gensim's Wikipedia excerpt)
     python scripts/bench_streaming.py --input ../shared/data/dwiki-dev.jsonl --json
@@ -19,6 +20,7 @@ import threading
 import time
 from pathlib import Path
 
+from lacy_stream.config.job_config import AnnotationConfig
 from lacy_stream.data.documents import ReadStats
 from lacy_stream.data.loader import TokenLoader
 from lacy_stream.data.make_shards import make_shards
@@ -43,7 +45,10 @@ def read_throughput(urls: list[str], passes: int) -> dict:
 
 
 def loader_throughput(urls: list[str], tokenizer: str, workers: int, batches: int, seq_len: int) -> dict:
-    loader = TokenLoader(urls, tokenizer, seq_len=seq_len, batch_size=8, num_workers=workers)
+    loader = TokenLoader(
+        urls, tokenizer, seq_len=seq_len, batch_size=8, num_workers=workers,
+        annotation=AnnotationConfig(enabled=False, cache=False),
+    )
     iterator = iter(loader)
     next(iterator)  # worker start-up
     started = time.perf_counter()

@@ -62,6 +62,12 @@ def make_corpus(directory: Path, shards: int, docs_per_shard: int | list[int], s
     return texts
 
 
+@pytest.fixture(autouse=True)
+def label_cache_in_tmp(tmp_path, monkeypatch):
+    """Label caches of tests go to their temporary directory, never to the user's cache."""
+    monkeypatch.setenv("LACY_CACHE_DIR", str(tmp_path / "lacy-cache"))
+
+
 @pytest.fixture(scope="session")
 def tokenizer_path(tmp_path_factory) -> str:
     rng = random.Random(1)

@@ -88,3 +88,64 @@ def test_demo_main_job(tmp_path):
     assert (tmp_path / "shards/demo/manifest.json").exists() and (tmp_path / "shards/demo/tokenizer.model").exists()
     report = json.loads(result.stdout[result.stdout.index("{") :])
     assert report["batches"] == 5 and report["read"]["docs"] > 0 and report["read"]["skipped"] == {}
+    assert 0.05 < report["fact_fraction"] < 0.6
+
+
+def test_annotate_text_brackets_facts_when_not_a_terminal():
+    result = run("annotate", "--text", "Marie Curie was born in Warsaw in 1867. Curie studied physics.")
+    assert result.stdout.strip() == "[Marie Curie] was born in [Warsaw] in [1867]. Curie studied [physics]."
+
+
+def test_annotate_jsonl_for_tools(tmp_path, dwiki_jsonl):
+    source = tmp_path / "few.jsonl"
+    source.write_text("\n".join(dwiki_jsonl.read_text().splitlines()[98:103]) + "\n")
+    result = run("annotate", "--input", str(source), "--output", str(tmp_path / "out.jsonl"))
+    assert "skipped {'invalid_json': 1}" in result.stderr
+    records = [json.loads(line) for line in (tmp_path / "out.jsonl").read_text().splitlines()]
+    texts = {json.loads(line)["id"]: json.loads(line)["text"] for line in source.read_text().splitlines() if line.startswith('{"id": "')}
+    assert len(records) == 4 and {r["id"] for r in records} <= set(texts) | {1}
+    for record in records:
+        if record["id"] == 1:
+            assert record["spans"] == []
+            continue
+        text = texts[record["id"]]
+        assert all(text[b:e].strip() == text[b:e] and name in ("fact", "grammar", "other") for b, e, name in record["spans"])
+        assert sum(name == "fact" for _, _, name in record["spans"]) > 5
+
+
+def test_annotate_shards_offline_then_inspect(tmp_path, dwiki_jsonl, tokenizer_path):
+    source = tmp_path / "few.jsonl"
+    source.write_text("\n".join(dwiki_jsonl.read_text().splitlines()[:6]) + "\n")
+    run("make-shards", str(source), "--out", str(tmp_path / "raw"), "--docs-per-shard", "3")
+    result = run("annotate", "--shards", str(tmp_path / "raw"), "--out", str(tmp_path / "annotated"), "--tokenizer", tokenizer_path)
+    assert "wrote 2 annotated shards, 6 documents" in result.stdout
+    manifest = json.loads((tmp_path / "annotated" / "manifest.json").read_text())
+    assert "tokenizer:" in manifest["labeler"]
+    report = json.loads(run("inspect", "--shards", str(tmp_path / "annotated"), "--json").stdout)
+    assert report["docs"] == 6 and report["skipped"] == {}
+
+
+def test_bench_annotate_reports_every_case(tmp_path, dwiki_jsonl, tokenizer_path):
+    result = run("bench", "annotate", "--input", str(dwiki_jsonl), "--max-docs", "4", "--workers", "1", "--repeats", "1",
+                 "--tokenizer", tokenizer_path, "--json")
+    report = json.loads(result.stdout)
+    for case in ("spacy_full", "full_path", "cache_write", "cached_epoch"):
+        assert report[case]["tokens_per_s"] > 0, case
+    assert report["cached_epoch"]["sources"] == {"cached": 4}
+    assert [row["workers"] for row in report["workers"]] == [1]
+    assert 0 < report["labels"]["fact_fraction"] < 1 and report["labels"]["judge_calls_labeled_fact"] > 0
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["annotate"], "exactly one of"),
+        (["annotate", "--shards", "x"], "--out and --tokenizer"),
+        (["annotate", "--text", "x", "--spacy-model", "no_such_model"], "no_such_model"),
+        (["bench", "annotate"], "--input"),
+    ],
+)
+def test_annotate_clear_errors(tmp_path, args, message):
+    result = run(*args, cwd=tmp_path, check=False)
+    assert result.returncode != 0
+    assert message in result.stderr and "Traceback" not in result.stderr

@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from conftest import make_corpus
+from lacy_stream.config.job_config import AnnotationConfig
 from lacy_stream.data.loader import ResumeMismatchError, TokenLoader, assign_shards
 from lacy_stream.data.packing import split_doc_uid
 from lacy_stream.data.urls import expand_shard_spec
@@ -20,6 +21,8 @@ from lacy_stream.tokenizer import Tokenizer
 
 SEQ_LEN = 32
 BATCH = 2
+UNLABELED = AnnotationConfig(enabled=False, cache=False)
+"""These tests are about which tokens arrive; labeled batches are tested in test_labeled_loader.py."""
 
 
 def build_loader(directory: Path, tokenizer_path: str, *, rank: int, world: int, workers: int, **kwargs) -> TokenLoader:
@@ -32,7 +35,7 @@ def build_loader(directory: Path, tokenizer_path: str, *, rank: int, world: int,
         rank=rank,
         world_size=world,
         seed=3,
-        **kwargs,
+        **{"annotation": UNLABELED, **kwargs},
     )
 
 
@@ -160,7 +163,9 @@ def test_a_worker_without_documents_fails_clearly_instead_of_hanging(tmp_path, t
 def test_skip_counters_reach_the_loader(tmp_path, tokenizer_path):
     make_corpus(tmp_path, shards=2, docs_per_shard=5)
     spec = f"{tmp_path}::{tmp_path / 'missing-000000.tar'}"
-    loader = TokenLoader(expand_shard_spec(spec), tokenizer_path, seq_len=SEQ_LEN, batch_size=BATCH, num_workers=0)
+    loader = TokenLoader(
+        expand_shard_spec(spec), tokenizer_path, seq_len=SEQ_LEN, batch_size=BATCH, num_workers=0, annotation=UNLABELED
+    )
     for _, _ in zip(range(200), loader):
         pass
     stats = loader.read_stats()
@@ -187,7 +192,7 @@ def test_http_shards_stream_like_local_ones(tmp_path, tokenizer_path, http_base)
     local = build_loader(tmp_path, tokenizer_path, rank=1, world=2, workers=2)
     remote = TokenLoader(
         expand_shard_spec(f"{http_base}/manifest.json"), tokenizer_path, seq_len=SEQ_LEN, batch_size=BATCH,
-        num_workers=2, rank=1, world_size=2, seed=3,
+        num_workers=2, rank=1, world_size=2, seed=3, annotation=UNLABELED,
     )
     assert remote.dataset.urls[0].startswith("http://127.0.0.1")
     assert_batches_equal([b for _, b in zip(range(25), local)], [b for _, b in zip(range(25), remote)])

@@ -4,7 +4,8 @@ import numpy as np
 import pytest
 
 from lacy_stream.data.documents import Document, split_document, split_text
-from lacy_stream.data.packing import WindowPacker, doc_uid, document_columns, split_doc_uid
+from lacy_stream.data.packing import COLUMNS, WindowPacker, doc_uid, document_columns, split_doc_uid
+from lacy_stream.labels import JUDGE_UNKNOWN, TokenClass
 from lacy_stream.tokenizer import Tokenizer
 
 
@@ -39,13 +40,20 @@ def make_doc(text: str, index: int = 0) -> Document:
     return Document(text=text, key=f"k{index}", url="mem", shard=1, index=index)
 
 
+def columns_of(doc: Document, tokenizer: Tokenizer, epoch: int = 0, position_base: int = 0) -> dict:
+    """Columns of a document labeled with stand-in labels: class = id % 3, judge = id % 2."""
+    ids = np.array(tokenizer.encode(doc.text), dtype=np.int64)
+    labels = {"tokens": ids, "token_class": (ids % 3).astype(np.int8), "judge": (ids % 2).astype(np.int8)}
+    return document_columns(doc, labels, tokenizer.eos_id, epoch, position_base)
+
+
 def test_windows_are_full_with_eos_between_documents(tokenizer_path):
     tokenizer = Tokenizer(tokenizer_path)
     texts = ["The river city museum was founded in 1850.", "A painter studied law.", "Mozart met the king."]
     packer = WindowPacker(seq_len=7)
     windows = []
     for index, text in enumerate(texts):
-        columns = document_columns(make_doc(text, index), tokenizer, epoch=0, position_base=0)
+        columns = columns_of(make_doc(text, index), tokenizer)
         windows += [window for window, _ in packer.add(columns)]
     stream = np.concatenate([w["tokens"] for w in windows])
     expected = sum((tokenizer.encode(t) + [tokenizer.eos_id] for t in texts), [])
@@ -66,7 +74,7 @@ def test_parts_of_a_split_document_continue_positions(tokenizer_path):
     base = 0
     positions, tokens = [], []
     for part in parts:
-        columns = document_columns(part, tokenizer, epoch=0, position_base=base)
+        columns = columns_of(part, tokenizer, position_base=base)
         positions += columns["positions"].tolist()
         tokens += columns["tokens"].tolist()
         base += len(columns["tokens"])
@@ -76,9 +84,23 @@ def test_parts_of_a_split_document_continue_positions(tokenizer_path):
 
 def test_packer_resumes_inside_a_document(tokenizer_path):
     tokenizer = Tokenizer(tokenizer_path)
-    columns = document_columns(make_doc("The composer met the queen of the island in 1791. " * 4), tokenizer, 0, 0)
+    columns = columns_of(make_doc("The composer met the queen of the island in 1791. " * 4), tokenizer)
     whole = [w for w, _ in WindowPacker(seq_len=9).add(columns)]
     first_window, consumed = next(WindowPacker(seq_len=9).add(columns))
     rest = [w for w, _ in WindowPacker(seq_len=9).add(columns, start=consumed)]
     assert np.array_equal(first_window["tokens"], whole[0]["tokens"])
     assert [w["tokens"].tolist() for w in rest] == [w["tokens"].tolist() for w in whole[1:]]
+
+
+def test_labels_travel_with_their_tokens_and_eos_is_ignored(tokenizer_path):
+    tokenizer = Tokenizer(tokenizer_path)
+    texts = ["Mozart met the king in 1780.", "The queen founded a museum.", "A war ended."]
+    packer = WindowPacker(seq_len=5)
+    windows = [w for i, t in enumerate(texts) for w, _ in packer.add(columns_of(make_doc(t, i), tokenizer))]
+    assert set(windows[0]) == set(COLUMNS)
+    tokens = np.concatenate([w["tokens"] for w in windows])
+    classes = np.concatenate([w["token_class"] for w in windows])
+    judge = np.concatenate([w["judge"] for w in windows])
+    eos = tokens == tokenizer.eos_id
+    assert (classes[eos] == TokenClass.IGNORE).all() and (judge[eos] == JUDGE_UNKNOWN).all()
+    assert (classes[~eos] == tokens[~eos] % 3).all() and (judge[~eos] == tokens[~eos] % 2).all()

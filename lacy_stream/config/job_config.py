@@ -41,6 +41,20 @@ class DataConfig:
 
 
 @dataclass
+class AnnotationConfig:
+    enabled: bool = True
+    """Label facts with spaCy and the paper's rules; off: every token is "other" (runs that need no facts)."""
+    spacy_model: str = "en_core_web_sm"
+    """A spaCy package name or model directory."""
+    batch_size: int = 64
+    """Documents per ``nlp.pipe`` batch in each worker."""
+    cache: bool = True
+    """Write labels through to the label cache so that later epochs skip spaCy."""
+    cache_dir: str = ""
+    """Label cache root; empty: ``$LACY_CACHE_DIR/labels`` or ``~/.cache/lacy-stream/labels``."""
+
+
+@dataclass
 class TokenizerConfig:
     path: str = "shards/demo/tokenizer.model"
     """A SentencePiece model; ``<CALL>`` gets the id after its last piece."""
@@ -50,6 +64,7 @@ class TokenizerConfig:
 class JobConfig:
     data: DataConfig = field(default_factory=DataConfig)
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
+    annotation: AnnotationConfig = field(default_factory=AnnotationConfig)
 
 
 def load_job_config(path: str | Path | None = None, overrides: list[str] = ()) -> JobConfig:

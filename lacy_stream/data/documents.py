@@ -30,7 +30,8 @@ class Document:
     """One document (or one part of a huge document) read from a shard.
 
     ``shard`` is the shard's index in the expanded shard list and ``index`` the sample's position inside
-    that shard (skipped samples keep their index, so indices are stable across reads).
+    that shard (skipped samples keep their index, so indices are stable across reads). ``labels`` holds
+    the sample's stored labels when the shard was annotated offline.
     """
 
     text: str
@@ -41,6 +42,7 @@ class Document:
     meta: dict = field(default_factory=dict)
     part: int = 0
     num_parts: int = 1
+    labels: bytes | None = None
 
     @property
     def is_last_part(self) -> bool:
@@ -131,4 +133,5 @@ def split_document(doc: Document, max_chars: int) -> Iterator[Document]:
             meta=doc.meta,
             part=number,
             num_parts=len(parts),
+            labels=doc.labels,
         )

@@ -25,9 +25,14 @@ import torch
 from torch.utils.data import IterableDataset, get_worker_info
 from torchdata.stateful_dataloader import StatefulDataLoader
 
-from ..config.job_config import DataConfig
+from ..config.job_config import AnnotationConfig, DataConfig
 from ..tokenizer import Tokenizer
-from .documents import ReadStats
+from .alignment import warm_up as warm_up_alignment
+from .annotation import FactAnnotator
+from .documents import Document, ReadStats
+from .label_cache import LabelCache, default_cache_dir
+from .labeling import DocumentLabeler
+from .spacy_pipeline import resolve_model
 from .packing import COLUMNS, WindowPacker, document_columns
 from .shard_reader import read_shard
 from .urls import StreamOptions, expand_shard_spec
@@ -97,6 +102,7 @@ class PackedShardDataset(IterableDataset):
         seed: int = 0,
         options: StreamOptions = StreamOptions(),
         max_doc_chars: int = 1_000_000,
+        annotation: AnnotationConfig = AnnotationConfig(),
     ) -> None:
         if not urls:
             raise ValueError("no shards to read")
@@ -110,8 +116,10 @@ class PackedShardDataset(IterableDataset):
         self.seed = seed
         self.options = options
         self.max_doc_chars = max_doc_chars
+        self.annotation = annotation
         self.cursor = Cursor()
         self.stats = ReadStats()
+        self._stats_at_cursor = self.stats.as_dict()
 
     def layout(self) -> dict:
         worker = get_worker_info()
@@ -126,20 +134,43 @@ class PackedShardDataset(IterableDataset):
         }
 
     def state_dict(self) -> dict:
-        return {"layout": self.layout(), "cursor": asdict(self.cursor), "stats": self.stats.as_dict()}
+        return {"layout": self.layout(), "cursor": asdict(self.cursor), "stats": self._stats_at_cursor}
 
     def load_state_dict(self, state: dict) -> None:
         check_layout(state["layout"], self.layout())
         self.cursor = Cursor(**state["cursor"])
         self.stats = ReadStats.from_dict(state["stats"])
+        self._stats_at_cursor = self.stats.as_dict()
 
     def __iter__(self) -> Iterator[dict]:
         worker = get_worker_info()
+        if worker is not None:
+            torch.set_num_threads(1)  # one core per worker: spaCy is single-threaded, torch must not fan out
         num_workers = worker.num_workers if worker else 1
         slot = self.rank * num_workers + (worker.id if worker else 0)
-        num_slots = self.world_size * num_workers
         tokenizer = Tokenizer(self.tokenizer_path)
+        labeler = build_labeler(tokenizer, self.annotation, self.max_doc_chars)
         packer = WindowPacker(self.seq_len)
+        resume = self.cursor if self.cursor.sample >= 0 else None
+        position_base = 0
+        for position, doc, labels in labeler.label(self._documents(slot, self.world_size * num_workers)):
+            start = 0
+            if doc.part == 0:
+                position_base = 0
+            if resume is not None:
+                start, position_base = resume.token_offset, resume.position_base
+                resume = None
+            columns = document_columns(doc, labels, tokenizer.eos_id, position.epoch, position_base)
+            for window, consumed in packer.add(columns, start):
+                self.cursor = Cursor(position.epoch, position.assignment, doc.index, doc.part, consumed, position_base)
+                self._stats_at_cursor = position.read_stats
+                window["read_stats"] = position.read_stats
+                window["slot"] = slot
+                yield window
+            position_base += len(columns["tokens"])
+
+    def _documents(self, slot: int, num_slots: int) -> Iterator[tuple["_StreamPosition", Document]]:
+        """Every document of this slot, epoch after epoch, from the cursor on (its document first)."""
         resume = self.cursor if self.cursor.sample >= 0 else None
         epoch, first_assignment = self.cursor.epoch, self.cursor.assignment
         while True:
@@ -147,7 +178,6 @@ class PackedShardDataset(IterableDataset):
             documents_this_epoch = resume is not None
             for number in range(first_assignment, len(assignments)):
                 assignment = assignments[number]
-                position_base = 0
                 documents = read_shard(
                     self.urls[assignment.shard],
                     assignment.shard,
@@ -161,30 +191,46 @@ class PackedShardDataset(IterableDataset):
                 )
                 for doc in documents:
                     documents_this_epoch = True
-                    start = 0
-                    if doc.part == 0:
-                        position_base = 0
-                    if resume is not None and doc.index == resume.sample:
-                        if doc.part < resume.part:
-                            continue
-                        if doc.part == resume.part:
-                            start, position_base = resume.token_offset, resume.position_base
-                    columns = document_columns(doc, tokenizer, epoch, position_base)
-                    for window, consumed in packer.add(columns, start):
-                        self.cursor = Cursor(epoch, number, doc.index, doc.part, consumed, position_base)
-                        window["read_stats"] = self.stats.as_dict()
-                        window["slot"] = slot
-                        yield window
-                    position_base += len(columns["tokens"])
+                    if resume is not None and doc.index == resume.sample and doc.part < resume.part:
+                        continue
+                    yield _StreamPosition(epoch, number, self.stats.as_dict()), doc
                 resume = None
             if not documents_this_epoch:
                 raise RuntimeError(
-                    f"rank {self.rank} worker {slot % num_workers} read no document in epoch {epoch}: its share "
-                    f"of the {len(self.urls)} shards is empty or every sample was skipped "
+                    f"rank {self.rank} worker {slot % (num_slots // self.world_size)} read no document in epoch "
+                    f"{epoch}: its share of the {len(self.urls)} shards is empty or every sample was skipped "
                     f"({dict(self.stats.skipped)}); use fewer workers or ranks, or more data"
                 )
             epoch, first_assignment = epoch + 1, 0
-            self.cursor = Cursor(epoch)
+
+
+@dataclass(frozen=True)
+class _StreamPosition:
+    """Where a document came from, and the read counters right after it was read."""
+
+    epoch: int
+    assignment: int
+    read_stats: dict
+
+
+def check_annotation_config(annotation: AnnotationConfig) -> None:
+    """Fail in the calling process, before any worker starts, on settings a worker would trip over."""
+    if annotation.batch_size < 1:
+        raise ValueError(f"annotation.batch_size must be at least 1, got {annotation.batch_size}")
+    if annotation.enabled:
+        resolve_model(annotation.spacy_model)
+
+
+def build_labeler(tokenizer: Tokenizer, annotation: AnnotationConfig, max_doc_chars: int) -> DocumentLabeler:
+    annotator = None
+    if annotation.enabled:
+        annotator = FactAnnotator(annotation.spacy_model, batch_size=annotation.batch_size)
+        # Documents are split to max_doc_chars before spaCy sees them; spaCy's own guard would stop a worker.
+        annotator.nlp.max_length = max(annotator.nlp.max_length, max_doc_chars)
+    labeler = DocumentLabeler(tokenizer, annotator, batch_size=annotation.batch_size)
+    if annotation.cache and annotator is not None:
+        labeler.cache = LabelCache(annotation.cache_dir or default_cache_dir(), labeler.identity)
+    return labeler
 
 
 def stream_options(data: DataConfig) -> StreamOptions:
@@ -229,7 +275,10 @@ class TokenLoader:
         options: StreamOptions = StreamOptions(),
         max_doc_chars: int = 1_000_000,
         prefetch_factor: int = 2,
+        annotation: AnnotationConfig = AnnotationConfig(),
     ) -> None:
+        check_annotation_config(annotation)
+        warm_up_alignment()
         self.dataset = PackedShardDataset(
             urls,
             tokenizer_path,
@@ -239,6 +288,7 @@ class TokenLoader:
             seed=seed,
             options=options,
             max_doc_chars=max_doc_chars,
+            annotation=annotation,
         )
         self.num_workers = num_workers
         self.loader = StatefulDataLoader(
@@ -252,7 +302,15 @@ class TokenLoader:
         self._slot_stats: dict[int, dict] = {}
 
     @classmethod
-    def from_config(cls, data: DataConfig, tokenizer_path: str, *, rank: int = 0, world_size: int = 1) -> "TokenLoader":
+    def from_config(
+        cls,
+        data: DataConfig,
+        tokenizer_path: str,
+        annotation: AnnotationConfig = AnnotationConfig(),
+        *,
+        rank: int = 0,
+        world_size: int = 1,
+    ) -> "TokenLoader":
         options = stream_options(data)
         return cls(
             expand_shard_spec(data.shards, options),
@@ -266,6 +324,7 @@ class TokenLoader:
             options=options,
             max_doc_chars=data.max_doc_chars,
             prefetch_factor=data.prefetch_factor,
+            annotation=annotation,
         )
 
     def _layout(self) -> dict:

@@ -27,6 +27,7 @@ import zstandard
 
 from .demo_corpus import DEMO_SOURCE, iter_demo_documents
 from .documents import ReadStats
+from .shard_reader import LABELS_MEMBER
 from .urls import MANIFEST_FORMAT, MANIFEST_NAME, MANIFEST_VERSION, ShardOpenError, TruncatedStreamError, open_shard
 
 log = logging.getLogger(__name__)
@@ -104,7 +105,7 @@ def make_shards(
         "sources": [*inputs, *([DEMO_SOURCE] if demo else [])],
         "shards": shards,
     }
-    _write_atomically(out_dir / MANIFEST_NAME, json.dumps(manifest, indent=2, ensure_ascii=False) + "\n")
+    write_atomically(out_dir / MANIFEST_NAME, json.dumps(manifest, indent=2, ensure_ascii=False) + "\n")
     log.info("wrote %d documents in %d shards to %s (skipped: %s)", documents, len(shards), out_dir, manifest["skipped"])
     return manifest
 
@@ -281,11 +282,11 @@ def _write_shards(
     records: Iterable[dict], out_dir: Path, prefix: str, compression: str, docs_per_shard: int
 ) -> list[dict]:
     shards: list[dict] = []
-    shard: _ShardFile | None = None
+    shard: ShardFile | None = None
     try:
         for ordinal, record in enumerate(records):
             if shard is None:
-                shard = _ShardFile(out_dir / shard_name(prefix, len(shards), compression), compression)
+                shard = ShardFile(out_dir / shard_name(prefix, len(shards), compression), compression)
             shard.write(ordinal, record)
             if shard.documents == docs_per_shard:
                 shards.append(shard.finish())
@@ -314,7 +315,7 @@ class _HashingWriter:
         self._raw.flush()
 
 
-class _ShardFile:
+class ShardFile:
     """One shard being written under a temporary name, renamed into place once complete."""
 
     def __init__(self, path: Path, compression: str) -> None:
@@ -338,13 +339,14 @@ class _ShardFile:
         meta = {"id": doc_id, "title": record["title"]}
         if "annotated_text" in record:
             meta["annotated_text"] = record["annotated_text"]
-        self._tar.write(
-            {
-                "__key__": f"{ordinal:0{_KEY_DIGITS}d}",
-                "txt": record["text"].encode("utf-8"),
-                "json": json.dumps(meta, ensure_ascii=False).encode("utf-8"),
-            }
-        )
+        sample = {
+            "__key__": f"{ordinal:0{_KEY_DIGITS}d}",
+            "txt": record["text"].encode("utf-8"),
+            "json": json.dumps(meta, ensure_ascii=False).encode("utf-8"),
+        }
+        if "labels" in record:
+            sample[LABELS_MEMBER] = record["labels"]
+        self._tar.write(sample)
         self.documents += 1
 
     def finish(self) -> dict:
@@ -376,7 +378,7 @@ def _remove_stale_shards(out_dir: Path, prefix: str, keep: set[str]) -> None:
             path.unlink()
 
 
-def _write_atomically(path: Path, text: str) -> None:
+def write_atomically(path: Path, text: str) -> None:
     temp_path = path.with_name(f".{path.name}.partial")
     temp_path.write_text(text, encoding="utf-8")
     os.replace(temp_path, path)

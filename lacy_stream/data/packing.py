@@ -1,8 +1,10 @@
-"""Packing: documents -> token ids -> fixed windows of ``seq_len + 1`` tokens with EOS between documents.
+"""Packing: labeled documents -> fixed windows of ``seq_len + 1`` tokens with EOS between documents.
 
-Every token carries side columns next to its id: the document it belongs to (``doc_ids``) and its position
-in that document (``positions``; the closing EOS has position = the document's token count). A window's
-inputs are ``tokens[:-1]`` and its targets ``tokens[1:]``.
+Every token carries side columns next to its id: its fact class (``token_class``) and LLM-judge label
+(``judge``) from the labeling stage, the document it belongs to (``doc_ids``) and its position in that
+document (``positions``; the closing EOS has position = the document's token count). The EOS is no target:
+its class is ``IGNORE`` and its judge label ``JUDGE_UNKNOWN``. A window's inputs are ``tokens[:-1]`` and
+its targets ``tokens[1:]``, so the labels of the targets are ``token_class[1:]`` and ``judge[1:]``.
 
 Windows fill back to back; a document that does not fit continues in the next window. The packer never
 holds more than one partial window, and it is always empty right after a window is yielded, so the
@@ -15,11 +17,13 @@ from typing import Iterator
 
 import numpy as np
 
-from ..tokenizer import Tokenizer
+from ..labels import JUDGE_UNKNOWN, TokenClass
 from .documents import Document
 
 COLUMNS: dict[str, np.dtype] = {
     "tokens": np.dtype(np.int64),
+    "token_class": np.dtype(np.int8),
+    "judge": np.dtype(np.int8),
     "positions": np.dtype(np.int32),
     "doc_ids": np.dtype(np.int64),
 }
@@ -46,14 +50,20 @@ def split_doc_uid(uid: int) -> tuple[int, int, int]:
     return uid >> (_SHARD_BITS + _INDEX_BITS), (uid >> _INDEX_BITS) & ((1 << _SHARD_BITS) - 1), uid & ((1 << _INDEX_BITS) - 1)
 
 
-def document_columns(doc: Document, tokenizer: Tokenizer, epoch: int, position_base: int) -> dict[str, np.ndarray]:
-    """Token ids and side columns of one document part; the last part ends with EOS."""
-    ids = tokenizer.encode(doc.text)
+def document_columns(
+    doc: Document, labels: dict[str, np.ndarray], eos_id: int, epoch: int, position_base: int
+) -> dict[str, np.ndarray]:
+    """All columns of one labeled document part; the last part ends with EOS."""
+    tokens, classes, judge = labels["tokens"], labels["token_class"], labels["judge"]
     if doc.is_last_part:
-        ids.append(tokenizer.eos_id)
-    count = len(ids)
+        tokens = np.append(tokens, eos_id)
+        classes = np.append(classes, np.int8(TokenClass.IGNORE))
+        judge = np.append(judge, np.int8(JUDGE_UNKNOWN))
+    count = len(tokens)
     return {
-        "tokens": np.asarray(ids, dtype=COLUMNS["tokens"]),
+        "tokens": np.asarray(tokens, dtype=COLUMNS["tokens"]),
+        "token_class": np.asarray(classes, dtype=COLUMNS["token_class"]),
+        "judge": np.asarray(judge, dtype=COLUMNS["judge"]),
         "positions": np.arange(position_base, position_base + count, dtype=COLUMNS["positions"]),
         "doc_ids": np.full(count, doc_uid(epoch, doc.shard, doc.index), dtype=COLUMNS["doc_ids"]),
     }

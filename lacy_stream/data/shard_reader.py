@@ -18,6 +18,8 @@ from .urls import ShardOpenError, StreamOptions, TruncatedStreamError, open_shar
 
 TEXT_MEMBER = "txt"
 META_MEMBER = "json"
+LABELS_MEMBER = "labels.npz"
+"""Stored labels of a sample of an offline-annotated shard (written by ``lacy-stream annotate --shards``)."""
 
 
 class TruncatedTarError(tarfile.ReadError):
@@ -148,4 +150,4 @@ def _decode_sample(
         if not isinstance(meta, dict):
             stats.skip("invalid_metadata", url, f"{key}.{META_MEMBER}", "not a JSON object")
             return None
-    return Document(text=text, key=key, url=url, shard=shard, index=index, meta=meta)
+    return Document(text=text, key=key, url=url, shard=shard, index=index, meta=meta, labels=members.get(LABELS_MEMBER))

@@ -1,0 +1,86 @@
+"""Offline annotation, the paper's workflow: shards in, shards with stored labels out.
+
+Each input shard becomes one output shard whose samples keep their text and metadata and gain a
+``labels.npz`` member (token ids, fact classes and judge labels of every part of the document, plus the
+labeler identity). The loader reads these labels instead of running spaCy when they were made by the same
+labeler and split; otherwise it annotates online. Samples the reader skips are counted in the manifest.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Iterator
+
+from ..tokenizer import Tokenizer
+from .annotation import FactAnnotator
+from .documents import Document, ReadStats
+from .labeling import DocumentLabeler, Labels, stored_labels_bytes
+from .make_shards import ShardFile, shard_name, write_atomically
+from .shard_reader import read_shard
+from .urls import MANIFEST_FORMAT, MANIFEST_NAME, MANIFEST_VERSION, StreamOptions
+
+
+def annotate_shards(
+    urls: list[str],
+    out_dir: str | Path,
+    tokenizer_path: str,
+    *,
+    spacy_model: str = "en_core_web_sm",
+    batch_size: int = 64,
+    max_doc_chars: int = 1_000_000,
+    options: StreamOptions = StreamOptions(),
+    compress: str | None = None,
+    prefix: str = "annotated",
+) -> dict:
+    """Write one annotated shard per input shard plus ``manifest.json``; returns the manifest."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / MANIFEST_NAME).unlink(missing_ok=True)
+    compression = compress or "none"
+    labeler = DocumentLabeler(
+        Tokenizer(tokenizer_path), FactAnnotator(spacy_model, batch_size=batch_size), batch_size=batch_size
+    )
+    stats = ReadStats()
+    shards = []
+    for number, url in enumerate(urls):
+        shard = ShardFile(out_dir / shard_name(prefix, number, compression), compression)
+        try:
+            documents = read_shard(url, number, stats, options=options, max_doc_chars=max_doc_chars)
+            for ordinal, (doc, parts) in enumerate(_whole_documents(labeler.label((None, d) for d in documents))):
+                record = {
+                    "id": doc.meta.get("id", doc.key),
+                    "title": doc.meta.get("title"),
+                    "text": "".join(part_text for part_text, _ in parts),
+                    "labels": stored_labels_bytes(labeler.identity, [labels for _, labels in parts]),
+                }
+                if "annotated_text" in doc.meta:
+                    record["annotated_text"] = doc.meta["annotated_text"]
+                shard.write(ordinal, record)
+            shards.append(shard.finish())
+        except BaseException:
+            shard.abort()
+            raise
+        logging.getLogger(__name__).info("annotated %s -> %s", url, shards[-1]["name"])
+    manifest = {
+        "format": MANIFEST_FORMAT,
+        "version": MANIFEST_VERSION,
+        "documents": sum(shard["documents"] for shard in shards),
+        "skipped": dict(sorted(stats.skipped.items())),
+        "sources": list(urls),
+        "labeler": labeler.identity,
+        "shards": shards,
+    }
+    write_atomically(out_dir / MANIFEST_NAME, json.dumps(manifest, indent=2, ensure_ascii=False) + "\n")
+    return manifest
+
+
+def _whole_documents(labeled: Iterator[tuple[None, Document, Labels]]) -> Iterator[tuple[Document, list]]:
+    """Regroup the parts of split documents: ``(document, [(part text, part labels), ...])``."""
+    parts: list[tuple[str, Labels]] = []
+    for _, doc, labels in labeled:
+        parts.append((doc.text, labels))
+        if doc.is_last_part:
+            yield doc, parts
+            parts = []

@@ -1,0 +1,404 @@
+"""Annotation: spaCy parses a document, rules of the paper's Appendix A.2.1 sort its words into classes.
+
+Every spaCy token (whitespace tokens included) gets one :class:`~lacy_stream.labels.TokenClass`:
+
+1. **Named entities** (all spaCy types, dates and numbers included). Only the first mention in a document
+   is a fact. A PERSON mention repeats when any part of its name was seen in an earlier PERSON mention
+   ("Wolfgang" after "Wolfgang Amadeus Mozart"); other entities repeat only as the full entity.
+2. **Noun chunks** beyond NER, split at whitespace tokens (a chunk never spans a newline). The first
+   occurrence of a chunk is a fact when it is
+   - likely a PERSON: it has a capitalised word (not just sentence-initial) and is a subject or
+     appositive, or is followed by "born"/"died", or comes after (or starts with) a title such as "Dr";
+   - likely an ORG: a keyword such as committee, council, university, or a leading "the" before a
+     capitalised word;
+   - a proper noun;
+   - a common noun in a role that carries information: predicative attribute ("She was a lawyer"),
+     direct object ("She studied physics"), appositive ("Marie Curie, a physicist, ..."), unless a manner
+     preposition hangs off it ("a lawyer by training").
+3. **Numbers** outside entities: the first occurrence of each number word is a fact ("1987" is one word,
+   however many pieces the tokenizer cuts it into).
+4. **Grammar**: determiners, prepositions, conjunctions, auxiliaries, punctuation.
+5. Everything else is **other**.
+
+Choices where the paper is vague (changing any of them changes :data:`RULES_VERSION`):
+
+- Mentions are processed in document order, entities before chunks at the same position, and share one
+  record of what was seen: a chunk repeating an earlier entity is a repeat, and vice versa. A mention that
+  does not qualify as a fact still counts as seen ("physics" as an object after "physics" in a prepositional
+  phrase is not a first occurrence).
+- Repetition ignores case, surrounding whitespace and a leading "the"/"a"/"an"; chunk keys also drop
+  pronouns ("his portraits" repeats "portraits").
+- Inside a fact span, punctuation, whitespace and leading determiners are not facts ("the" in "the Red
+  Cross", the comma in "May 11, 1751"); other grammatical words inside a name stay facts ("of" in
+  "University of Cambridge") because the whole name is what the model cannot guess.
+- In a chunk, only the words not already covered by an entity or a number are decided by the chunk rules.
+- A chunk whose head is a pronoun is never a fact. Whitespace tokens are grammar (like punctuation).
+- Parts of a document split for length are annotated as separate documents.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections import Counter
+from contextlib import ExitStack
+from dataclasses import dataclass
+from itertools import islice
+from pathlib import Path
+from typing import Iterable, Iterator
+
+import numba
+import numpy as np
+from spacy import symbols
+from spacy.attrs import DEP, HEAD, IDX, IS_SPACE, IS_TITLE, LENGTH, LIKE_NUM, LOWER, POS, SENT_START
+from spacy.tokens import Doc
+
+from ..labels import TokenClass
+from .spacy_pipeline import load_pipeline, pipeline_identity
+
+log = logging.getLogger(__name__)
+
+RULES_VERSION = "lacy-rules-1"
+
+GRAMMAR_POS = ("DET", "ADP", "CCONJ", "SCONJ", "AUX", "PUNCT", "SPACE")
+PERSON_ROLES = {"nsubj", "nsubjpass", "appos"}
+INFORMATIVE_ROLES = {"attr", "dobj", "appos", "oprd"}
+PREDICATE_ROLES = {"attr", "dobj", "oprd"}
+"""Roles whose verb also governs them: "was a lawyer by training" may hang "by" off "was"."""
+PERSON_TITLES = {
+    "dr", "doctor", "professor", "prof", "mr", "mrs", "ms", "miss", "sir", "dame", "lord", "lady", "saint",
+    "st", "king", "queen", "prince", "princess", "president", "general", "captain", "reverend", "rev",
+    "father", "sister", "brother", "bishop", "judge", "senator", "governor", "mayor",
+}  # fmt: skip
+LIFE_EVENT_CUES = {"born", "died", "dies"}
+ORG_KEYWORDS = {
+    "committee", "council", "university", "college", "institute", "academy", "school", "society",
+    "association", "federation", "union", "league", "club", "party", "company", "corporation", "agency",
+    "ministry", "department", "commission", "board", "foundation", "church", "museum", "hospital", "bank",
+    "army", "navy", "court", "parliament", "assembly", "congress", "senate", "orchestra", "band", "team",
+}  # fmt: skip
+MANNER_PREPOSITIONS = {"by", "through", "via"}
+_ARTICLES = ("the ", "a ", "an ")
+
+
+@dataclass
+class WordLabels:
+    """Per spaCy token of one document: character span ``[begin, end)`` and class."""
+
+    begin: np.ndarray
+    end: np.ndarray
+    classes: np.ndarray
+
+    def spans(self, text: str) -> list[list]:
+        """``[[begin, end, class name], ...]`` for the words of ``text`` (whitespace tokens left out)."""
+        return [
+            [int(b), int(e), TokenClass(int(c)).name.lower()]
+            for b, e, c in zip(self.begin.tolist(), self.end.tolist(), self.classes.tolist())
+            if text[b:e].strip()
+        ]
+
+
+class _Mentions:
+    """What one document has mentioned so far."""
+
+    def __init__(self) -> None:
+        self.texts: set[str] = set()
+        self.person_parts: set[str] = set()
+
+    def first_person(self, key: str, parts: list[str]) -> bool:
+        first = key not in self.texts and not any(part in self.person_parts for part in parts)
+        self.texts.add(key)
+        self.person_parts.update(parts)
+        return first
+
+    def first(self, key: str) -> bool:
+        first = key not in self.texts and key not in self.person_parts
+        self.texts.add(key)
+        return first
+
+
+def _normalize(words: Iterable[str]) -> str:
+    key = " ".join(words)
+    for article in _ARTICLES:
+        if key.startswith(article):
+            return key[len(article) :]
+    return key
+
+
+class _Document:
+    """A parsed document as arrays (no spaCy Token objects: they cost more than the rules), plus helpers."""
+
+    def __init__(self, doc: Doc) -> None:
+        self.doc = doc
+        self.size = len(doc)
+        columns = doc.to_array([POS, DEP, HEAD, IDX, LENGTH, LIKE_NUM, IS_SPACE, IS_TITLE, SENT_START, LOWER])
+        self.pos = columns[:, 0].astype(np.int64)
+        self.dep = columns[:, 1]  # string-store hashes: uint64
+        self.head = np.arange(self.size) + columns[:, 2].astype(np.int64)  # HEAD is stored relative
+        self.begin = columns[:, 3].astype(np.int64)
+        self.length = columns[:, 4].astype(np.int64)
+        self.like_num, self.is_space, self.is_title = columns[:, 5] > 0, columns[:, 6] > 0, columns[:, 7] > 0
+        self.sent_start = columns[:, 8].astype(np.int64) == 1
+        self._lower_ids = columns[:, 9]
+        self._strings = doc.vocab.strings
+        self.grammar = np.isin(self.pos, [int(getattr(symbols, name)) for name in GRAMMAR_POS])
+        manner = np.isin(self._lower_ids, [self._strings[word] for word in MANNER_PREPOSITIONS])
+        self.has_manner_preposition = set(self.head[manner & (self.dep == self._strings["prep"])].tolist())
+        self.fact = np.zeros(self.size, dtype=bool)
+        self.covered = np.zeros(self.size, dtype=bool)
+
+    def lower(self, i: int) -> str:
+        return self._strings[int(self._lower_ids[i])]
+
+    def dep_is(self, i: int, labels: set[str]) -> bool:
+        return self._strings[int(self.dep[i])] in labels
+
+    def mark_fact(self, indices: list[int]) -> None:
+        """Mark a fact span, without its punctuation, whitespace and leading determiners."""
+        leading = True
+        for i in indices:
+            pos = self.pos[i]
+            if pos == symbols.PUNCT or pos == symbols.SPACE or (leading and pos == symbols.DET):
+                continue
+            leading = False
+            self.fact[i] = True
+
+    def words(self, indices: Iterable[int]) -> list[str]:
+        return [self.lower(i) for i in indices if not self.is_space[i]]
+
+
+def _entity(document: _Document, mentions: _Mentions, start: int, end: int, label: str) -> None:
+    indices = list(range(start, end))
+    document.covered[start:end] = True
+    words = document.words(indices)
+    key = _normalize(words)
+    if label == "PERSON":
+        parts = [w for w in words if w.isalpha() and w.rstrip(".") not in PERSON_TITLES and len(w) > 1]
+        first = mentions.first_person(key, parts)
+    else:
+        first = mentions.first(key)
+    if first:
+        document.mark_fact(indices)
+
+
+def _chunk_qualifies(document: _Document, indices: list[int], content: list[int], root: int) -> bool:
+    """Whether a first-occurrence chunk is a fact; ``content`` are its words not decided by other rules."""
+    pos = document.pos
+    title_case = [i for i in content if document.is_title[i]]
+    # A capital at the start of a sentence says little about the word: role and "the" need another one.
+    capitalised = any(not document.sent_start[i] for i in title_case)
+    if any(pos[i] == symbols.PROPN for i in content):
+        return True
+    if capitalised and (document.dep_is(root, PERSON_ROLES) or document.lower(indices[0]) == "the"):
+        return True
+    if title_case:
+        before = indices[0] - 1
+        if document.lower(indices[0]).rstrip(".") in PERSON_TITLES:
+            return True
+        if before >= 0 and document.lower(before).rstrip(".") in PERSON_TITLES:
+            return True
+        after = indices[-1] + 1
+        while after < document.size and pos[after] in (symbols.AUX, symbols.PUNCT, symbols.ADV):
+            after += 1
+        if after < document.size and document.lower(after) in LIFE_EVENT_CUES:
+            return True
+    if any(document.lower(i) in ORG_KEYWORDS for i in content):
+        return True
+    if pos[root] == symbols.NOUN and document.dep_is(root, INFORMATIVE_ROLES):
+        governors = {root}
+        if document.dep_is(root, PREDICATE_ROLES):
+            governors.add(int(document.head[root]))
+        return not governors & document.has_manner_preposition
+    return False
+
+
+NOUN_PHRASE_ROLES = ("oprd", "nsubj", "dobj", "nsubjpass", "pcomp", "pobj", "dative", "appos", "attr", "ROOT")
+"""spaCy's English noun chunks: a noun, proper noun or pronoun in one of these roles (or coordinated to
+one) and its left subtree."""
+
+
+def _chunks(document: _Document) -> Iterator[tuple[list[int], int]]:
+    """Noun chunks split at whitespace tokens, each as (token indices, index of its head word)."""
+    strings = document._strings
+    bounds = _noun_chunk_bounds(
+        document.pos,
+        document.dep,
+        document.head,
+        np.array([strings[label] for label in NOUN_PHRASE_ROLES], dtype=np.uint64),
+        np.uint64(strings["conj"]),
+    )
+    for start, end in bounds.tolist():
+        root = end - 1
+        piece: list[int] = []
+        for i in range(start, end + 1):
+            if i == end or document.is_space[i]:
+                if piece:
+                    yield piece, root if piece[0] <= root <= piece[-1] else piece[-1]
+                piece = []
+            else:
+                piece.append(i)
+
+
+@numba.njit(cache=True)
+def _noun_chunk_bounds(pos, dep, head, roles, conj):
+    """``[start, end)`` of each noun chunk: spaCy's English noun-chunk iterator over arrays.
+
+    The same decisions as ``spacy.lang.en.syntax_iterators.noun_chunks``, without creating a Token object
+    per word (which costs more than everything else the rules do).
+    """
+    size = pos.size
+    left_edge = np.arange(size)
+    for child in range(size):
+        ancestor, steps = child, 0
+        while head[ancestor] != ancestor and steps < size:
+            ancestor = head[ancestor]
+            steps += 1
+            if child < left_edge[ancestor]:
+                left_edge[ancestor] = child
+    bounds = np.empty((size, 2), dtype=np.int64)
+    count = 0
+    previous_end = -1
+    for word in range(size):
+        if pos[word] != _NOUN and pos[word] != _PROPN and pos[word] != _PRON:
+            continue
+        if left_edge[word] <= previous_end:
+            continue
+        governor = word
+        if dep[word] == conj:
+            governor = head[word]
+            while dep[governor] == conj and head[governor] < governor:
+                governor = head[governor]
+        is_noun_phrase = False
+        for role in roles:
+            if dep[governor] == role:
+                is_noun_phrase = True
+        if is_noun_phrase:
+            previous_end = word
+            bounds[count, 0] = left_edge[word]
+            bounds[count, 1] = word + 1
+            count += 1
+    return bounds[:count]
+
+
+_NOUN, _PROPN, _PRON = int(symbols.NOUN), int(symbols.PROPN), int(symbols.PRON)
+
+
+def label_words(doc: Doc) -> WordLabels:
+    """The class of every token of a parsed document (see the module docstring for the rules)."""
+    document = _Document(doc)
+    mentions = _Mentions()
+    events: list[tuple[int, int, tuple]] = [(ent.start, 0, ("entity", ent.end, ent.label_)) for ent in doc.ents]
+    events += [(indices[0], 1, ("chunk", indices, root)) for indices, root in _chunks(document)]
+    events += [(i, 2, ("number",)) for i in np.flatnonzero(document.like_num).tolist()]
+    events.sort(key=lambda event: (event[0], event[1]))
+    skipped_in_chunks = (symbols.DET, symbols.PRON, symbols.PUNCT)
+    for start, _, event in events:
+        kind = event[0]
+        if kind == "entity":
+            _entity(document, mentions, start, event[1], event[2])
+        elif kind == "number":
+            if not document.covered[start] and mentions.first(document.lower(start)):
+                document.fact[start] = True
+        else:
+            indices, root = event[1], event[2]
+            if document.pos[root] == symbols.PRON:
+                continue
+            content = [
+                i
+                for i in indices
+                if not document.covered[i] and not document.like_num[i] and document.pos[i] not in skipped_in_chunks
+            ]
+            if not content:
+                continue
+            if mentions.first(_normalize(document.words(content))) and _chunk_qualifies(document, indices, content, root):
+                document.mark_fact(content)
+    classes = np.full(document.size, TokenClass.OTHER, dtype=np.int8)
+    classes[document.grammar] = TokenClass.GRAMMAR
+    classes[document.fact] = TokenClass.FACT
+    return WordLabels(document.begin, document.begin + document.length, classes)
+
+
+ZONE_BATCHES = 16
+
+
+class FactAnnotator:
+    """spaCy (pruned to what the rules need) plus the rules, over a stream of texts.
+
+    ``identity`` names everything the labels depend on besides the text: the spaCy model and the rules.
+    """
+
+    def __init__(self, model: str = "en_core_web_sm", *, batch_size: int = 64, prune: bool = True) -> None:
+        if batch_size < 1:
+            raise ValueError(f"annotation batch size must be at least 1, got {batch_size}")
+        self.nlp = load_pipeline(model, prune=prune)
+        self.batch_size = batch_size
+        self.identity = f"{pipeline_identity(self.nlp)}+{RULES_VERSION}"
+        self._zone = ExitStack()
+        self._batches_in_zone = 0
+
+    def annotate(self, texts: Iterable[str]) -> Iterator[WordLabels]:
+        """Labels for each text, in order, parsed in batches of ``batch_size``.
+
+        spaCy's strings and lexemes are freed every ``ZONE_BATCHES`` batches (a memory zone that stays open
+        across calls), so memory stays flat over an endless stream while the words of recent batches are
+        still looked up fast. Nothing spaCy owns leaves this method.
+        """
+        texts = iter(texts)
+        while batch := list(islice(texts, self.batch_size)):
+            if self._batches_in_zone == ZONE_BATCHES:
+                self.release_memory()
+            if self._batches_in_zone == 0:
+                self._zone.enter_context(self.nlp.memory_zone())
+            self._batches_in_zone += 1
+            yield from [label_words(doc) for doc in self.nlp.pipe(batch, batch_size=self.batch_size)]
+
+    def release_memory(self) -> None:
+        """Free the strings and lexemes spaCy added since the current memory zone opened."""
+        self._zone.close()
+        self._batches_in_zone = 0
+
+    def annotate_text(self, text: str) -> WordLabels:
+        return next(self.annotate([text]))
+
+
+def annotate_jsonl(source: Path, destination: Path, model: str = "en_core_web_sm", *, batch_size: int = 64) -> dict:
+    """``{"id", "text"}`` objects in, ``{"id", "spans"}`` objects out; bad lines are counted and logged."""
+    annotator = FactAnnotator(model, batch_size=batch_size)
+    skipped: Counter[str] = Counter()
+
+    def records() -> Iterator[tuple[object, str]]:
+        with open(source, "rb") as lines:
+            for number, line in enumerate(lines, start=1):
+                reason = _record_problem(line)
+                if isinstance(reason, str):
+                    skipped[reason] += 1
+                    log.warning("%s:%d: skipped (%s)", source, number, reason)
+                    continue
+                yield reason["id"], reason["text"]
+
+    written = 0
+    temporary = destination.with_name(f".{destination.name}.partial")
+    with open(temporary, "w", encoding="utf-8") as out:
+        pending = records()
+        while batch := list(islice(pending, batch_size)):
+            for (identifier, text), labels in zip(batch, annotator.annotate(text for _, text in batch)):
+                out.write(json.dumps({"id": identifier, "spans": labels.spans(text)}, ensure_ascii=False) + "\n")
+                written += 1
+    os.replace(temporary, destination)
+    return {"documents": written, "skipped": dict(skipped)}
+
+
+def _record_problem(line: bytes) -> dict | str:
+    """The parsed record, or the reason it is skipped."""
+    if not line.strip():
+        return "empty_line"
+    try:
+        record = json.loads(line.decode("utf-8"))
+    except UnicodeDecodeError:
+        return "invalid_utf8"
+    except json.JSONDecodeError:
+        return "invalid_json"
+    if not isinstance(record, dict) or not isinstance(record.get("text"), str) or "id" not in record:
+        return "missing_id_or_text"
+    return record

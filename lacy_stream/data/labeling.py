@@ -1,0 +1,228 @@
+"""Labeling: documents -> token ids with a fact class and a judge label per token.
+
+The stage between the shard reader and the packer. For each document, in order, the labels come from the
+first source that has them:
+
+1. labels stored in the shard by ``lacy-stream annotate --shards`` (offline mode), when they were made by
+   the same labeler (same spaCy model, rules and tokenizer) and for the same document split;
+2. the label cache, written by earlier epochs;
+3. the annotator: spaCy over a batch of documents, the rules, then alignment to SentencePiece pieces.
+
+Judge labels come from the document's ``annotated_text`` markup (see :mod:`.judge`), when it has one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import logging
+from collections import Counter
+from pathlib import Path
+from typing import Iterable, Iterator, TypeVar
+
+import numpy as np
+
+from ..labels import JUDGE_CALL, JUDGE_KEEP, JUDGE_UNKNOWN, TokenClass
+from ..tokenizer import Tokenizer
+from .alignment import char_to_byte_offsets, encode_with_offsets, label_pieces, pieces_in_spans
+from .annotation import FactAnnotator, WordLabels
+from .documents import Document
+from .judge import judge_spans
+from .label_cache import LabelCache, ShardLabelCache, document_key
+
+log = logging.getLogger(__name__)
+
+MAX_BATCH_CHARS = 1_000_000
+"""A batch for spaCy closes at its document limit or at this many characters, whichever comes first."""
+
+Item = TypeVar("Item")
+Labels = dict[str, np.ndarray]
+"""``tokens`` (int64), ``token_class`` and ``judge`` (int8), one entry per token, without the closing EOS."""
+
+
+def file_digest(path: str | Path) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16]
+
+
+class DocumentLabeler:
+    """Labels documents; ``annotator=None`` labels every token ``other`` (runs that need no facts)."""
+
+    def __init__(
+        self,
+        tokenizer: Tokenizer,
+        annotator: FactAnnotator | None,
+        *,
+        cache: LabelCache | None = None,
+        batch_size: int = 64,
+        first_batch_size: int = 1,
+    ) -> None:
+        self.tokenizer = tokenizer
+        self.annotator = annotator
+        self.batch_size = batch_size
+        self.first_batch_size = min(first_batch_size, batch_size)
+        self.identity = labeler_identity(annotator.identity if annotator else None, tokenizer.model_path)
+        self.cache = cache
+        self.counts: Counter[str] = Counter()
+        self._shard_caches: dict[str, ShardLabelCache] = {}
+        self._warned_shards: set[str] = set()
+
+    def label(self, items: Iterable[tuple[Item, Document]]) -> Iterator[tuple[Item, Document, Labels]]:
+        """Labels for each ``(item, document)``, in order; ``item`` rides along untouched."""
+        waiting: list[tuple[Item, Document, ShardLabelCache | None, bytes | None, Labels | None]] = []
+        to_annotate = chars_to_annotate = 0
+        # Batches start small and double up to batch_size: the first window of a stream comes quickly,
+        # later batches are large enough for spaCy to work efficiently.
+        batch_limit = self.first_batch_size
+        try:
+            for item, doc in items:
+                shard_cache, key = self._cache_entry(doc)
+                labels = self._stored_labels(doc) or self._cached_labels(shard_cache, key)
+                waiting.append((item, doc, shard_cache, key, labels))
+                if labels is None:
+                    to_annotate += 1
+                    chars_to_annotate += len(doc.text)
+                if (
+                    to_annotate == 0
+                    or to_annotate >= batch_limit
+                    or chars_to_annotate >= MAX_BATCH_CHARS
+                    or len(waiting) >= 4 * self.batch_size
+                ):
+                    yield from self._complete(waiting)
+                    if to_annotate:
+                        batch_limit = min(2 * batch_limit, self.batch_size)
+                    waiting, to_annotate, chars_to_annotate = [], 0, 0
+            yield from self._complete(waiting)
+        finally:
+            for shard_cache in self._shard_caches.values():
+                shard_cache.flush()
+            self._shard_caches.clear()
+
+    def label_document(self, doc: Document) -> Labels:
+        return next(self.label([(None, doc)]))[2]
+
+    def _cache_entry(self, doc: Document) -> tuple[ShardLabelCache | None, bytes | None]:
+        """The cache of the document's shard (opened on its first document) and the document's key."""
+        if self.cache is None:
+            return None, None
+        shard_cache = self._shard_caches.get(doc.url)
+        if shard_cache is None:
+            shard_cache = self._shard_caches[doc.url] = self.cache.shard(doc.url)
+        return shard_cache, document_key(doc.text, _judge_markup(doc))
+
+    def _stored_labels(self, doc: Document) -> Labels | None:
+        if doc.labels is None:
+            return None
+        try:
+            stored = np.load(io.BytesIO(doc.labels), allow_pickle=False)
+            identity = str(stored["identity"])
+            part_lengths = stored["part_lengths"]
+            if identity != self.identity or len(part_lengths) != doc.num_parts:
+                self.counts["stored_labels_stale"] += 1
+                if doc.url not in self._warned_shards:
+                    self._warned_shards.add(doc.url)
+                    log.warning(
+                        "%s: stored labels were made by another labeler (%s, this one is %s) or another document "
+                        "split; annotating online", doc.url, identity, self.identity,
+                    )
+                return None
+            start = int(part_lengths[: doc.part].sum())
+            end = start + int(part_lengths[doc.part])
+            self.counts["stored"] += 1
+            return {name: stored[name][start:end].astype(dtype) for name, dtype in _DTYPES.items()}
+        except (OSError, ValueError, KeyError) as error:
+            self.counts["stored_labels_unreadable"] += 1
+            log.warning("%s:%s: unreadable stored labels (%s); annotating online", doc.url, doc.key, error)
+            return None
+
+    def _cached_labels(self, shard_cache: ShardLabelCache | None, key: bytes | None) -> Labels | None:
+        if shard_cache is None or key is None:
+            return None
+        cached = shard_cache.get(key)
+        if cached is not None:
+            self.counts["cached"] += 1
+            return {name: cached[name].astype(dtype) for name, dtype in _DTYPES.items()}
+        return None
+
+    def _complete(self, waiting: list) -> Iterator[tuple[Item, Document, Labels]]:
+        missing = [doc for _, doc, _, _, labels in waiting if labels is None]
+        words: Iterator[WordLabels | None]
+        if self.annotator is not None:
+            words = self.annotator.annotate(doc.text for doc in missing)
+        else:
+            words = iter([None] * len(missing))
+        for item, doc, shard_cache, key, labels in waiting:
+            if labels is None:
+                labels = self._annotate(doc, next(words))
+                self.counts["annotated"] += 1
+                if shard_cache is not None and key is not None:
+                    shard_cache.put(key, labels)
+            yield item, doc, labels
+        # A shard's entries are complete once a later shard has started: write them out.
+        current = waiting[-1][1].url if waiting else None
+        for url in [url for url in self._shard_caches if url != current]:
+            self._shard_caches.pop(url).flush()
+
+    def _annotate(self, doc: Document, words: WordLabels | None) -> Labels:
+        text = doc.text
+        if words is None and _judge_markup(doc) is None:
+            ids = np.array(self.tokenizer.encode(text), dtype=np.int64)
+            return {
+                "tokens": ids,
+                "token_class": np.full(len(ids), TokenClass.OTHER, dtype=np.int8),
+                "judge": np.full(len(ids), JUDGE_UNKNOWN, dtype=np.int8),
+            }
+        ids, piece_begin, piece_end = encode_with_offsets(self.tokenizer, text)
+        text_bytes = np.frombuffer(text.encode("utf-8"), dtype=np.uint8)
+        if words is None:
+            classes = np.full(len(ids), TokenClass.OTHER, dtype=np.int8)
+        else:
+            to_bytes = char_to_byte_offsets(text)
+            classes = label_pieces(
+                piece_begin, piece_end, to_bytes[words.begin], to_bytes[words.end], words.classes, text_bytes
+            )
+        return {"tokens": ids, "token_class": classes, "judge": self._judge(doc, piece_begin, piece_end)}
+
+    def _judge(self, doc: Document, piece_begin: np.ndarray, piece_end: np.ndarray) -> np.ndarray:
+        markup = _judge_markup(doc)
+        judge = np.full(len(piece_begin), JUDGE_UNKNOWN, dtype=np.int8)
+        if markup is None:
+            return judge
+        if doc.num_parts > 1:
+            self.counts["judge_split_document"] += 1
+            return judge
+        spans, stats = judge_spans(doc.text, markup)
+        self.counts["judge_values"] += stats.values
+        self.counts["judge_unmapped"] += stats.unmapped
+        self.counts["judge_not_in_text"] += stats.not_found
+        self.counts["judge_unparseable"] += stats.unparseable
+        to_bytes = char_to_byte_offsets(doc.text)
+        span_begin = np.array([to_bytes[b] for b, _ in spans], dtype=np.int64)
+        span_end = np.array([to_bytes[e] for _, e in spans], dtype=np.int64)
+        called = pieces_in_spans(piece_begin, piece_end, span_begin, span_end)
+        judge[:] = JUDGE_KEEP
+        judge[called] = JUDGE_CALL
+        return judge
+
+
+_DTYPES = {"tokens": np.int64, "token_class": np.int8, "judge": np.int8}
+
+
+def _judge_markup(doc: Document) -> str | None:
+    markup = doc.meta.get("annotated_text")
+    return markup if isinstance(markup, str) and markup else None
+
+
+def labeler_identity(annotator_identity: str | None, tokenizer_path: str | Path) -> str:
+    return f"{annotator_identity or 'unannotated'}|tokenizer:{file_digest(tokenizer_path)}"
+
+
+def stored_labels_bytes(identity: str, parts: list[Labels]) -> bytes:
+    """The ``labels.npz`` member of an offline-annotated sample (see :meth:`DocumentLabeler._stored_labels`)."""
+    buffer = io.BytesIO()
+    np.savez(
+        buffer,
+        identity=np.array(identity),
+        part_lengths=np.array([len(part["tokens"]) for part in parts], dtype=np.int64),
+        **{name: np.concatenate([part[name] for part in parts]).astype(dtype) for name, dtype in _DTYPES.items()},
+    )
+    return buffer.getvalue()
