@@ -58,13 +58,21 @@ class Tokenizer:
         text, run = [], []
         for token in ids:
             if token == self.call_id:
-                text.append(self._sp.decode(run))
+                text.append(self._decode_run(run, first=not text))
                 text.append(CALL_TOKEN)
                 run = []
             else:
                 run.append(int(token))
-        text.append(self._sp.decode(run))
+        text.append(self._decode_run(run, first=not text))
         return "".join(text)
+
+    def _decode_run(self, run: list[int], *, first: bool) -> str:
+        # SentencePiece drops the "▁" that starts a decoded sequence (the dummy prefix); after a <CALL> that
+        # "▁" is a real space.
+        decoded = self._sp.decode(run)
+        if not first and run and self._sp.id_to_piece(run[0]).startswith("\u2581"):
+            return " " + decoded
+        return decoded
 
     def id_to_piece(self, token: int) -> str:
         return CALL_TOKEN if token == self.call_id else self._sp.id_to_piece(token)

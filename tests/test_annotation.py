@@ -361,3 +361,16 @@ def test_pruned_pipeline_gives_the_labels_of_the_full_pipeline(annotator):
     for pruned_labels, full_labels in zip(annotator.annotate(texts), full.annotate(texts)):
         assert pruned_labels.classes.tolist() == full_labels.classes.tolist()
         assert pruned_labels.begin.tolist() == full_labels.begin.tolist()
+
+
+def test_memory_zones_keep_spacy_memory_flat():
+    from lacy_stream.data.annotation import ZONE_BATCHES
+
+    annotator = FactAnnotator(batch_size=1)
+    strings = annotator.nlp.vocab.strings
+    before = len(strings)
+    texts = [f"Zorblax{i} met Quintar{i} in Vellmoor{i}." for i in range(3 * ZONE_BATCHES)]
+    for _ in annotator.annotate(texts):
+        assert len(strings) < before + 20 * ZONE_BATCHES, "strings of earlier zones were freed"
+    annotator.release_memory()
+    assert len(strings) == before

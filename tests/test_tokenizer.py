@@ -22,6 +22,9 @@ def test_call_is_appended_after_the_vocabulary_and_never_encoded(tokenizer_path)
     ids = tokenizer.encode(f"a literal {CALL_TOKEN} in the text")
     assert tokenizer.call_id not in ids and max(ids) < tokenizer.num_pieces
     assert tokenizer.decode([*tokenizer.encode("born in"), tokenizer.call_id]) == f"born in{CALL_TOKEN}"
+    called = [*tokenizer.encode("born in"), tokenizer.call_id, *tokenizer.encode("museum")]
+    assert tokenizer.decode(called) == f"born in{CALL_TOKEN} museum", "the space after a call is kept"
+    assert tokenizer.decode([tokenizer.call_id, *tokenizer.encode("museum")]) == f"{CALL_TOKEN} museum"
     assert tokenizer.id_to_piece(tokenizer.call_id) == CALL_TOKEN
 
 

@@ -1,0 +1,99 @@
+"""Hugging Face export: transformers loads the directory offline and reproduces our logits and token ids."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+
+from safetensors.torch import load_file  # noqa: E402  (installed with transformers)
+from lacy_stream.export import PROBE_TEXTS, export_hf  # noqa: E402
+from lacy_stream.model import Transformer, model_args  # noqa: E402
+from lacy_stream.tokenizer import CALL_TOKEN, Tokenizer  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tokenizer_path: str) -> Tokenizer:
+    return Tokenizer(tokenizer_path)
+
+
+@pytest.fixture(scope="module")
+def model(tokenizer: Tokenizer) -> Transformer:
+    torch.manual_seed(0)
+    model = Transformer(model_args("tiny", vocab_size=tokenizer.vocab_size))
+    model.init_weights()
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def export_dir(model: Transformer, tokenizer_path: str, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return export_hf(model, tokenizer_path, tmp_path_factory.mktemp("hf"))
+
+
+@pytest.fixture(scope="module")
+def hf_model(export_dir: Path):
+    return transformers.AutoModelForCausalLM.from_pretrained(export_dir, local_files_only=True).eval()
+
+
+@pytest.fixture(scope="module")
+def hf_tokenizer(export_dir: Path):
+    return transformers.AutoTokenizer.from_pretrained(export_dir, local_files_only=True)
+
+
+def test_logits_match(model: Transformer, hf_model, tokenizer: Tokenizer) -> None:
+    assert hf_model.config.activation_function == "gelu_pytorch_tanh"
+    assert hf_model.lm_head.weight.data_ptr() == hf_model.transformer.wte.weight.data_ptr()
+    tokens = torch.randint(0, tokenizer.vocab_size, (3, 40), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        ours = model.logits(model(tokens))
+        theirs = hf_model(tokens).logits
+    assert theirs.dtype == torch.float32
+    assert (ours - theirs).abs().max().item() < 1e-4
+
+
+def test_tokenizer_reproduces_ours(hf_tokenizer, tokenizer: Tokenizer) -> None:
+    texts = [
+        *PROBE_TEXTS,
+        "Wolfgang Amadeus Mozart was born in 1756.\nHe died in 1791!",
+        "tab\tand\u00a0nbsp",
+        "special strings stay text: <s> </s> <unk> <CALL>",
+    ]
+    for text in texts:
+        ids = tokenizer.encode(text)
+        assert hf_tokenizer.encode(text, add_special_tokens=False) == ids, text
+        assert hf_tokenizer(text)["input_ids"] == ids, "no BOS/EOS is added"
+        assert hf_tokenizer.decode(ids) == tokenizer.decode(ids), text
+    assert hf_tokenizer.convert_tokens_to_ids(CALL_TOKEN) == tokenizer.call_id
+    assert len(hf_tokenizer) == tokenizer.vocab_size
+    assert hf_tokenizer.eos_token_id == tokenizer.eos_id
+    assert hf_tokenizer.decode([tokenizer.call_id]) == CALL_TOKEN
+    called = [*tokenizer.encode("born in"), tokenizer.call_id, *tokenizer.encode("museum"), tokenizer.call_id]
+    assert hf_tokenizer.decode(called) == tokenizer.decode(called)
+
+
+def test_greedy_generate(hf_model, hf_tokenizer) -> None:
+    prompt = hf_tokenizer("The museum was founded in", return_tensors="pt")
+    output = hf_model.generate(**prompt, max_new_tokens=4, do_sample=False, min_new_tokens=4)
+    assert output.shape[1] == prompt["input_ids"].shape[1] + 4
+
+
+def test_directory_holds_safetensors_and_no_pickle(export_dir: Path) -> None:
+    names = {path.name for path in export_dir.iterdir()}
+    assert {"config.json", "generation_config.json", "model.safetensors", "tokenizer.json"} <= names
+    assert not [name for name in names if name.endswith((".bin", ".pt", ".pth", ".pkl", ".ckpt"))]
+
+
+def test_state_dict_export_in_bfloat16(model: Transformer, tokenizer_path: str, tmp_path: Path) -> None:
+    out = export_hf(model.state_dict(), tokenizer_path, tmp_path, args=model.args, dtype=torch.bfloat16)
+    tensors = load_file(out / "model.safetensors")
+    assert {tensor.dtype for tensor in tensors.values()} == {torch.bfloat16}
+    qkv_weight = model.layers[1].attention.qkv_proj.weight
+    assert torch.equal(tensors["transformer.h.1.attn.c_attn.weight"], qkv_weight.T.bfloat16())
+
+
+def test_state_dict_needs_args(model: Transformer, tokenizer_path: str, tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="ModelArgs"):
+        export_hf(model.state_dict(), tokenizer_path, tmp_path)
