@@ -51,3 +51,37 @@ def test_bad_files(tmp_path):
     wrong.write_text("[data]\nbatch_size = true\n")
     with pytest.raises(ConfigError, match="data.batch_size"):
         load_job_config(wrong)
+
+
+@pytest.mark.parametrize("name", ["tiny_cpu", "334m", "334m_baseline", "1.3b", "1.3b_baseline"])
+def test_shipped_run_configs_load_with_every_method(name):
+    from lacy_stream.config.job_config import RUN_CONFIGS
+    from lacy_stream.loss.masks import METHODS
+
+    path = RUN_CONFIGS / f"{name}.toml"
+    config = load_job_config(path)
+    assert config.model.preset == {"tiny_cpu": "tiny"}.get(name, name.split("_")[0])
+    if name != "tiny_cpu":
+        batch = {"334m": 128, "1.3b": 112}[config.model.preset]
+        assert config.train.global_batch_tokens == batch * 1024
+        assert config.train.steps == (340_000 if name.endswith("baseline") else 400_000)
+        assert config.annotation.enabled is not name.endswith("baseline")
+    for method in METHODS:
+        assert load_job_config(path, [f"--loss.method={method}"]).loss.method == method
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("--loss.method=lacyy", "not one of"),
+        ("--model.preset=7b", "not one of"),
+        ("--loss.call_ratio=1.5", r"\[0, 1\)"),
+        ("--train.steps=0", "positive"),
+        ("--optimizer.warmup_steps=-1", "negative"),
+        ("--train.dtype=fp16", "not one of"),
+        ("--optimizer.schedule=linear", "not one of"),
+    ],
+)
+def test_values_are_checked(override, message):
+    with pytest.raises(ConfigError, match=message):
+        load_job_config(None, [override])

@@ -14,9 +14,16 @@ import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..loss.masks import METHODS
+from ..model import PRESETS
+
 
 class ConfigError(ValueError):
     pass
+
+
+RUN_CONFIGS = Path(__file__).parent / "runs"
+"""Shipped job configs: the paper's runs (``334m.toml``, ``1.3b.toml`` and their baselines) and ``tiny_cpu.toml``."""
 
 
 @dataclass
@@ -61,10 +68,114 @@ class TokenizerConfig:
 
 
 @dataclass
+class ModelConfig:
+    preset: str = "tiny"
+    """``tiny`` (CPU), ``334m`` or ``1.3b`` (the paper's Table 3)."""
+    max_seq_len: int = 0
+    """Position embeddings; 0: the preset's. The vocabulary always comes from the tokenizer (+ <CALL>)."""
+
+
+@dataclass
+class LossConfig:
+    method: str = "lacy"
+    """One of the paper's Table 5 methods: baseline, loss_based, rho1, llm_judge, spacy, lacy,
+    spacy_refloss, lacy_ignorefacts, lacy_ignore."""
+    call_ratio: float = 0.15
+    ignore_ratio: float = 0.15
+    implementation: str = "auto"
+    """``auto`` (fused Triton kernel on CUDA, plain PyTorch elsewhere), ``triton`` or ``torch``."""
+
+
+@dataclass
+class OptimizerConfig:
+    lr: float = 2e-4
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    grad_clip: float = 1.0
+    """Clip the global gradient norm to this; 0: no clipping."""
+    warmup_steps: int = 2560
+    schedule: str = "constant"
+    """After warmup: ``constant`` (the paper) or ``cosine`` down to ``min_lr_ratio`` x lr."""
+    min_lr_ratio: float = 0.1
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 1000
+    global_batch_tokens: int = 0
+    """Tokens per optimizer step over all ranks; a multiple of ranks x batch_size x seq_len (gradient
+    accumulation fills the rest). 0: one micro-batch per rank."""
+    dtype: str = "auto"
+    """Parameter dtype: ``auto`` (bf16 on GPU with fp32 reduction, fp32 on CPU), ``bf16`` or ``fp32``."""
+    compile: bool = False
+    activation_checkpointing: bool = False
+    seed: int = 0
+    run_dir: str = "runs/demo"
+    log_every: int = 10
+    val_shards: str = ""
+    """Held-out shard spec for periodic validation loss; empty: no validation."""
+    val_every: int = 500
+    val_batches: int = 20
+
+
+@dataclass
+class CheckpointConfig:
+    every: int = 500
+    keep: int = 3
+    """Keep the newest ``keep`` checkpoints."""
+    resume: bool = True
+    """Continue from the newest checkpoint in ``train.run_dir`` when there is one."""
+    export_hf: bool = True
+    """Export the final model in the Hugging Face GPT-2 format."""
+
+
+@dataclass
 class JobConfig:
     data: DataConfig = field(default_factory=DataConfig)
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
     annotation: AnnotationConfig = field(default_factory=AnnotationConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+
+
+# Values that are checked beyond their type: (section, key) -> allowed choices or (low, high) bounds.
+_CHOICES = {
+    ("model", "preset"): tuple(PRESETS),
+    ("loss", "method"): METHODS,
+    ("loss", "implementation"): ("auto", "triton", "torch"),
+    ("optimizer", "schedule"): ("constant", "cosine"),
+    ("train", "dtype"): ("auto", "bf16", "fp32"),
+}
+_POSITIVE = {("data", "seq_len"), ("data", "batch_size"), ("data", "max_doc_chars"), ("annotation", "batch_size"),
+             ("train", "steps"), ("train", "log_every"), ("train", "val_every"), ("train", "val_batches"),
+             ("checkpoint", "every"), ("checkpoint", "keep"), ("optimizer", "lr")}
+_NON_NEGATIVE = {("data", "num_workers"), ("model", "max_seq_len"), ("optimizer", "weight_decay"),
+                 ("optimizer", "grad_clip"), ("optimizer", "warmup_steps"), ("train", "global_batch_tokens")}
+_FRACTIONS = {("loss", "call_ratio"), ("loss", "ignore_ratio"), ("optimizer", "beta1"), ("optimizer", "beta2"),
+              ("optimizer", "min_lr_ratio")}
+
+
+def validate(config: JobConfig) -> None:
+    """Value checks that types alone do not catch; raises ConfigError naming the key."""
+    for section in dataclasses.fields(config):
+        values = getattr(config, section.name)
+        for item in dataclasses.fields(values):
+            key = (section.name, item.name)
+            value = getattr(values, item.name)
+            name = f"{section.name}.{item.name}"
+            if key in _CHOICES and value not in _CHOICES[key]:
+                raise ConfigError(f"{name}: {value!r} is not one of {', '.join(_CHOICES[key])}")
+            if key in _POSITIVE and not value > 0:
+                raise ConfigError(f"{name}: must be positive, got {value!r}")
+            if key in _NON_NEGATIVE and value < 0:
+                raise ConfigError(f"{name}: must not be negative, got {value!r}")
+            if key in _FRACTIONS and not 0 <= value < 1:
+                raise ConfigError(f"{name}: must be in [0, 1), got {value!r}")
 
 
 def load_job_config(path: str | Path | None = None, overrides: list[str] = ()) -> JobConfig:
@@ -78,7 +189,9 @@ def load_job_config(path: str | Path | None = None, overrides: list[str] = ()) -
             raise ConfigError(f"config file {path} is not valid TOML: {error}") from None
     for section, key, text in parse_overrides(overrides):
         raw.setdefault(section, {})[key] = _parse_value(text, _field_type(JobConfig, section, key))
-    return build_dataclass(JobConfig, raw, "")
+    config = build_dataclass(JobConfig, raw, "")
+    validate(config)
+    return config
 
 
 def parse_overrides(arguments: list[str]) -> list[tuple[str, str, str]]:

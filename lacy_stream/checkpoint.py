@@ -1,0 +1,291 @@
+"""Checkpoints of a (possibly FSDP2-sharded) training run, restartable after a crash or preemption.
+
+Layout of ``run_dir/checkpoints/``::
+
+    step-00001200/
+        .metadata, __0_0.distcp, ...   DCP: tensors of the model and the optimizer, sharded per rank
+        optimizer.json                 the optimizer's non-tensor state (param_groups), written by rank 0
+        rank0.json, rank1.json, ...    each rank's ``extra`` (scheduler, counters, RNG, dataloader state)
+        COMPLETE                       {"step", "world_size"}; written last
+    .tmp-step-00001300/                a save in progress (or one that crashed); never loaded
+
+Design:
+
+* Model and optimizer go through ``get_state_dict``/``set_state_dict`` so that FSDP2 modules are saved
+  as DTensor shards and plain modules as plain tensors, and through ``torch.distributed.checkpoint``
+  so that every rank writes its own shard in parallel.
+* Only tensors are given to DCP. DCP would store any other value with ``torch.save`` and read it back
+  with ``torch.load(weights_only=False)``, i.e. by unpickling arbitrary objects. Everything that is not
+  a tensor of the model or the optimizer is JSON instead, with tensors inside it encoded as base64 of
+  their raw bytes (see ``_encode``). DCP's own ``.metadata`` index is the only pickle in a checkpoint.
+* ``extra`` is stored per rank, because the dataloader position and the RNG streams differ per rank;
+  ``load`` hands each rank back its own. Resuming therefore needs the same world size.
+* A checkpoint is written into a temporary directory and renamed into place by rank 0 once every rank
+  has finished, so ``latest`` never sees half a checkpoint. Pruning removes ``COMPLETE`` before deleting
+  the rest, so a crash in the middle of a deletion leaves a directory ``latest`` ignores as well.
+* ``run_dir`` must be on a file system all ranks share.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import random
+import re
+import shutil
+import signal
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch import nn
+from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+CHECKPOINT_PATTERN = re.compile(r"step-(\d{8})")
+COMPLETE_MARKER = "COMPLETE"
+OPTIMIZER_FILE = "optimizer.json"
+TEMPORARY_PREFIX = ".tmp-"
+
+
+class CheckpointManager:
+    def __init__(self, run_dir: Path, *, keep: int = 3) -> None:
+        if keep < 1:
+            raise ValueError(f"keep must be at least 1, got {keep}")
+        self.directory = Path(run_dir) / "checkpoints"
+        self.keep = keep
+
+    def path(self, step: int) -> Path:
+        return self.directory / f"step-{step:08d}"
+
+    def steps(self) -> list[int]:
+        """Steps of the complete checkpoints, oldest first."""
+        if not self.directory.is_dir():
+            return []
+        steps = []
+        for entry in self.directory.iterdir():
+            match = CHECKPOINT_PATTERN.fullmatch(entry.name)
+            if match and (entry / COMPLETE_MARKER).is_file():
+                steps.append(int(match.group(1)))
+        return sorted(steps)
+
+    def latest(self) -> int | None:
+        steps = self.steps()
+        return steps[-1] if steps else None
+
+    def save(self, step: int, *, model: nn.Module, optimizer: torch.optim.Optimizer, extra: dict[str, Any]) -> Path:
+        """Collective when distributed: every rank calls it with its own ``extra``."""
+        rank, world_size = _rank(), _world_size()
+        final = self.path(step)
+        temporary = self.directory / f"{TEMPORARY_PREFIX}{final.name}"
+        if rank == 0:
+            self.directory.mkdir(parents=True, exist_ok=True)
+            for stale in self.directory.glob(f"{TEMPORARY_PREFIX}*"):
+                shutil.rmtree(stale)
+            temporary.mkdir()
+        _barrier()
+
+        model_state, optimizer_state = get_state_dict(model, optimizer)
+        optimizer_tensors, optimizer_rest = _split_tensors(optimizer_state)
+        dcp.save({"model": model_state, "optimizer": optimizer_tensors}, checkpoint_id=temporary)
+        _write_json(temporary / f"rank{rank}.json", extra)
+        if rank == 0:
+            _write_json(temporary / OPTIMIZER_FILE, optimizer_rest)
+        _barrier()
+
+        if rank == 0:
+            _write_json(temporary / COMPLETE_MARKER, {"step": step, "world_size": world_size})
+            if final.exists():
+                _delete(final)
+            temporary.rename(final)
+            for old in self.steps()[: -self.keep]:
+                _delete(self.path(old))
+        _barrier()
+        return final
+
+    def load(self, step: int | None, *, model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+        """Restore ``model`` and ``optimizer`` in place; return this rank's ``extra``. ``step=None``: latest."""
+        if step is None:
+            step = self.latest()
+            if step is None:
+                raise FileNotFoundError(f"no complete checkpoint in {self.directory}")
+        path = self.path(step)
+        if not (path / COMPLETE_MARKER).is_file():
+            raise FileNotFoundError(
+                f"no complete checkpoint for step {step} in {self.directory}; complete steps: {self.steps()}"
+            )
+        saved_world_size = _read_json(path / COMPLETE_MARKER)["world_size"]
+        if saved_world_size != _world_size():
+            raise ValueError(
+                f"checkpoint {path} was saved by {saved_world_size} ranks, not {_world_size()}: "
+                "the per-rank dataloader and RNG states cannot be redistributed"
+            )
+
+        # get_state_dict gives the target structure (and shards) for DCP to load into, and creates the
+        # optimizer state of a fresh optimizer so that its moments have somewhere to go.
+        model_state, optimizer_state = get_state_dict(model, optimizer)
+        optimizer_tensors, _ = _split_tensors(optimizer_state)
+        dcp.load({"model": model_state, "optimizer": optimizer_tensors}, checkpoint_id=path)
+        optimizer_state = _merge(optimizer_tensors, _read_json(path / OPTIMIZER_FILE))
+        set_state_dict(model, optimizer, model_state_dict=model_state, optim_state_dict=optimizer_state)
+        return _read_json(path / f"rank{_rank()}.json")
+
+
+def capture_rng_state() -> dict[str, Any]:
+    """The python, numpy, torch CPU and (if present) CUDA generator states, as JSON values and tensors."""
+    version, internal, gauss_next = random.getstate()
+    numpy_state = np.random.get_state(legacy=False)
+    state: dict[str, Any] = {
+        "python": {"version": version, "internal": list(internal), "gauss_next": gauss_next},
+        "numpy": {
+            "bit_generator": numpy_state["bit_generator"],
+            "key": numpy_state["state"]["key"].tolist(),
+            "pos": int(numpy_state["state"]["pos"]),
+            "has_gauss": int(numpy_state["has_gauss"]),
+            "gauss": float(numpy_state["gauss"]),
+        },
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def restore_rng_state(state: dict[str, Any]) -> None:
+    python = state["python"]
+    random.setstate((python["version"], tuple(python["internal"]), python["gauss_next"]))
+    numpy = state["numpy"]
+    np.random.set_state(
+        {
+            "bit_generator": numpy["bit_generator"],
+            "state": {"key": np.array(numpy["key"], dtype=np.uint32), "pos": numpy["pos"]},
+            "has_gauss": numpy["has_gauss"],
+            "gauss": numpy["gauss"],
+        }
+    )
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+class SigtermFlag:
+    """``with SigtermFlag() as flag:`` — SIGTERM sets ``flag.requested`` instead of ending the process.
+
+    The training loop polls the flag, saves a checkpoint and exits; the previous handler is restored on exit.
+    Must be entered in the main thread (a restriction of ``signal.signal``).
+    """
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._previous_handler: Any = None
+
+    def __enter__(self) -> SigtermFlag:
+        self._previous_handler = signal.signal(signal.SIGTERM, self._handle)
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        # None: the previous handler was not installed from Python; the default is the closest we can restore.
+        previous = signal.SIG_DFL if self._previous_handler is None else self._previous_handler
+        signal.signal(signal.SIGTERM, previous)
+
+    def _handle(self, signum: int, frame: FrameType | None) -> None:
+        self.requested = True
+
+
+def _distributed() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def _rank() -> int:
+    return dist.get_rank() if _distributed() else 0
+
+
+def _world_size() -> int:
+    return dist.get_world_size() if _distributed() else 1
+
+
+def _barrier() -> None:
+    if _distributed():
+        dist.barrier()
+
+
+def _delete(checkpoint: Path) -> None:
+    (checkpoint / COMPLETE_MARKER).unlink(missing_ok=True)
+    shutil.rmtree(checkpoint)
+
+
+def _split_tensors(tree: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(the tensor leaves, everything else) of a nested dict, each keeping the nesting; empty dicts go to the rest."""
+    tensors: dict[str, Any] = {}
+    rest: dict[str, Any] = {}
+    for key, value in tree.items():
+        if isinstance(value, torch.Tensor):
+            tensors[key] = value
+        elif isinstance(value, dict) and value:
+            value_tensors, value_rest = _split_tensors(value)
+            if value_tensors:
+                tensors[key] = value_tensors
+            if value_rest:
+                rest[key] = value_rest
+        else:
+            rest[key] = value
+    return tensors, rest
+
+
+def _merge(tensors: dict[str, Any], rest: dict[str, Any]) -> dict[str, Any]:
+    """Inverse of ``_split_tensors``."""
+    merged = dict(tensors)
+    for key, value in rest.items():
+        merged[key] = _merge(merged[key], value) if isinstance(merged.get(key), dict) else value
+    return merged
+
+
+def _encode(value: Any) -> Any:
+    """A JSON value for ``value``; tuples and tensors become tagged objects so that they come back as such."""
+    if isinstance(value, torch.Tensor):
+        flat = value.detach().cpu().contiguous().reshape(-1)
+        raw = flat.view(torch.uint8).numpy().tobytes()
+        return {
+            "__tensor__": base64.b64encode(raw).decode("ascii"),
+            "dtype": str(value.dtype).removeprefix("torch."),
+            "shape": list(value.shape),
+        }
+    if isinstance(value, tuple):
+        return {"__tuple__": [_encode(item) for item in value]}
+    if isinstance(value, list):
+        return [_encode(item) for item in value]
+    if isinstance(value, dict):
+        for key in value:
+            if not isinstance(key, str):
+                raise TypeError(f"checkpoint state needs string keys, got {key!r}")
+        return {key: _encode(item) for key, item in value.items()}
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    raise TypeError(f"cannot store a {type(value).__name__} in a checkpoint: use JSON values and tensors")
+
+
+def _decode_object(obj: dict[str, Any]) -> Any:
+    if "__tuple__" in obj:
+        return tuple(obj["__tuple__"])
+    if "__tensor__" in obj:
+        dtype = getattr(torch, obj["dtype"])
+        if not isinstance(dtype, torch.dtype):
+            raise ValueError(f"not a tensor dtype: {obj['dtype']!r}")
+        raw = np.frombuffer(base64.b64decode(obj["__tensor__"]), dtype=np.uint8).copy()
+        return torch.from_numpy(raw).view(dtype).reshape(obj["shape"])
+    return obj
+
+
+def _write_json(path: Path, value: Any) -> None:
+    with open(path, "w") as file:
+        json.dump(_encode(value), file)
+        file.flush()
+        os.fsync(file.fileno())
+
+
+def _read_json(path: Path) -> Any:
+    return json.loads(path.read_text(), object_hook=_decode_object)

@@ -1,0 +1,137 @@
+"""Metrics: JSONL + TensorBoard logging on rank 0 only, resume appends, peak FLOPs lookup, MFU, StepTimer."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from lacy_stream.metrics import MetricsLogger, StepTimer, mfu, peak_flops
+from lacy_stream.model import flops_per_token, model_args
+
+TRAIN_VALUES = {
+    "loss": 3.14159265358979,
+    "call_loss": 0.5,
+    "noncall_loss": 3.2,
+    "call_ratio": 0.0125,
+    "fact_ratio": 0.3,
+    "tokens_per_s": 123456.789,
+    "lr": 3e-5,
+    "mfu": None,
+    "data": {"skipped": {"too_short": 4, "bad_utf8": 1}},
+}
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def test_jsonl_records_required_keys_and_flattens_nested_counters(tmp_path: Path) -> None:
+    with MetricsLogger(tmp_path, enabled_tensorboard=False) as logger:
+        logger.log(10, TRAIN_VALUES)
+        logger.log(20, {"loss": 2.0})
+    first, second = read_jsonl(tmp_path / "metrics.jsonl")
+    for key in ("step", "time", "loss", "call_loss", "noncall_loss", "call_ratio", "fact_ratio", "tokens_per_s"):
+        assert key in first
+    assert first["step"] == 10 and second["step"] == 20
+    assert first["data/skipped/too_short"] == 4 and first["data/skipped/bad_utf8"] == 1
+    assert "data" not in first and "mfu" not in first  # nested dicts flattened, None left out
+    assert first["loss"] == 3.14159  # six significant digits
+    assert first["tokens_per_s"] == 123457.0
+    assert first["lr"] == 3e-5
+    assert set(second) == {"step", "time", "loss"}
+
+
+def test_tensorboard_scalars_read_back(tmp_path: Path) -> None:
+    with MetricsLogger(tmp_path) as logger:
+        logger.log(1, {**TRAIN_VALUES, "phase": "warmup"})
+        logger.log(2, {"loss": 2.5})
+    assert list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))
+    events = EventAccumulator(str(tmp_path / "tensorboard"))
+    events.Reload()
+    tags = events.Tags()["scalars"]
+    assert {"loss", "call_ratio", "data/skipped/too_short"} <= set(tags)
+    assert "phase" not in tags  # strings go to the JSONL only
+    loss = events.Scalars("loss")
+    assert [event.step for event in loss] == [1, 2]
+    assert loss[1].value == pytest.approx(2.5)
+    assert events.Scalars("data/skipped/too_short")[0].value == pytest.approx(4)
+
+
+def test_non_zero_rank_writes_nothing(tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    with MetricsLogger(run_dir, rank=1) as logger:
+        logger.log(1, TRAIN_VALUES)
+    assert not run_dir.exists()
+
+
+def test_reopening_appends_to_the_same_jsonl(tmp_path: Path) -> None:
+    with MetricsLogger(tmp_path, enabled_tensorboard=False) as logger:
+        logger.log(1, {"loss": 4.0})
+    with MetricsLogger(tmp_path, enabled_tensorboard=False) as logger:
+        logger.log(2, {"loss": 3.0})
+    assert [record["step"] for record in read_jsonl(tmp_path / "metrics.jsonl")] == [1, 2]
+
+
+@pytest.mark.parametrize(
+    ("device_name", "dtype", "expected"),
+    [
+        ("NVIDIA H100 80GB HBM3", "bf16", 989.5e12),
+        ("NVIDIA H100 80GB HBM3", "torch.bfloat16", 989.5e12),
+        ("NVIDIA H100 PCIe", "bf16", 756.5e12),
+        ("NVIDIA H200", "bf16", 989.5e12),
+        ("NVIDIA A100-SXM4-80GB", "bf16", 312e12),
+        ("NVIDIA A10G", "bf16", 125e12),  # must not be mistaken for an A100
+        ("NVIDIA L40S", "fp32", 91.6e12),
+        ("NVIDIA A100-SXM4-80GB", "fp8", None),  # no FP8 tensor cores on Ampere
+        ("NVIDIA H100 80GB HBM3", "int4", None),
+        ("Some Future Accelerator", "bf16", None),
+        ("cpu", "float32", None),
+    ],
+)
+def test_peak_flops_lookup(device_name: str, dtype: str, expected: float | None) -> None:
+    assert peak_flops(device_name, dtype) == (None if expected is None else pytest.approx(expected))
+
+
+def test_mfu_arithmetic() -> None:
+    assert mfu(tokens_per_s=1000.0, flops_per_token=1e9, peak=4e12) == pytest.approx(0.25)
+    assert mfu(1000.0, 1e9, peak=None) is None
+    args = model_args("tiny")
+    per_token = flops_per_token(args, args.max_seq_len)
+    peak = peak_flops("NVIDIA H100 80GB HBM3", "bf16")
+    assert mfu(2e5, per_token, peak) == pytest.approx(2e5 * per_token / 989.5e12)
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+
+
+def run_step(timer: StepTimer, clock: FakeClock, wait_s: float, compute_s: float, tokens: int) -> None:
+    with timer.data_wait():
+        clock.advance(wait_s)
+    clock.advance(compute_s)
+    timer.step_done(tokens)
+
+
+def test_step_timer_shares_and_reset() -> None:
+    clock = FakeClock()
+    timer = StepTimer(clock=clock)
+    run_step(timer, clock, wait_s=1.0, compute_s=3.0, tokens=400)
+    run_step(timer, clock, wait_s=0.0, compute_s=4.0, tokens=400)
+    assert timer.summary() == pytest.approx({"tokens_per_s": 100.0, "data_wait_share": 0.125, "step_time_s": 4.0})
+
+    # Time outside data_wait between steps (e.g. logging) counts as step time.
+    clock.advance(1.0)
+    run_step(timer, clock, wait_s=2.0, compute_s=1.0, tokens=100)
+    assert timer.summary() == pytest.approx({"tokens_per_s": 25.0, "data_wait_share": 0.5, "step_time_s": 4.0})
+
+    assert timer.summary() == {"tokens_per_s": None, "data_wait_share": None, "step_time_s": None}
