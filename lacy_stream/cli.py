@@ -182,6 +182,14 @@ def highlight_facts(text: str, spans: list[list], *, color: bool) -> str:
     return "".join(out)
 
 
+def cmd_train(args: argparse.Namespace) -> int:
+    from .train import train
+
+    summary = train(load_job_config(args.config, args.overrides))
+    print(json.dumps(summary))
+    return 0
+
+
 def cmd_bench_annotate(args: argparse.Namespace) -> int:
     from .bench_annotation import bench_annotate
 
@@ -278,6 +286,10 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--batches", type=int, default=50)
     demo.set_defaults(run=cmd_demo)
 
+    train = commands.add_parser("train", help="pretrain with the LaCy loss (one process, or under torchrun)")
+    train.add_argument("--config", help="a TOML job config")
+    train.set_defaults(run=cmd_train)
+
     annotate = commands.add_parser("annotate", help="label facts: --text (highlighted), --input jsonl, or --shards offline")
     annotate.add_argument("--text", help="print this text with its facts highlighted")
     annotate.add_argument("--input", help="jsonl of {id, text} objects; writes {id, spans} objects to --output")
@@ -324,7 +336,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = build_parser()
     args, overrides = parser.parse_known_args(argv)
     args.overrides = overrides
-    if overrides and args.run not in (cmd_demo, cmd_bench_stream):
+    if overrides and args.run not in (cmd_demo, cmd_bench_stream, cmd_train):
         parser.error(f"unrecognized arguments: {' '.join(overrides)}")
     logging.basicConfig(
         level=logging.INFO if args.verbose else logging.WARNING,

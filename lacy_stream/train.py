@@ -1,0 +1,352 @@
+"""The LaCy pretraining loop: FSDP2 data parallelism, gradient accumulation, checkpoints, metrics.
+
+Launch with one process (``python -m lacy_stream train --config ...``) or with torchrun
+(``torchrun --nproc-per-node=8 -m lacy_stream train --config ...``); ``--section.key=value`` overrides
+any config value. A process group that already exists (tests) is used as it is.
+
+One optimizer step consumes ``train.global_batch_tokens`` input tokens: every rank reads
+``micro_batches`` micro-batches of ``data.batch_size`` windows of ``data.seq_len`` tokens.
+
+Loss normalisation: ``lacy_loss`` returns a micro-batch's loss divided by the valid tokens of that
+micro-batch over all ranks. The trainer rescales it by (valid tokens of the micro-batch) / (valid tokens
+of the whole step over all ranks), so the summed gradients are those of the mean over every valid token
+of the step. Dividing each micro-batch loss by the number of micro-batches would weight tokens of
+micro-batches with fewer valid tokens (more document ends) slightly more, and a step would then depend
+on how its global batch is split into micro-batches and ranks; with this scaling it does not (up to the
+call selection, which is made per micro-batch over all ranks, and float rounding). To know the step's
+valid tokens before the first backward, all micro-batches of a step are read before the first forward.
+
+Resume: checkpoints hold the model, the optimizer, and per rank the scheduler, counters, RNG streams
+and dataloader position, so a resumed run continues exactly where the saved one was (same world size).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import os
+import sys
+from collections.abc import Callable, Iterator
+from contextlib import nullcontext
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+from torch.distributed.tensor import DTensor
+
+from .checkpoint import CheckpointManager, SigtermFlag, capture_rng_state, restore_rng_state
+from .config.job_config import ConfigError, JobConfig, OptimizerConfig
+from .data.loader import TokenLoader
+from .export import export_hf
+from .labels import JUDGE_CALL, TokenClass
+from .loss.lacy_loss import LossOutput
+from .metrics import MetricsLogger, StepTimer, mfu, peak_flops
+from .model import Transformer, flops_per_token, model_args
+from .parallelize import TrainingModule, parallelize, world_size
+from .tokenizer import Tokenizer
+
+log = logging.getLogger(__name__)
+
+# Sums over the micro-batches of a logging interval, in this order (see ``_micro_batch_counts``).
+COUNTS = ("valid", "facts", "calls", "call_loss_sum", "learned", "learned_loss_sum")
+
+
+def train(config: JobConfig, *, on_step: Callable[[int], None] | None = None) -> dict[str, Any]:
+    """Train as ``config`` says; returns a summary. ``on_step(step)`` runs after every optimizer step."""
+    owns_group = _init_distributed()
+    try:
+        return _Trainer(config).run(on_step)
+    finally:
+        if owns_group:
+            dist.destroy_process_group()
+
+
+def _init_distributed() -> bool:
+    """Join the process group torchrun describes (WORLD_SIZE > 1); True when this call created it."""
+    if dist.is_initialized() or int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return False
+    if torch.cuda.is_available():
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        dist.init_process_group("nccl", timeout=timedelta(minutes=30))
+    else:
+        dist.init_process_group("gloo", timeout=timedelta(minutes=30))
+    return True
+
+
+def micro_batches_per_step(global_batch_tokens: int, ranks: int, batch_size: int, seq_len: int) -> int:
+    """Micro-batches each rank accumulates per optimizer step; ``global_batch_tokens`` 0 means one."""
+    tokens_per_round = ranks * batch_size * seq_len
+    if global_batch_tokens == 0:
+        return 1
+    if global_batch_tokens % tokens_per_round:
+        raise ConfigError(
+            f"train.global_batch_tokens ({global_batch_tokens}) must be a multiple of ranks x data.batch_size x "
+            f"data.seq_len = {ranks} x {batch_size} x {seq_len} = {tokens_per_round}"
+        )
+    return global_batch_tokens // tokens_per_round
+
+
+def compute_dtype(name: str, device: torch.device) -> torch.dtype:
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    if name == "bf16" and device.type != "cuda":
+        raise ConfigError("train.dtype: bf16 needs a CUDA device; use auto or fp32 on the CPU")
+    return torch.bfloat16 if name == "bf16" else torch.float32
+
+
+def build_optimizer(module: torch.nn.Module, config: OptimizerConfig) -> torch.optim.AdamW:
+    """AdamW with weight decay on matrices and embeddings only (not on biases and LayerNorm weights)."""
+    parameters = [p for p in module.parameters() if p.requires_grad]
+    groups = [
+        {"params": [p for p in parameters if p.dim() >= 2], "weight_decay": config.weight_decay},
+        {"params": [p for p in parameters if p.dim() < 2], "weight_decay": 0.0},
+    ]
+    return torch.optim.AdamW(groups, lr=config.lr, betas=(config.beta1, config.beta2), eps=config.eps)
+
+
+def lr_factor(step: int, config: OptimizerConfig, total_steps: int) -> float:
+    """Multiplier of the peak learning rate for the optimizer step after ``step`` completed steps."""
+    if step < config.warmup_steps:
+        return (step + 1) / config.warmup_steps
+    if config.schedule == "constant":
+        return 1.0
+    progress = min(1.0, (step - config.warmup_steps) / max(1, total_steps - config.warmup_steps))
+    return config.min_lr_ratio + (1 - config.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+class _Trainer:
+    def __init__(self, config: JobConfig) -> None:
+        self.config = config
+        self.rank = dist.get_rank() if dist.is_initialized() else 0
+        self.ranks = world_size()
+        self.device = torch.device(f"cuda:{torch.cuda.current_device()}" if torch.cuda.is_available() else "cpu")
+        self.dtype = compute_dtype(config.train.dtype, self.device)
+        self.run_dir = Path(config.train.run_dir)
+        self.micro_batches = micro_batches_per_step(
+            config.train.global_batch_tokens, self.ranks, config.data.batch_size, config.data.seq_len
+        )
+        self.tokens_per_step = self.micro_batches * self.ranks * config.data.batch_size * config.data.seq_len
+
+        torch.manual_seed(config.train.seed)  # the same on every rank: FSDP shards identical weights
+        self.tokenizer = Tokenizer(config.tokenizer.path)
+        overrides = {"vocab_size": self.tokenizer.vocab_size}
+        if config.model.max_seq_len:
+            overrides["max_seq_len"] = config.model.max_seq_len
+        self.model_args = model_args(config.model.preset, **overrides)
+        if config.data.seq_len > self.model_args.max_seq_len:
+            raise ConfigError(f"data.seq_len ({config.data.seq_len}) exceeds the model's max_seq_len "
+                              f"({self.model_args.max_seq_len})")
+        with torch.device(self.device):
+            model = Transformer(self.model_args)
+        self.module = parallelize(
+            TrainingModule(model, config.loss, call_id=self.tokenizer.call_id, seed=config.train.seed),
+            dtype=self.dtype,
+            compile=config.train.compile,
+            activation_checkpointing=config.train.activation_checkpointing,
+        )
+        self.optimizer = build_optimizer(self.module, config.optimizer)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lambda step: lr_factor(step, config.optimizer, config.train.steps)
+        )
+        self.loader = TokenLoader.from_config(
+            config.data, config.tokenizer.path, config.annotation, rank=self.rank, world_size=self.ranks
+        )
+        self.checkpoints = CheckpointManager(self.run_dir, keep=config.checkpoint.keep)
+        self.step = 0
+        self.tokens_seen = 0
+        self.flops_per_token = flops_per_token(self.model_args, config.data.seq_len)
+        on_gpu = self.device.type == "cuda"
+        self.peak_flops = peak_flops(torch.cuda.get_device_name(), str(self.dtype)) if on_gpu else None
+
+    def run(self, on_step: Callable[[int], None] | None) -> dict[str, Any]:
+        config = self.config
+        if self.rank == 0:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            (self.run_dir / "config.json").write_text(json.dumps(dataclasses.asdict(config), indent=2))
+        if config.checkpoint.resume and self.checkpoints.latest() is not None:
+            self._load_checkpoint()
+        batches = iter(self.loader)
+        timer = StepTimer()
+        totals = self._zero_totals()
+        losses: list[float] = []
+        interrupted = False
+        saved_step = self.checkpoints.latest()
+        with MetricsLogger(self.run_dir, rank=self.rank) as metrics, SigtermFlag() as sigterm, self._progress() as bar:
+            while self.step < config.train.steps:
+                loss, grad_norm = self._train_step(batches, timer, totals)
+                lr = self.scheduler.get_last_lr()[0]
+                self.scheduler.step()
+                self.step += 1
+                self.tokens_seen += self.tokens_per_step
+                timer.step_done(self.tokens_per_step)
+                losses.append(loss)
+                if self.step % config.train.log_every == 0 or self.step == config.train.steps:
+                    metrics.log(self.step, self._metrics(losses, totals, timer, grad_norm, lr))
+                    losses, totals = [], self._zero_totals()
+                bar.update(1)
+                if on_step is not None:
+                    on_step(self.step)
+                # Every rank must agree to stop, or the others would hang in the next collective.
+                interrupted = self._any_rank(sigterm.requested)
+                if interrupted or self.step % config.checkpoint.every == 0 or self.step == config.train.steps:
+                    self._save_checkpoint()
+                    saved_step = self.step
+                if interrupted:
+                    log.warning("SIGTERM: saved a checkpoint at step %d and stopped", self.step)
+                    break
+        hf_dir = self._export() if config.checkpoint.export_hf and not interrupted else None
+        return {
+            "step": self.step,
+            "tokens_seen": self.tokens_seen,
+            "interrupted": interrupted,
+            "checkpoint_step": saved_step,
+            "hf_dir": str(hf_dir) if hf_dir else None,
+            "run_dir": str(self.run_dir),
+        }
+
+    def _train_step(self, batches: Iterator[dict], timer: StepTimer, totals: torch.Tensor) -> tuple[float, float]:
+        """One optimizer step; returns (loss of the step over all ranks, gradient norm before clipping)."""
+        with timer.data_wait():
+            micro_batches = [self._prepare(next(batches)) for _ in range(self.micro_batches)]
+        local_valid = sum(batch["valid"].sum() for batch in micro_batches).double()
+        step_valid = max(self._sum_over_ranks(local_valid).item(), 1)
+        step_loss = torch.zeros((), dtype=torch.float64, device=self.device)
+        for batch in micro_batches:
+            output = self.module(**batch, step=self.step)
+            share = output.loss * (output.masks.valid_tokens / step_valid)
+            share.backward()
+            step_loss += share.detach()
+            totals += _micro_batch_counts(batch, output)
+        grad_norm = self._clip_gradients()
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return self._sum_over_ranks(step_loss).item(), grad_norm
+
+    def _prepare(self, batch: dict) -> dict[str, torch.Tensor]:
+        """Loader columns [B, T + 1] -> the ``TrainingModule`` inputs [B, T] on the device."""
+        tokens = batch["tokens"].to(self.device, non_blocking=True)
+        token_class = batch["token_class"][:, 1:].to(self.device, non_blocking=True)
+        return {
+            "inputs": tokens[:, :-1],
+            "targets": tokens[:, 1:],
+            "valid": token_class != TokenClass.IGNORE,
+            "token_class": token_class,
+            "judge": batch["judge"][:, 1:].to(self.device, non_blocking=True) == JUDGE_CALL,
+        }
+
+    def _clip_gradients(self) -> float:
+        max_norm = self.config.optimizer.grad_clip or math.inf
+        norm = torch.nn.utils.clip_grad_norm_(self.module.parameters(), max_norm)
+        if isinstance(norm, DTensor):
+            norm = norm.full_tensor()
+        return norm.item()
+
+    def _metrics(
+        self, losses: list[float], totals: torch.Tensor, timer: StepTimer, grad_norm: float, lr: float
+    ) -> dict[str, Any]:
+        counts = dict(zip(COUNTS, self._sum_over_ranks(totals).tolist()))
+        throughput = timer.summary()
+        tokens_per_s = throughput["tokens_per_s"]
+        return {
+            "loss": sum(losses) / len(losses),
+            "call_loss": counts["call_loss_sum"] / counts["calls"] if counts["calls"] else None,
+            "noncall_loss": counts["learned_loss_sum"] / counts["learned"] if counts["learned"] else None,
+            "call_ratio": counts["calls"] / max(counts["valid"], 1),
+            "fact_ratio": counts["facts"] / max(counts["valid"], 1),
+            "tokens_per_s": tokens_per_s,
+            "tokens_seen": self.tokens_seen,
+            "grad_norm": grad_norm,
+            "lr": lr,
+            "mfu": mfu(tokens_per_s / self.ranks, self.flops_per_token, self.peak_flops) if tokens_per_s else None,
+            "data_wait_share": throughput["data_wait_share"],
+            "data": self.loader.read_stats(),  # this rank's read counters
+        }
+
+    def _zero_totals(self) -> torch.Tensor:
+        return torch.zeros(len(COUNTS), dtype=torch.float64, device=self.device)
+
+    def _sum_over_ranks(self, value: torch.Tensor) -> torch.Tensor:
+        if self.ranks > 1:
+            value = value.clone()
+            dist.all_reduce(value)
+        return value
+
+    def _any_rank(self, flag: bool) -> bool:
+        return bool(self._sum_over_ranks(torch.tensor(float(flag), device=self.device)).item())
+
+    def _save_checkpoint(self) -> None:
+        extra = {
+            "step": self.step,
+            "tokens_seen": self.tokens_seen,
+            "scheduler": self.scheduler.state_dict(),
+            "rng": capture_rng_state(),
+            "dataloader": _loader_state_to_json(self.loader.state_dict()),
+        }
+        self.checkpoints.save(self.step, model=self.module, optimizer=self.optimizer, extra=extra)
+
+    def _load_checkpoint(self) -> None:
+        extra = self.checkpoints.load(None, model=self.module, optimizer=self.optimizer)
+        self.step = extra["step"]
+        self.tokens_seen = extra["tokens_seen"]
+        self.scheduler.load_state_dict(extra["scheduler"])
+        restore_rng_state(extra["rng"])
+        self.loader.load_state_dict(_loader_state_from_json(extra["dataloader"]))
+        log.info("resumed from the checkpoint of step %d", self.step)
+
+    def _export(self) -> Path | None:
+        """Collective: gathers the full weights on every rank; rank 0 writes the Hugging Face model."""
+        options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+        state = get_model_state_dict(self.module, options=options)
+        if self.rank != 0:
+            return None
+        weights = {name.removeprefix("model."): tensor for name, tensor in state.items()}
+        return export_hf(weights, self.config.tokenizer.path, self.run_dir / "hf", args=self.model_args)
+
+    def _progress(self):
+        """A tqdm bar on rank 0 when stderr is a terminal, else a stand-in that does nothing."""
+        if self.rank != 0 or not sys.stderr.isatty():
+            return nullcontext(_NoProgress())
+        from tqdm import tqdm
+
+        return tqdm(total=self.config.train.steps, initial=self.step, unit="step", dynamic_ncols=True)
+
+
+class _NoProgress:
+    def update(self, steps: int) -> None:
+        pass
+
+
+def _micro_batch_counts(batch: dict[str, torch.Tensor], output: LossOutput) -> torch.Tensor:
+    """This rank's ``COUNTS`` of one micro-batch."""
+    valid = batch["valid"].flatten()
+    call = output.masks.call
+    learned = valid & ~call & ~output.masks.ignore
+    facts = valid & (batch["token_class"].flatten() == TokenClass.FACT)
+    values = [valid.sum(), facts.sum(), call.sum(), output.call_loss[call].sum(),
+              learned.sum(), output.learned_loss[learned].sum()]
+    return torch.stack([value.double() for value in values])
+
+
+def _loader_state_to_json(state: dict) -> dict:
+    """The loader's state keys its read counters by slot number; checkpoint JSON needs string keys."""
+    return {**state, "slot_stats": {str(slot): stats for slot, stats in state["slot_stats"].items()}}
+
+
+def _loader_state_from_json(state: dict) -> dict:
+    return {**state, "slot_stats": {int(slot): stats for slot, stats in state["slot_stats"].items()}}
+
+
+def main(argv: list[str] | None = None) -> None:
+    """``python -m lacy_stream.train --config FILE [--section.key=value ...]``; also the CLI's ``train``."""
+    from .cli import main as cli_main
+
+    cli_main(["train", *(sys.argv[1:] if argv is None else argv)])
+
+
+if __name__ == "__main__":
+    main()

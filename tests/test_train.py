@@ -1,0 +1,156 @@
+"""The trainer end to end on a tiny model: metrics, checkpoints, export, resume, two ranks, SIGTERM."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import make_corpus, spawn_gloo
+from lacy_stream.checkpoint import CheckpointManager
+from lacy_stream.cli import main as cli_main
+from lacy_stream.config.job_config import ConfigError, load_job_config
+from lacy_stream.model import Transformer, model_args
+from lacy_stream.parallelize import TrainingModule
+from lacy_stream.tokenizer import Tokenizer
+from lacy_stream.train import build_optimizer, micro_batches_per_step, train
+
+# call_loss is logged only when something was called; mfu only on a GPU of the peak-FLOPs table.
+REQUIRED_METRICS = ("loss", "noncall_loss", "call_ratio", "fact_ratio", "tokens_per_s", "grad_norm",
+                    "lr", "data_wait_share", "data/docs")
+
+
+def overrides(corpus: Path, tokenizer_path: str, run_dir: Path, *extra: str) -> list[str]:
+    return [
+        f"--data.shards={corpus}",
+        f"--tokenizer.path={tokenizer_path}",
+        f"--train.run_dir={run_dir}",
+        "--model.preset=tiny",
+        "--model.max_seq_len=32",
+        "--data.seq_len=32",
+        "--data.batch_size=2",
+        "--data.num_workers=0",
+        "--annotation.enabled=false",
+        "--optimizer.lr=3e-3",
+        "--optimizer.warmup_steps=2",
+        "--train.log_every=1",
+        *extra,
+    ]
+
+
+def logged(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def losses_by_step(run_dir: Path) -> dict[int, float]:
+    return {record["step"]: record["loss"] for record in logged(run_dir)}
+
+
+@pytest.fixture
+def corpus(tmp_path: Path) -> Path:
+    make_corpus(tmp_path / "corpus", shards=2, docs_per_shard=4)
+    return tmp_path / "corpus"
+
+
+@pytest.mark.timeout(120)
+def test_cli_trains_logs_checkpoints_and_exports(tmp_path, corpus, tokenizer_path):
+    run_dir = tmp_path / "run"
+    args = overrides(corpus, tokenizer_path, run_dir, "--train.steps=30", "--checkpoint.every=10",
+                     "--checkpoint.keep=2")
+    with pytest.raises(SystemExit) as exit_info:
+        cli_main(["train", *args])
+    assert exit_info.value.code == 0
+
+    records = logged(run_dir)
+    assert [record["step"] for record in records] == list(range(1, 31))
+    for key in REQUIRED_METRICS:
+        assert key in records[0], key
+    assert records[0]["call_ratio"] == 0  # no facts without annotation, so nothing to call
+    first, last = sum(r["loss"] for r in records[:3]) / 3, sum(r["loss"] for r in records[-3:]) / 3
+    assert last < first - 0.5, (first, last)  # the 8 tiny documents repeat every few steps
+    assert CheckpointManager(run_dir).steps() == [20, 30]
+    assert (run_dir / "hf" / "model.safetensors").is_file()
+    assert json.loads((run_dir / "config.json").read_text())["train"]["steps"] == 30
+
+
+@pytest.mark.timeout(120)
+def test_resumed_run_continues_with_the_same_losses(tmp_path, corpus, tokenizer_path):
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    common = ("--checkpoint.export_hf=false", "--checkpoint.every=3")
+    train(load_job_config(None, overrides(corpus, tokenizer_path, straight, "--train.steps=6", *common)))
+    train(load_job_config(None, overrides(corpus, tokenizer_path, resumed, "--train.steps=3", *common)))
+    torch.manual_seed(1234)  # the resumed run must restore its RNG streams, not rely on the process's
+    train(load_job_config(None, overrides(corpus, tokenizer_path, resumed, "--train.steps=6", *common)))
+
+    assert [record["step"] for record in logged(resumed)] == [1, 2, 3, 4, 5, 6]  # no step ran twice
+    expected, actual = losses_by_step(straight), losses_by_step(resumed)
+    for step in (4, 5, 6):
+        assert actual[step] == pytest.approx(expected[step], abs=1e-6), step
+
+
+def _train_on_rank(rank: int, world: int, config_args: list[str]) -> dict:
+    return train(load_job_config(None, config_args))
+
+
+@pytest.mark.timeout(180)
+def test_two_ranks_match_one_process_accumulating_two_micro_batches(tmp_path, corpus, tokenizer_path):
+    # The same windows either way: the loader's slots are rank x workers + worker, and one process with two
+    # workers takes its batches from worker 0 and worker 1 in turn, so micro-batch i of a step there is
+    # the batch of rank i here. The annotation-free corpus has no facts, so no call selection differs.
+    common = ("--train.steps=4", "--train.global_batch_tokens=128", "--checkpoint.export_hf=false")
+    one = tmp_path / "one"
+    train(load_job_config(None, overrides(corpus, tokenizer_path, one, "--data.num_workers=2", *common)))
+    two = tmp_path / "two"
+    spawn_gloo(_train_on_rank, 2, tmp_path, overrides(corpus, tokenizer_path, two, *common))
+
+    expected, actual = losses_by_step(one), losses_by_step(two)
+    assert sorted(actual) == [1, 2, 3, 4]
+    for step in actual:
+        assert actual[step] == pytest.approx(expected[step], abs=1e-5), step
+    assert CheckpointManager(two).latest() == 4
+
+
+@pytest.mark.timeout(120)
+def test_sigterm_saves_a_loadable_checkpoint_and_stops(tmp_path, corpus, tokenizer_path):
+    run_dir = tmp_path / "run"
+    args = overrides(corpus, tokenizer_path, run_dir, "--train.steps=20", "--checkpoint.every=100")
+    config = load_job_config(None, args)
+
+    def terminate_at_step_2(step: int) -> None:
+        if step == 2:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    summary = train(config, on_step=terminate_at_step_2)
+    assert summary["interrupted"] and summary["step"] == 2 and summary["hf_dir"] is None
+
+    tokenizer = Tokenizer(tokenizer_path)
+    module = TrainingModule(
+        Transformer(model_args("tiny", vocab_size=tokenizer.vocab_size, max_seq_len=32)),
+        config.loss, call_id=tokenizer.call_id, seed=0,
+    )
+    extra = CheckpointManager(run_dir).load(None, model=module, optimizer=build_optimizer(module, config.optimizer))
+    assert extra["step"] == 2 and extra["tokens_seen"] == 2 * 2 * 32
+
+
+@pytest.mark.timeout(120)
+def test_lacy_with_annotation_calls_facts(tmp_path, corpus, tokenizer_path):
+    run_dir = tmp_path / "run"
+    args = overrides(corpus, tokenizer_path, run_dir, "--train.steps=2", "--checkpoint.export_hf=false",
+                     "--train.activation_checkpointing=true")
+    args.remove("--annotation.enabled=false")
+    train(load_job_config(None, args))
+    record = logged(run_dir)[-1]
+    assert record["fact_ratio"] > 0
+    assert 0 < record["call_ratio"] < 0.2  # the budget is round(0.15 x valid tokens)
+    assert record["call_loss"] > 0
+
+
+def test_global_batch_must_split_into_whole_micro_batches():
+    assert micro_batches_per_step(0, 2, 2, 32) == 1
+    assert micro_batches_per_step(256, 2, 2, 32) == 2
+    with pytest.raises(ConfigError, match="multiple"):
+        micro_batches_per_step(100, 2, 2, 32)
