@@ -164,7 +164,7 @@ RESET = "\033[0m"
 def highlight_facts(text: str, spans: list[list], *, color: bool) -> str:
     """The text with runs of fact words in colour (a terminal) or [brackets]."""
     opening, closing = (FACT_COLOR, RESET) if color else ("[", "]")
-    out, position, run_end = [], 0, None
+    out, position, run_start, run_end = [], 0, 0, None
     for begin, end, name in spans:
         if name != "fact":
             continue

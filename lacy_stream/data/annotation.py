@@ -130,7 +130,6 @@ class _Document:
     """A parsed document as arrays (no spaCy Token objects: they cost more than the rules), plus helpers."""
 
     def __init__(self, doc: Doc) -> None:
-        self.doc = doc
         self.size = len(doc)
         columns = doc.to_array([POS, DEP, HEAD, IDX, LENGTH, LIKE_NUM, IS_SPACE, IS_TITLE, SENT_START, LOWER])
         self.pos = columns[:, 0].astype(np.int64)
