@@ -172,17 +172,20 @@ class DocumentLabeler:
                 "judge": np.full(len(ids), JUDGE_UNKNOWN, dtype=np.int8),
             }
         ids, piece_begin, piece_end = encode_with_offsets(self.tokenizer, text)
-        text_bytes = np.frombuffer(text.encode("utf-8"), dtype=np.uint8)
+        to_bytes = char_to_byte_offsets(text)
         if words is None:
             classes = np.full(len(ids), TokenClass.OTHER, dtype=np.int8)
         else:
-            to_bytes = char_to_byte_offsets(text)
+            text_bytes = np.frombuffer(text.encode("utf-8"), dtype=np.uint8)
             classes = label_pieces(
                 piece_begin, piece_end, to_bytes[words.begin], to_bytes[words.end], words.classes, text_bytes
             )
-        return {"tokens": ids, "token_class": classes, "judge": self._judge(doc, piece_begin, piece_end)}
+        return {"tokens": ids, "token_class": classes, "judge": self._judge(doc, piece_begin, piece_end, to_bytes)}
 
-    def _judge(self, doc: Document, piece_begin: np.ndarray, piece_end: np.ndarray) -> np.ndarray:
+    def _judge(
+        self, doc: Document, piece_begin: np.ndarray, piece_end: np.ndarray, to_bytes: np.ndarray
+    ) -> np.ndarray:
+        """Judge labels of the pieces; ``to_bytes`` maps the text's character offsets to byte offsets."""
         markup = _judge_markup(doc)
         judge = np.full(len(piece_begin), JUDGE_UNKNOWN, dtype=np.int8)
         if markup is None:
@@ -195,7 +198,6 @@ class DocumentLabeler:
         self.counts["judge_unmapped"] += stats.unmapped
         self.counts["judge_not_in_text"] += stats.not_found
         self.counts["judge_unparseable"] += stats.unparseable
-        to_bytes = char_to_byte_offsets(doc.text)
         span_begin = np.array([to_bytes[b] for b, _ in spans], dtype=np.int64)
         span_end = np.array([to_bytes[e] for _, e in spans], dtype=np.int64)
         called = pieces_in_spans(piece_begin, piece_end, span_begin, span_end)
