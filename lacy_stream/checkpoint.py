@@ -17,7 +17,9 @@ Design:
 * Only tensors are given to DCP. DCP would store any other value with ``torch.save`` and read it back
   with ``torch.load(weights_only=False)``, i.e. by unpickling arbitrary objects. Everything that is not
   a tensor of the model or the optimizer is JSON instead, with tensors inside it encoded as base64 of
-  their raw bytes (see ``_encode``). DCP's own ``.metadata`` index is the only pickle in a checkpoint.
+  their raw bytes (see ``_encode``). DCP's own ``.metadata`` index is the only pickle in a checkpoint,
+  and ``SafeFileSystemReader`` reads it with an unpickler that only builds DCP's metadata classes (tensor
+  files are read by DCP with ``torch.load(weights_only=True)``). Loading never runs arbitrary code.
 * ``extra`` is stored per rank, because the dataloader position and the RNG streams differ per rank;
   ``load`` hands each rank back its own. Resuming therefore needs the same world size.
 * A checkpoint is written into a temporary directory and renamed into place by rank 0 once every rank
@@ -30,6 +32,7 @@ from __future__ import annotations
 
 import base64
 import json
+import pickle
 import os
 import random
 import re
@@ -44,6 +47,7 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch import nn
+from torch.distributed.checkpoint.metadata import Metadata, StorageMeta
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
 CHECKPOINT_PATTERN = re.compile(r"step-(\d{8})")
@@ -129,10 +133,51 @@ class CheckpointManager:
         # optimizer state of a fresh optimizer so that its moments have somewhere to go.
         model_state, optimizer_state = get_state_dict(model, optimizer)
         optimizer_tensors, _ = _split_tensors(optimizer_state)
-        dcp.load({"model": model_state, "optimizer": optimizer_tensors}, checkpoint_id=path)
+        reader = SafeFileSystemReader(path)
+        reader.read_metadata()  # a refused pickle fails here, clearly, not wrapped in DCP's CheckpointException
+        dcp.load({"model": model_state, "optimizer": optimizer_tensors}, storage_reader=reader)
         optimizer_state = _merge(optimizer_tensors, _read_json(path / OPTIMIZER_FILE))
         set_state_dict(model, optimizer, model_state_dict=model_state, optim_state_dict=optimizer_state)
         return _read_json(path / f"rank{_rank()}.json")
+
+
+# What a DCP ``.metadata`` pickle may reference: DCP's metadata records and the torch values inside them.
+_METADATA_GLOBALS = {
+    "torch.distributed.checkpoint.metadata": {
+        "Metadata", "StorageMeta", "MetadataIndex", "TensorStorageMetadata", "BytesStorageMetadata",
+        "ChunkStorageMetadata", "TensorProperties", "_MEM_FORMAT_ENCODING",
+    },
+    "torch.distributed.checkpoint.filesystem": {"_StorageInfo"},
+    "torch.serialization": {"_get_layout"},
+    "torch": {"Size"},
+    "pathlib": {"Path", "PosixPath", "WindowsPath", "PurePosixPath", "PureWindowsPath"},
+    "collections": {"OrderedDict"},
+}
+
+
+class _MetadataUnpickler(pickle.Unpickler):
+    def find_class(self, module: str, name: str) -> Any:
+        if name in _METADATA_GLOBALS.get(module, ()):
+            return super().find_class(module, name)
+        if module == "torch" and isinstance(getattr(torch, name, None), torch.dtype):
+            return getattr(torch, name)
+        raise pickle.UnpicklingError(f"checkpoint metadata references {module}.{name}, which is not allowed")
+
+
+class SafeFileSystemReader(dcp.FileSystemReader):
+    """DCP's file reader, except that ``.metadata`` is unpickled with an allow-list of DCP's own classes."""
+
+    def read_metadata(self, *args: Any, **kwargs: Any) -> Metadata:
+        rank = kwargs.get("rank")
+        path = Path(self.path) / (".metadata" if rank is None else f"__{rank}.metadata")
+        with open(path, "rb") as file:
+            metadata = _MetadataUnpickler(file).load()
+        if not isinstance(metadata, Metadata):
+            raise pickle.UnpicklingError(f"{path} holds a {type(metadata).__name__}, not DCP metadata")
+        if metadata.storage_meta is None:
+            metadata.storage_meta = StorageMeta()
+        metadata.storage_meta.load_id = self.load_id
+        return metadata
 
 
 def capture_rng_state() -> dict[str, Any]:

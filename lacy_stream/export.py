@@ -1,7 +1,8 @@
 """Export a trained model and its tokenizer as a Hugging Face GPT-2 checkpoint directory.
 
 ``export_hf`` writes what ``AutoModelForCausalLM.from_pretrained`` and ``AutoTokenizer.from_pretrained``
-load offline: ``config.json``, ``generation_config.json``, ``model.safetensors`` and the tokenizer files.
+load offline: ``config.json``, ``generation_config.json``, ``model.safetensors`` and the tokenizer files,
+plus ``sentencepiece.model`` (our tokenizer, which ``lacy_stream.inference.loading`` reads back).
 
 Model. ``lacy_stream.model.Transformer`` is GPT-2 layer for layer (pre-LayerNorm blocks, learned positions,
 biases everywhere, tied output), so only names and layouts change:
@@ -38,7 +39,8 @@ as ``PreTrainedTokenizerFast``, which transformers 4 and 5 both load (5 would na
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+import shutil
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 
 import torch
@@ -53,6 +55,7 @@ from lacy_stream.model import ModelArgs, Transformer
 from lacy_stream.tokenizer import CALL_TOKEN, Tokenizer
 
 WEIGHTS_FILE = "model.safetensors"
+SENTENCEPIECE_FILE = "sentencepiece.model"  # our own tokenizer model, for lacy-stream's inference
 
 # Our per-layer module -> (its GPT-2 name, whether it is a Linear that GPT-2 stores as a transposed Conv1D).
 _LAYER_MODULES: dict[str, tuple[str, bool]] = {
@@ -121,11 +124,35 @@ def export_hf(
     hf_tokenizer(proto, model_max_length=args.max_seq_len).save_pretrained(out)
     _declare_tokenizer_class(out, "PreTrainedTokenizerFast")
     _check_tokenizer(out, tokenizer)
+    shutil.copyfile(tokenizer.model_path, out / SENTENCEPIECE_FILE)
     return out
 
 
 def gpt2_tensors(state: Mapping[str, torch.Tensor], n_layers: int, dtype: torch.dtype) -> dict[str, torch.Tensor]:
     """Our state dict renamed and laid out as ``GPT2LMHeadModel``'s, as contiguous CPU tensors in ``dtype``."""
+    names = _gpt2_names(n_layers)
+    _check_names(names.keys(), state.keys(), f"a {n_layers}-layer Transformer")
+    tensors = {}
+    for ours, (theirs, transpose) in names.items():
+        tensor = state[ours].detach()
+        tensors[theirs] = (tensor.t() if transpose else tensor).to("cpu", dtype).contiguous()
+    return tensors
+
+
+def state_dict_from_gpt2(tensors: Mapping[str, torch.Tensor], n_layers: int) -> dict[str, torch.Tensor]:
+    """Inverse of ``gpt2_tensors``: a GPT-2 checkpoint's tensors as our ``Transformer`` state dict."""
+    names = _gpt2_names(n_layers)
+    tensors = {name: tensor for name, tensor in tensors.items() if name != "lm_head.weight"}  # tied to wte
+    _check_names({theirs for theirs, _ in names.values()}, tensors.keys(), f"a {n_layers}-layer GPT-2")
+    state = {}
+    for ours, (theirs, transpose) in names.items():
+        tensor = tensors[theirs]
+        state[ours] = (tensor.t() if transpose else tensor).contiguous()
+    return state
+
+
+def _gpt2_names(n_layers: int) -> dict[str, tuple[str, bool]]:
+    """Our parameter name -> (GPT-2's name, whether GPT-2 stores it transposed)."""
     names = {
         "tok_embeddings.weight": ("transformer.wte.weight", False),
         "pos_embeddings.weight": ("transformer.wpe.weight", False),
@@ -136,17 +163,13 @@ def gpt2_tensors(state: Mapping[str, torch.Tensor], n_layers: int, dtype: torch.
         for ours, (theirs, is_conv1d) in _LAYER_MODULES.items():
             names[f"layers.{layer}.{ours}.weight"] = (f"transformer.h.{layer}.{theirs}.weight", is_conv1d)
             names[f"layers.{layer}.{ours}.bias"] = (f"transformer.h.{layer}.{theirs}.bias", False)
-    missing, unexpected = names.keys() - state.keys(), state.keys() - names.keys()
+    return names
+
+
+def _check_names(expected: Iterable[str], got: Iterable[str], what: str) -> None:
+    missing, unexpected = set(expected) - set(got), set(got) - set(expected)
     if missing or unexpected:
-        raise ValueError(
-            f"not a state dict of a {n_layers}-layer Transformer: "
-            f"missing {sorted(missing)[:5]}, unexpected {sorted(unexpected)[:5]}"
-        )
-    tensors = {}
-    for ours, (theirs, transpose) in names.items():
-        tensor = state[ours].detach()
-        tensors[theirs] = (tensor.t() if transpose else tensor).to("cpu", dtype).contiguous()
-    return tensors
+        raise ValueError(f"not a state dict of {what}: missing {sorted(missing)[:5]}, unexpected {sorted(unexpected)[:5]}")
 
 
 def gpt2_config(args: ModelArgs, bos_id: int | None, eos_id: int, dtype: torch.dtype = torch.float32) -> GPT2Config:

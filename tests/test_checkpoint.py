@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import random
 import signal
 from pathlib import Path
@@ -14,7 +15,7 @@ from torch import nn
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
 from conftest import spawn_gloo
-from lacy_stream.checkpoint import CheckpointManager, SigtermFlag, capture_rng_state, restore_rng_state
+from lacy_stream.checkpoint import CheckpointManager, SafeFileSystemReader, SigtermFlag, capture_rng_state, restore_rng_state
 
 # DCP warns that it saves "in a single process" whenever no process group is initialized.
 pytestmark = pytest.mark.filterwarnings("ignore:torch.distributed is disabled")
@@ -153,7 +154,7 @@ def test_checkpoint_holds_no_pickled_objects(tmp_path: Path) -> None:
     path = CheckpointManager(tmp_path).save(1, model=model, optimizer=optimizer, extra=extra_state(1, scheduler))
 
     # DCP stores every non-tensor entry with torch.save; only tensor entries means nothing to unpickle.
-    metadata = dcp.FileSystemReader(path).read_metadata()
+    metadata = SafeFileSystemReader(path).read_metadata()
     assert metadata.state_dict_metadata
     assert all(isinstance(entry, TensorStorageMetadata) for entry in metadata.state_dict_metadata.values())
     for file in path.iterdir():
@@ -161,6 +162,24 @@ def test_checkpoint_holds_no_pickled_objects(tmp_path: Path) -> None:
             json.loads(file.read_text())
         else:
             assert file.suffix == ".distcp" or file.name == ".metadata", file.name
+
+
+class _RunsCode:
+    def __reduce__(self):
+        return (os.system, ("touch pwned",))
+
+
+def test_loading_refuses_metadata_that_would_run_code(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    model, optimizer, _ = make_training(seed=0)
+    manager = CheckpointManager(tmp_path)
+    path = manager.save(1, model=model, optimizer=optimizer, extra={})
+    metadata = SafeFileSystemReader(path).read_metadata()
+    metadata.planner_data = _RunsCode()
+    (path / ".metadata").write_bytes(pickle.dumps(metadata))
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(pickle.UnpicklingError, match=r"(posix|os)\.system, which is not allowed"):
+        manager.load(1, model=model, optimizer=optimizer)
+    assert not (tmp_path / "pwned").exists()
 
 
 def test_sigterm_sets_the_flag_instead_of_ending_the_process() -> None:

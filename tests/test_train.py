@@ -14,6 +14,7 @@ from conftest import make_corpus, spawn_gloo
 from lacy_stream.checkpoint import CheckpointManager
 from lacy_stream.cli import main as cli_main
 from lacy_stream.config.job_config import ConfigError, load_job_config
+from lacy_stream.inference.loading import load_lacy
 from lacy_stream.model import Transformer, model_args
 from lacy_stream.parallelize import TrainingModule
 from lacy_stream.tokenizer import Tokenizer
@@ -75,6 +76,14 @@ def test_cli_trains_logs_checkpoints_and_exports(tmp_path, corpus, tokenizer_pat
     assert CheckpointManager(run_dir).steps() == [20, 30]
     assert (run_dir / "hf" / "model.safetensors").is_file()
     assert json.loads((run_dir / "config.json").read_text())["train"]["steps"] == 30
+
+    # Inference reads the export, the final checkpoint and the run directory as the same model.
+    tokens = torch.tensor([Tokenizer(tokenizer_path).encode("The museum was founded in 1887.")])
+    loaded = [load_lacy(source) for source in (run_dir / "hf", CheckpointManager(run_dir).path(30), run_dir)]
+    logits = [lacy.model.logits(lacy.model(tokens)) for lacy in loaded]
+    torch.testing.assert_close(logits[1], logits[0])
+    torch.testing.assert_close(logits[2], logits[0])
+    assert loaded[1].tokenizer.call_id == loaded[0].call_id == Tokenizer(tokenizer_path).call_id
 
 
 @pytest.mark.timeout(120)

@@ -1,0 +1,1 @@
+"""Inference with trained LaCy models: loading, cascade generation, cascade partners."""

@@ -1,0 +1,116 @@
+"""Load a trained LaCy model and its tokenizer for inference and evaluation.
+
+``load_lacy(path)`` accepts any of what a training run leaves behind:
+
+* a Hugging Face export directory (``run_dir/hf``: ``config.json``, ``model.safetensors`` and our
+  ``sentencepiece.model``), read without transformers and without unpickling;
+* a run directory: its ``hf`` export when there is one, else its latest complete checkpoint;
+* one checkpoint directory (``run_dir/checkpoints/step-00001200``), whose model weights are read with DCP
+  on one process; the architecture and tokenizer come from the run's resolved ``config.json``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import torch
+import torch.distributed.checkpoint as dcp
+from safetensors.torch import load_file
+
+from ..checkpoint import COMPLETE_MARKER, CheckpointManager, SafeFileSystemReader
+from ..export import SENTENCEPIECE_FILE, WEIGHTS_FILE, state_dict_from_gpt2
+from ..model import ModelArgs, Transformer, model_args
+from ..tokenizer import Tokenizer
+
+HF_ACTIVATIONS = ("gelu_pytorch_tanh", "gelu_new")  # both are GPT-2's tanh GELU, which our MLP computes
+
+
+@dataclasses.dataclass
+class LacyModel:
+    model: Transformer
+    tokenizer: Tokenizer
+    source: Path
+
+    @property
+    def call_id(self) -> int:
+        return self.tokenizer.call_id
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.output_weight.device
+
+
+def load_lacy(path: str | Path, *, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32) -> LacyModel:
+    """The model at ``path`` (see the module docstring) in eval mode on ``device``."""
+    path = Path(path)
+    if (path / WEIGHTS_FILE).is_file():
+        model, tokenizer = _from_hf_export(path)
+    elif (path / COMPLETE_MARKER).is_file():
+        model, tokenizer = _from_checkpoint(path, run_dir=path.parent.parent)
+    elif (path / "hf" / WEIGHTS_FILE).is_file():
+        model, tokenizer = _from_hf_export(path / "hf")
+    elif (step := CheckpointManager(path).latest()) is not None:
+        model, tokenizer = _from_checkpoint(CheckpointManager(path).path(step), run_dir=path)
+    else:
+        raise FileNotFoundError(
+            f"{path} is neither a Hugging Face export ({WEIGHTS_FILE}), a checkpoint directory ({COMPLETE_MARKER}) "
+            "nor a run directory with an hf/ export or complete checkpoints"
+        )
+    model.to(device=device, dtype=dtype).eval()
+    return LacyModel(model=model, tokenizer=tokenizer, source=path)
+
+
+def _from_hf_export(directory: Path) -> tuple[Transformer, Tokenizer]:
+    config = json.loads((directory / "config.json").read_text())
+    if config.get("model_type") != "gpt2":
+        raise ValueError(f"{directory} holds a {config.get('model_type')!r} model, not an exported GPT-2")
+    if config.get("activation_function") not in HF_ACTIVATIONS:
+        raise ValueError(f"{directory}: activation {config.get('activation_function')!r} is not GPT-2's tanh GELU")
+    tokenizer_path = directory / SENTENCEPIECE_FILE
+    if not tokenizer_path.is_file():
+        raise FileNotFoundError(f"{tokenizer_path} missing: export the model with lacy-stream to keep its tokenizer")
+    args = ModelArgs(
+        dim=config["n_embd"],
+        n_heads=config["n_head"],
+        n_layers=config["n_layer"],
+        vocab_size=config["vocab_size"],
+        max_seq_len=config["n_positions"],
+        norm_eps=config.get("layer_norm_epsilon", 1e-5),
+    )
+    model = _empty_model(args)
+    state = state_dict_from_gpt2(load_file(str(directory / WEIGHTS_FILE)), args.n_layers)
+    model.load_state_dict({name: tensor.float() for name, tensor in state.items()})
+    return model, _matching_tokenizer(tokenizer_path, args)
+
+
+def _from_checkpoint(checkpoint: Path, *, run_dir: Path) -> tuple[Transformer, Tokenizer]:
+    config_path = run_dir / "config.json"
+    if not config_path.is_file():
+        raise FileNotFoundError(f"{config_path} missing: a checkpoint is read with its run's resolved config")
+    config = json.loads(config_path.read_text())
+    tokenizer = Tokenizer(config["tokenizer"]["path"])
+    overrides = {"vocab_size": tokenizer.vocab_size}
+    if config["model"].get("max_seq_len"):
+        overrides["max_seq_len"] = config["model"]["max_seq_len"]
+    args = model_args(config["model"]["preset"], **overrides)
+    model = _empty_model(args)
+    # The trainer checkpoints its TrainingModule, which holds the transformer as ``model``.
+    state = {f"model.{name}": tensor for name, tensor in model.state_dict().items()}
+    dcp.load({"model": state}, storage_reader=SafeFileSystemReader(checkpoint), no_dist=True)
+    model.load_state_dict({name.removeprefix("model."): tensor for name, tensor in state.items()})
+    return model, _matching_tokenizer(Path(config["tokenizer"]["path"]), args)
+
+
+def _empty_model(args: ModelArgs) -> Transformer:
+    with torch.device("meta"):
+        model = Transformer(args)
+    return model.to_empty(device="cpu")
+
+
+def _matching_tokenizer(path: Path, args: ModelArgs) -> Tokenizer:
+    tokenizer = Tokenizer(path)
+    if tokenizer.vocab_size != args.vocab_size:
+        raise ValueError(f"tokenizer {path} has {tokenizer.vocab_size} ids with <CALL>, the model {args.vocab_size}")
+    return tokenizer
