@@ -31,13 +31,16 @@ Design:
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
-import pickle
 import os
+import pickle
 import random
 import re
 import shutil
 import signal
+import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from types import FrameType
 from typing import Any
@@ -95,7 +98,8 @@ class CheckpointManager:
 
         model_state, optimizer_state = get_state_dict(model, optimizer)
         optimizer_tensors, optimizer_rest = _split_tensors(optimizer_state)
-        dcp.save({"model": model_state, "optimizer": optimizer_tensors}, checkpoint_id=temporary)
+        with single_process_quietly():
+            dcp.save({"model": model_state, "optimizer": optimizer_tensors}, checkpoint_id=temporary, no_dist=not _distributed())
         _write_json(temporary / f"rank{rank}.json", extra)
         if rank == 0:
             _write_json(temporary / OPTIMIZER_FILE, optimizer_rest)
@@ -135,7 +139,8 @@ class CheckpointManager:
         optimizer_tensors, _ = _split_tensors(optimizer_state)
         reader = SafeFileSystemReader(path)
         reader.read_metadata()  # a refused pickle fails here, clearly, not wrapped in DCP's CheckpointException
-        dcp.load({"model": model_state, "optimizer": optimizer_tensors}, storage_reader=reader)
+        with single_process_quietly():
+            dcp.load({"model": model_state, "optimizer": optimizer_tensors}, storage_reader=reader, no_dist=not _distributed())
         optimizer_state = _merge(optimizer_tensors, _read_json(path / OPTIMIZER_FILE))
         set_state_dict(model, optimizer, model_state_dict=model_state, optim_state_dict=optimizer_state)
         return _read_json(path / f"rank{_rank()}.json")
@@ -162,6 +167,14 @@ class _MetadataUnpickler(pickle.Unpickler):
         if module == "torch" and isinstance(getattr(torch, name, None), torch.dtype):
             return getattr(torch, name)
         raise pickle.UnpicklingError(f"checkpoint metadata references {module}.{name}, which is not allowed")
+
+
+@contextlib.contextmanager
+def single_process_quietly() -> Iterator[None]:
+    """DCP warns at every save and load in one process that it assumes one process, which is what we mean."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
+        yield
 
 
 class SafeFileSystemReader(dcp.FileSystemReader):

@@ -9,7 +9,9 @@ import os
 import sys
 from pathlib import Path
 
-from .config.job_config import AnnotationConfig, ConfigError, DataConfig, TokenizerConfig, load_job_config
+from .config.job_config import RUN_CONFIGS, AnnotationConfig, ConfigError, DataConfig, TokenizerConfig, load_job_config
+from .eval.options import add_eval_arguments
+from .inference.call_policy import POLICY_NAMES, policy_from_name
 
 DEMO_DIR = Path("shards/demo")
 DEMO_VOCAB_SIZE = 8000
@@ -94,13 +96,13 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from .bench import bench_stream
     from .data.loader import stream_options
     from .data.make_shards import make_shards
     from .data.urls import expand_shard_spec
     from .tokenizer import train_tokenizer
+    from .train import train
 
-    config = load_job_config(args.config, args.overrides)
+    config = load_job_config(args.config or RUN_CONFIGS / "tiny_cpu.toml", args.overrides)
     shards = Path(config.data.shards)
     if config.data.shards == str(DEMO_DIR) and not (shards / "manifest.json").exists():
         print(f"building the demo shards (gensim's English Wikipedia excerpt) in {shards}")
@@ -111,8 +113,19 @@ def cmd_demo(args: argparse.Namespace) -> int:
         options = stream_options(config.data)
         texts = _document_texts(expand_shard_spec(config.data.shards, options), options)
         train_tokenizer(texts, tokenizer_path, DEMO_VOCAB_SIZE)
-    report = bench_stream(config, batches=args.batches)
-    print(json.dumps(report, indent=2))
+    print(f"training the {config.model.preset} model with {config.loss.method} for {config.train.steps} steps "
+          f"(spaCy annotates in {config.data.num_workers} dataloader workers)")
+    summary = train(config)
+    run_dir = Path(summary["run_dir"])
+    last = json.loads((run_dir / "metrics.jsonl").read_text().splitlines()[-1])
+    print(json.dumps(summary))
+    print(f"last logged step {last['step']}: loss {last['loss']:.3f}, non-call loss {last['noncall_loss']:.3f}, "
+          f"call ratio {last['call_ratio']:.3f}, fact ratio {last['fact_ratio']:.3f}, "
+          f"{last['tokens_per_s']:.0f} tokens/s, data wait {last['data_wait_share']:.0%} of the step time")
+    print(f"checkpoints: {run_dir / 'checkpoints'}\nmetrics:     {run_dir / 'metrics.jsonl'} "
+          f"(tensorboard --logdir {run_dir / 'tensorboard'})")
+    if summary["hf_dir"]:
+        print(f"model:       {summary['hf_dir']} (Hugging Face GPT-2 + tokenizer)")
     return 0
 
 
@@ -188,6 +201,63 @@ def cmd_train(args: argparse.Namespace) -> int:
     summary = train(load_job_config(args.config, args.overrides))
     print(json.dumps(summary))
     return 0
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from .inference.generate import generate, render
+    from .inference.loading import load_lacy
+    from .inference.partners import Cascade, RagPartner, RagPrompt, partner_from_spec, person_from_prompt
+
+    prompts = list(args.prompt)
+    if args.prompts_file:
+        prompts += [line.strip() for line in Path(args.prompts_file).read_text().splitlines() if line.strip()]
+    if not prompts:
+        raise SystemExit("generate: give --prompt or --prompts-file")
+    if args.background and not args.cascade:
+        raise SystemExit("generate: --background needs --cascade")
+    background = Path(args.background).read_text() if args.background else None
+    lacy = load_lacy(args.ckpt, device=args.device)
+    partner = partner_from_spec(args.cascade, device=args.device) if args.cascade else None
+    policy = policy_from_name(args.policy, lacy.tokenizer, args.call_rate, seed=args.seed)
+    generations = []
+    for prompt in prompts:
+        delegate = None
+        if partner is not None:
+            prompted = partner
+            if background is not None:
+                person = args.person or person_from_prompt(prompt)
+                if person is None:
+                    raise SystemExit(f"generate: --background needs --person for the prompt {prompt!r}")
+                prompted = RagPartner(partner, RagPrompt(person, background))
+            delegate = Cascade(prompted, lacy.tokenizer)
+        generation = generate(
+            lacy.model,
+            lacy.tokenizer,
+            prompt,
+            policy,
+            delegate=delegate,
+            max_new_tokens=args.max_new_tokens,
+            repetition_penalty=args.repetition_penalty,
+        )
+        generations.append(generation)
+        if not args.json:
+            print(render(generation, lacy.tokenizer, color=sys.stdout.isatty()))
+            print(
+                f"-- {generation.calls} calls in {generation.steps} steps ({generation.call_rate:.1%}), "
+                f"{generation.tokens_per_second:.1f} tokens/s" + (", stopped at EOS" if generation.stopped_at_eos else "")
+                + "\n"
+            )
+    if args.json:
+        print(json.dumps({"generations": [g.report(lacy.tokenizer) for g in generations], "policy": policy.state_dict()}))
+    elif len(generations) > 1:
+        print(f"all prompts: {policy.calls} calls in {policy.steps} steps ({policy.call_rate:.1%})")
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from .eval.report import run_eval
+
+    return run_eval(args)
 
 
 def cmd_bench_annotate(args: argparse.Namespace) -> int:
@@ -281,9 +351,10 @@ def build_parser() -> argparse.ArgumentParser:
     inspect.add_argument("--json", action="store_true", help="print one JSON object")
     inspect.set_defaults(run=cmd_inspect)
 
-    demo = commands.add_parser("demo", help="the main job on the embedded default: demo shards, tokenizer, streaming")
-    demo.add_argument("--config", help="a TOML job config")
-    demo.add_argument("--batches", type=int, default=50)
+    demo = commands.add_parser(
+        "demo", help="the main job on the embedded default: demo shards and tokenizer, then a tiny LaCy training run"
+    )
+    demo.add_argument("--config", help="a TOML job config (default: the shipped tiny_cpu run config)")
     demo.set_defaults(run=cmd_demo)
 
     train = commands.add_parser("train", help="pretrain with the LaCy loss (one process, or under torchrun)")
@@ -303,6 +374,28 @@ def build_parser() -> argparse.ArgumentParser:
     annotate.add_argument("--spacy-model", default=AnnotationConfig.spacy_model)
     annotate.add_argument("--batch-size", type=int, default=AnnotationConfig.batch_size)
     annotate.set_defaults(run=cmd_annotate)
+
+    gen = commands.add_parser("generate", help="greedy generation, calls answered by a cascade partner (partner tokens highlighted)")
+    gen.add_argument("--ckpt", required=True, help="the small model: a run, Hugging Face export or checkpoint directory")
+    gen.add_argument("--cascade", help="partner: hf:DIR, openai:URL#MODEL (key from OPENAI_API_KEY) or lacy:PATH")
+    gen.add_argument("--policy", choices=POLICY_NAMES, default="argmax", help="when a step is a call")
+    gen.add_argument("--call-rate", type=float, default=0.15, help="target call rate (calibrated, ilacy-*) or random rate")
+    gen.add_argument("--max-new-tokens", type=int, default=256)
+    gen.add_argument("--repetition-penalty", type=float, default=1.2)
+    gen.add_argument("--background", help="a text file of background for the partner's RAG prompt")
+    gen.add_argument("--person", help="the person the background is about (default: from 'Tell me a bio of NAME.')")
+    gen.add_argument("--prompt", action="append", default=[], help="a prompt (repeatable)")
+    gen.add_argument("--prompts-file", help="a file with one prompt per line")
+    gen.add_argument("--seed", type=int, default=0, help="seed of the random policy")
+    gen.add_argument("--device", default="cpu", help="torch device of the model and a local partner")
+    gen.add_argument("--json", action="store_true", help="print one JSON object: generations and the policy's state")
+    gen.set_defaults(run=cmd_generate)
+
+    evaluation = commands.add_parser(
+        "eval", help="evaluate a model into report.json and report.md: losses, NLU, acceptability, fact leakage, FactScore"
+    )
+    add_eval_arguments(evaluation)
+    evaluation.set_defaults(run=cmd_eval)
 
     bench = commands.add_parser("bench", help="benchmarks").add_subparsers(dest="bench", required=True)
     bench_annotate = bench.add_parser("annotate", help="annotation throughput per core, scaling over workers, cache")

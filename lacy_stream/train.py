@@ -23,6 +23,7 @@ and dataloader position, so a resumed run continues exactly where the saved one 
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
 import logging
 import math
@@ -157,6 +158,7 @@ class _Trainer:
             config.data, config.tokenizer.path, config.annotation, rank=self.rank, world_size=self.ranks
         )
         self.checkpoints = CheckpointManager(self.run_dir, keep=config.checkpoint.keep)
+        self.val_batches: list[dict[str, torch.Tensor]] | None = None
         self.step = 0
         self.tokens_seen = 0
         self.flops_per_token = flops_per_token(self.model_args, config.data.seq_len)
@@ -185,9 +187,15 @@ class _Trainer:
                 self.tokens_seen += self.tokens_per_step
                 timer.step_done(self.tokens_per_step)
                 losses.append(loss)
-                if self.step % config.train.log_every == 0 or self.step == config.train.steps:
-                    metrics.log(self.step, self._metrics(losses, totals, timer, grad_norm, lr))
+                last_step = self.step == config.train.steps
+                record = {}
+                if self.step % config.train.log_every == 0 or last_step:
+                    record = self._metrics(losses, totals, timer, grad_norm, lr)
                     losses, totals = [], self._zero_totals()
+                if config.train.val_shards and (self.step % config.train.val_every == 0 or last_step):
+                    record["val"] = self._validate()
+                if record:
+                    metrics.log(self.step, record)
                 bar.update(1)
                 if on_step is not None:
                     on_step(self.step)
@@ -226,6 +234,34 @@ class _Trainer:
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         return self._sum_over_ranks(step_loss).item(), grad_norm
+
+    def _validate(self) -> dict[str, float | None]:
+        """Loss, call loss and non-call loss over the same ``val_batches`` held-out micro-batches each time.
+
+        The batches are read once, on first use, from ``train.val_shards`` (each rank its share), and
+        scored with the training loss (its masks chosen as for step 0, so random methods repeat them).
+        """
+        if self.val_batches is None:
+            loader = TokenLoader.from_config(
+                dataclasses.replace(self.config.data, shards=self.config.train.val_shards, num_workers=0),
+                self.config.tokenizer.path, self.config.annotation, rank=self.rank, world_size=self.ranks,
+            )
+            self.val_batches = [self._prepare(batch) for batch in itertools.islice(loader, self.config.train.val_batches)]
+        loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
+        totals = self._zero_totals()
+        with torch.no_grad():
+            for batch in self.val_batches:
+                output = self.module(**batch, step=0)
+                loss_sum += output.loss.double() * output.masks.valid_tokens
+                totals += _micro_batch_counts(batch, output)
+        counts = dict(zip(COUNTS, self._sum_over_ranks(totals).tolist()))
+        loss_sum = self._sum_over_ranks(loss_sum).item()  # each rank's loss is its share of the global one
+        return {
+            "loss": loss_sum / max(counts["valid"], 1),
+            "call_loss": counts["call_loss_sum"] / counts["calls"] if counts["calls"] else None,
+            "noncall_loss": counts["learned_loss_sum"] / counts["learned"] if counts["learned"] else None,
+            "call_ratio": counts["calls"] / max(counts["valid"], 1),
+        }
 
     def _prepare(self, batch: dict) -> dict[str, torch.Tensor]:
         """Loader columns [B, T + 1] -> the ``TrainingModule`` inputs [B, T] on the device."""

@@ -8,6 +8,7 @@ import random
 from pathlib import Path
 
 import pytest
+import torch
 import webdataset
 
 from lacy_stream.tokenizer import train_tokenizer
@@ -66,6 +67,15 @@ def make_corpus(directory: Path, shards: int, docs_per_shard: int | list[int], s
 def label_cache_in_tmp(tmp_path, monkeypatch):
     """Label caches of tests go to their temporary directory, never to the user's cache."""
     monkeypatch.setenv("LACY_CACHE_DIR", str(tmp_path / "lacy-cache"))
+
+
+@pytest.fixture
+def one_torch_thread():
+    """For tests that run tiny models a token at a time: more threads only wait for each other on a busy machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="session")

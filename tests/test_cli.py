@@ -83,12 +83,19 @@ def test_clear_errors(tmp_path, args, message):
 
 
 def test_demo_main_job(tmp_path):
-    """The README's main command, on a small budget: builds the demo shards and tokenizer, then streams."""
-    result = run("demo", "--batches", "5", "--data.seq_len=128", "--data.batch_size=4", cwd=tmp_path)
+    """The README's main command, on a small budget: builds the demo shards and tokenizer, then trains."""
+    result = run("demo", "--train.steps=4", "--train.log_every=2", "--checkpoint.every=2", "--data.seq_len=64",
+                 "--data.batch_size=2", cwd=tmp_path)
     assert (tmp_path / "shards/demo/manifest.json").exists() and (tmp_path / "shards/demo/tokenizer.model").exists()
-    report = json.loads(result.stdout[result.stdout.index("{") :])
-    assert report["batches"] == 5 and report["read"]["docs"] > 0 and report["read"]["skipped"] == {}
-    assert 0.05 < report["fact_fraction"] < 0.6
+    run_dir = tmp_path / "runs/tiny-cpu"
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [record["step"] for record in records] == [2, 4]
+    assert all(0.05 < record["fact_ratio"] < 0.6 and record["call_ratio"] > 0 for record in records)
+    assert records[-1]["data/skipped"] == {} if "data/skipped" in records[-1] else records[-1]["data/docs"] > 0
+    assert sorted(path.name for path in (run_dir / "checkpoints").iterdir()) == ["step-00000002", "step-00000004"]
+    assert list((run_dir / "tensorboard").iterdir())
+    assert (run_dir / "hf" / "model.safetensors").is_file()
+    assert "model:" in result.stdout and "last logged step 4" in result.stdout
 
 
 def test_annotate_text_brackets_facts_when_not_a_terminal():

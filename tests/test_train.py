@@ -5,6 +5,9 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -13,14 +16,17 @@ import torch
 from conftest import make_corpus, spawn_gloo
 from lacy_stream.checkpoint import CheckpointManager
 from lacy_stream.cli import main as cli_main
-from lacy_stream.config.job_config import ConfigError, load_job_config
+from lacy_stream.config.job_config import RUN_CONFIGS, ConfigError, load_job_config
 from lacy_stream.inference.loading import load_lacy
 from lacy_stream.model import Transformer, model_args
 from lacy_stream.parallelize import TrainingModule
 from lacy_stream.tokenizer import Tokenizer
+import lacy_stream.train as train_module
 from lacy_stream.train import build_optimizer, micro_batches_per_step, train
 
 # call_loss is logged only when something was called; mfu only on a GPU of the peak-FLOPs table.
+REPO = Path(__file__).resolve().parents[1]
+
 REQUIRED_METRICS = ("loss", "noncall_loss", "call_ratio", "fact_ratio", "tokens_per_s", "grad_norm",
                     "lr", "data_wait_share", "data/docs")
 
@@ -61,7 +67,8 @@ def corpus(tmp_path: Path) -> Path:
 def test_cli_trains_logs_checkpoints_and_exports(tmp_path, corpus, tokenizer_path):
     run_dir = tmp_path / "run"
     args = overrides(corpus, tokenizer_path, run_dir, "--train.steps=30", "--checkpoint.every=10",
-                     "--checkpoint.keep=2")
+                     "--checkpoint.keep=2", f"--train.val_shards={corpus}", "--train.val_every=3",
+                     "--train.val_batches=2")
     with pytest.raises(SystemExit) as exit_info:
         cli_main(["train", *args])
     assert exit_info.value.code == 0
@@ -73,6 +80,10 @@ def test_cli_trains_logs_checkpoints_and_exports(tmp_path, corpus, tokenizer_pat
     assert records[0]["call_ratio"] == 0  # no facts without annotation, so nothing to call
     first, last = sum(r["loss"] for r in records[:3]) / 3, sum(r["loss"] for r in records[-3:]) / 3
     assert last < first - 0.5, (first, last)  # the 8 tiny documents repeat every few steps
+    validated = {record["step"]: record["val/loss"] for record in records if "val/loss" in record}
+    assert list(validated) == list(range(3, 31, 3))
+    assert validated[30] < validated[3] - 0.5, validated  # validation here reads the training documents
+    assert "val/noncall_loss" in records[2] and records[2]["val/call_ratio"] == 0
     assert CheckpointManager(run_dir).steps() == [20, 30]
     assert (run_dir / "hf" / "model.safetensors").is_file()
     assert json.loads((run_dir / "config.json").read_text())["train"]["steps"] == 30
@@ -87,15 +98,25 @@ def test_cli_trains_logs_checkpoints_and_exports(tmp_path, corpus, tokenizer_pat
 
 
 @pytest.mark.timeout(120)
-def test_resumed_run_continues_with_the_same_losses(tmp_path, corpus, tokenizer_path):
+def test_resumed_run_continues_with_the_same_losses(tmp_path, corpus, tokenizer_path, monkeypatch):
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
     common = ("--checkpoint.export_hf=false", "--checkpoint.every=3")
+    windows: list[list[int]] = []  # the documents of every window the trainer consumed, in order
+    prepare = train_module._Trainer._prepare
+
+    def recording_prepare(self, batch):
+        windows.extend(sorted(set(window.tolist())) for window in batch["doc_ids"])
+        return prepare(self, batch)
+
+    monkeypatch.setattr(train_module._Trainer, "_prepare", recording_prepare)
     train(load_job_config(None, overrides(corpus, tokenizer_path, straight, "--train.steps=6", *common)))
+    straight_windows, windows[:] = list(windows), []
     train(load_job_config(None, overrides(corpus, tokenizer_path, resumed, "--train.steps=3", *common)))
     torch.manual_seed(1234)  # the resumed run must restore its RNG streams, not rely on the process's
     train(load_job_config(None, overrides(corpus, tokenizer_path, resumed, "--train.steps=6", *common)))
 
     assert [record["step"] for record in logged(resumed)] == [1, 2, 3, 4, 5, 6]  # no step ran twice
+    assert windows == straight_windows  # no document seen twice or skipped across the restart
     expected, actual = losses_by_step(straight), losses_by_step(resumed)
     for step in (4, 5, 6):
         assert actual[step] == pytest.approx(expected[step], abs=1e-6), step
@@ -163,3 +184,34 @@ def test_global_batch_must_split_into_whole_micro_batches():
     assert micro_batches_per_step(256, 2, 2, 32) == 2
     with pytest.raises(ConfigError, match="multiple"):
         micro_batches_per_step(100, 2, 2, 32)
+
+
+@pytest.mark.timeout(300)
+def test_two_node_torchrun_on_localhost_trains(tmp_path, corpus, tokenizer_path):
+    """scripts/multinode_train.sh on two "nodes" of one process each, meeting over TCP on localhost."""
+    run_dir = tmp_path / "run"
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    train_args = overrides(corpus, tokenizer_path, run_dir, "--train.steps=4", "--checkpoint.every=2")
+    environment = {
+        **os.environ,
+        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",  # this torchrun
+        "NNODES": "2", "NPROC_PER_NODE": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
+        "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "",
+    }
+    nodes = [
+        subprocess.Popen(
+            ["bash", str(REPO / "scripts" / "multinode_train.sh"), str(RUN_CONFIGS / "tiny_cpu.toml"), *train_args],
+            env={**environment, "NODE_RANK": str(node)}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        )
+        for node in range(2)
+    ]
+    outputs = [node.communicate(timeout=240)[0] for node in nodes]
+    for node, output in zip(nodes, outputs):
+        assert node.returncode == 0, output[-3000:]
+
+    assert [record["step"] for record in logged(run_dir)] == [1, 2, 3, 4]
+    assert CheckpointManager(run_dir).steps() == [2, 4]
+    assert json.loads((CheckpointManager(run_dir).path(4) / "COMPLETE").read_text())["world_size"] == 2
+    assert (run_dir / "hf" / "model.safetensors").is_file()

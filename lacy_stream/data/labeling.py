@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import io
 import logging
+import sys
 from collections import Counter
 from pathlib import Path
 from typing import Iterable, Iterator, TypeVar
@@ -93,8 +94,11 @@ class DocumentLabeler:
                     waiting, to_annotate, chars_to_annotate = [], 0, 0
             yield from self._complete(waiting)
         finally:
-            for shard_cache in self._shard_caches.values():
-                shard_cache.flush()
+            # A stream abandoned mid-way is closed here, possibly only at interpreter exit, when the modules
+            # a flush needs may already be gone; the cache only saves time, so then it is left unwritten.
+            if not sys.is_finalizing():
+                for shard_cache in self._shard_caches.values():
+                    shard_cache.flush()
             self._shard_caches.clear()
 
     def label_document(self, doc: Document) -> Labels:

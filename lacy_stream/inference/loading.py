@@ -19,7 +19,7 @@ import torch
 import torch.distributed.checkpoint as dcp
 from safetensors.torch import load_file
 
-from ..checkpoint import COMPLETE_MARKER, CheckpointManager, SafeFileSystemReader
+from ..checkpoint import COMPLETE_MARKER, CheckpointManager, SafeFileSystemReader, single_process_quietly
 from ..export import SENTENCEPIECE_FILE, WEIGHTS_FILE, state_dict_from_gpt2
 from ..model import ModelArgs, Transformer, model_args
 from ..tokenizer import Tokenizer
@@ -98,7 +98,8 @@ def _from_checkpoint(checkpoint: Path, *, run_dir: Path) -> tuple[Transformer, T
     model = _empty_model(args)
     # The trainer checkpoints its TrainingModule, which holds the transformer as ``model``.
     state = {f"model.{name}": tensor for name, tensor in model.state_dict().items()}
-    dcp.load({"model": state}, storage_reader=SafeFileSystemReader(checkpoint), no_dist=True)
+    with single_process_quietly():
+        dcp.load({"model": state}, storage_reader=SafeFileSystemReader(checkpoint), no_dist=True)
     model.load_state_dict({name.removeprefix("model."): tensor for name, tensor in state.items()})
     return model, _matching_tokenizer(Path(config["tokenizer"]["path"]), args)
 

@@ -1,0 +1,402 @@
+"""``lacy-stream eval``: run the evaluation sections on a checkpoint into ``report.json`` and ``report.md``.
+
+Every known section appears in the report with a status: ``run`` (with its results), ``skipped`` (with the
+reason: not requested, a missing optional dependency) or ``failed`` (with the error; the other sections
+still run and the command exits with 1).
+
+Sections:
+
+* ``validation`` – call / non-call / total validation losses on held-out text, with ``--baseline`` scored
+  on the model's call masks (:mod:`.validation`);
+* ``nlu`` – ARC-Easy and PIQA accuracy (:mod:`.nlu`);
+* ``lm_eval`` – the same tasks through lm-evaluation-harness (:mod:`.lm_eval_model`); only on request,
+  as a cross-check, since it repeats the ``nlu`` computation;
+* ``acceptability`` – accuracy and, with a judge endpoint, acceptability by loss bucket for fact and
+  non-fact tokens, plus a plot (:mod:`.acceptability`);
+* ``fact_leakage`` – PopQA long-tail and BIG-bench QA Wikidata answered 3-shot with the ``<CALL>`` logit
+  at -inf, and how often the gold answer is contained (Sec. 5.3, :mod:`.fact_leakage`);
+* ``factscore`` – biographies written in the cascade (partner ``--cascade``, call policy ``--policy``,
+  :mod:`.generation`), exported in FactScore's input format and, with a judge and ``--knowledge``, scored
+  FactScore-style (:mod:`.factscore`);
+* ``generation_throughput`` – tokens per second without calls and in the cascade, side by side
+  (:mod:`.generation`).
+
+The cascade partner is loaded once, when the first section that needs it runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from functools import cached_property
+from pathlib import Path
+from typing import Protocol
+
+from ..inference.call_policy import POLICY_NAMES
+from ..inference.generate import MAX_NEW_TOKENS
+from ..inference.loading import LacyModel, load_lacy
+from ..inference.partners import partner_from_spec
+from .acceptability import evaluate_acceptability
+from .chat_endpoint import API_KEY_ENVIRONMENT_VARIABLE, ChatEndpoint
+from .fact_leakage import answer_without_calls, evaluate_fact_leakage, read_bigbench, read_popqa
+from .factscore import KnowledgeSource, read_entities
+from .generation import CascadeGenerator, evaluate_cascade_factscore, measure_throughput
+from .heldout import read_heldout_texts
+from .nlu import evaluate_nlu
+from .options import (
+    DEFAULT_CALL_RATE,
+    DEFAULT_POLICY,
+    DEFAULT_SECTIONS,
+    PAPER_ACCEPTABILITY_DOCUMENTS,
+    PAPER_CALL_RATIO,
+    SECTIONS,
+)
+from .validation import evaluate_validation
+
+log = logging.getLogger(__name__)
+
+REPORT_JSON = "report.json"
+REPORT_MARKDOWN = "report.md"
+
+
+@dataclass(frozen=True)
+class EvalInputs:
+    """The data files of the sections; by default all from the shared directory."""
+
+    heldout: str
+    """Held-out text: a jsonl / jsonl.zst / parquet file with a ``text`` field, or a shard spec."""
+    arc_easy: Path
+    piqa: Path
+    factscore_entities: Path
+    popqa: Path
+    bigbench: Path
+
+    @classmethod
+    def from_shared(cls, shared: str | Path) -> "EvalInputs":
+        shared = Path(shared)
+        return cls(
+            heldout=str(shared / "data" / "dwiki-dev.jsonl"),
+            arc_easy=shared / "eval" / "arc_easy.jsonl",
+            piqa=shared / "eval" / "piqa.jsonl",
+            factscore_entities=shared / "eval" / "factscore_prompt_entities_183.txt",
+            popqa=shared / "eval" / "popqa_longtail.jsonl",
+            bigbench=shared / "eval" / "bigbench_qa_wikidata.jsonl",
+        )
+
+    @property
+    def nlu_tasks(self) -> dict[str, Path]:
+        return {"arc_easy": self.arc_easy, "piqa": self.piqa}
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    checkpoint: str
+    out_dir: Path
+    inputs: EvalInputs
+    baseline: str | None = None
+    sections: tuple[str, ...] = DEFAULT_SECTIONS
+    limit: int | None = None
+    """At most this many documents, examples or entities per section (quick runs); None: all."""
+    device: str = "cpu"
+    batch_size: int = 8
+    call_ratio: float = PAPER_CALL_RATIO
+    judge: ChatEndpoint | None = None
+    knowledge: Path | None = None
+    """FactScore's knowledge source: a jsonl of ``{title, text}`` pages."""
+    cascade: str | None = None
+    """The cascade partner: ``hf:DIR``, ``openai:URL#MODEL`` or ``lacy:PATH``; None: no partner."""
+    policy: str = DEFAULT_POLICY
+    call_rate: float = DEFAULT_CALL_RATE
+    """The policy's target (calibrated, i-LaCy) or random call rate."""
+    max_new_tokens: int = MAX_NEW_TOKENS
+    """Tokens per biography (FactScore and throughput)."""
+    background_dir: Path | None = None
+    """Background texts ``<name>.txt`` for the partner's RAG prompt (FactScore)."""
+    acceptability_documents: int = PAPER_ACCEPTABILITY_DOCUMENTS
+    judged_tokens: int = 2000
+    loss_buckets: int = 10
+    spacy_model: str = "en_core_web_sm"
+
+    def __post_init__(self) -> None:
+        unknown = set(self.sections) - set(SECTIONS)
+        if unknown:
+            raise ValueError(f"unknown section(s) {sorted(unknown)}; known: {', '.join(SECTIONS)}")
+        if self.limit is not None and self.limit < 1:
+            raise ValueError(f"limit must be at least 1, got {self.limit}")
+        if self.policy not in POLICY_NAMES:
+            raise ValueError(f"unknown call policy {self.policy!r}; known: {', '.join(POLICY_NAMES)}")
+        if self.background_dir is not None and self.cascade is None:
+            raise ValueError("background texts (--background-dir) are for the cascade partner: give --cascade")
+
+    def describe(self) -> dict:
+        """The configuration as JSON values (the judge without its API key)."""
+        described = {
+            item.name: getattr(self, item.name)
+            for item in dataclasses.fields(self)
+            if item.name not in ("inputs", "judge")
+        }
+        described["inputs"] = {name: str(value) for name, value in dataclasses.asdict(self.inputs).items()}
+        described["judge"] = self.judge.describe() if self.judge else None
+        return json.loads(json.dumps(described, default=str))
+
+
+class SectionSkipped(Exception):
+    """A section that cannot run in this configuration; the message says why."""
+
+
+class SectionResult(Protocol):
+    def to_dict(self) -> dict: ...
+
+    def markdown(self) -> str: ...
+
+
+@dataclass
+class SectionOutcome:
+    name: str
+    status: str
+    """``run``, ``skipped`` or ``failed``."""
+    reason: str | None = None
+    seconds: float = 0.0
+    results: dict = field(default_factory=dict)
+    markdown: str = ""
+
+
+@dataclass
+class EvalReport:
+    config: EvalConfig
+    created: str
+    sections: list[SectionOutcome]
+
+    @property
+    def failed(self) -> list[str]:
+        return [section.name for section in self.sections if section.status == "failed"]
+
+    def to_dict(self) -> dict:
+        return {
+            "checkpoint": self.config.checkpoint,
+            "baseline": self.config.baseline,
+            "created": self.created,
+            "config": self.config.describe(),
+            "sections": {
+                section.name: {
+                    "status": section.status,
+                    "reason": section.reason,
+                    "seconds": round(section.seconds, 3),
+                    "results": section.results,
+                }
+                for section in self.sections
+            },
+        }
+
+    def markdown(self) -> str:
+        lines = [
+            f"# LaCy evaluation of `{self.config.checkpoint}`",
+            "",
+            f"- baseline: {f'`{self.config.baseline}`' if self.config.baseline else 'none'}",
+            f"- created: {self.created}",
+            "",
+            "| section | status | time | note |",
+            "|---|---|---|---|",
+        ]
+        for section in self.sections:
+            seconds = f"{section.seconds:.1f} s" if section.status != "skipped" else ""
+            lines.append(f"| {section.name} | {section.status} | {seconds} | {section.reason or ''} |")
+        for section in self.sections:
+            if section.status == "run":
+                lines += ["", f"## {section.name}", "", section.markdown]
+        return "\n".join(lines) + "\n"
+
+    def write(self, out_dir: str | Path) -> tuple[Path, Path]:
+        out_dir = Path(out_dir)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        json_path, markdown_path = out_dir / REPORT_JSON, out_dir / REPORT_MARKDOWN
+        json_path.write_text(json.dumps(self.to_dict(), indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+        markdown_path.write_text(self.markdown(), encoding="utf-8")
+        return json_path, markdown_path
+
+
+@dataclass
+class _Models:
+    config: EvalConfig
+    lacy: LacyModel
+    baseline: LacyModel | None
+
+    @cached_property
+    def generator(self) -> CascadeGenerator:
+        """The model with its cascade partner, loaded on first use (once for all sections)."""
+        config = self.config
+        return CascadeGenerator(
+            lacy=self.lacy,
+            partner=partner_from_spec(config.cascade, device=config.device) if config.cascade else None,
+            partner_spec=config.cascade,
+            policy_name=config.policy,
+            call_rate=config.call_rate,
+            max_new_tokens=config.max_new_tokens,
+            background_dir=config.background_dir,
+        )
+
+
+def evaluate(config: EvalConfig) -> EvalReport:
+    """Run the requested sections of ``config`` and write the report to ``config.out_dir``."""
+    config.out_dir.mkdir(parents=True, exist_ok=True)
+    models = _Models(
+        config=config,
+        lacy=load_lacy(config.checkpoint, device=config.device),
+        baseline=load_lacy(config.baseline, device=config.device) if config.baseline else None,
+    )
+    runners: dict[str, Callable[[], SectionResult]] = {
+        "validation": lambda: _validation(config, models),
+        "nlu": lambda: evaluate_nlu(
+            models.lacy, config.inputs.nlu_tasks, limit=config.limit, batch_size=config.batch_size
+        ),
+        "lm_eval": lambda: _lm_eval(config, models),
+        "acceptability": lambda: _acceptability(config, models),
+        "fact_leakage": lambda: _fact_leakage(config, models),
+        "factscore": lambda: _factscore(config, models),
+        "generation_throughput": lambda: measure_throughput(
+            models.generator, read_entities(config.inputs.factscore_entities, limit=config.limit)
+        ),
+    }
+    outcomes = [_run_section(name, runners[name], config) for name in SECTIONS]
+    report = EvalReport(
+        config=config, created=datetime.now(timezone.utc).isoformat(timespec="seconds"), sections=outcomes
+    )
+    report.write(config.out_dir)
+    return report
+
+
+def _run_section(name: str, runner: Callable[[], SectionResult], config: EvalConfig) -> SectionOutcome:
+    if name not in config.sections:
+        return SectionOutcome(name, "skipped", reason="not requested (--sections)")
+    log.info("eval: %s", name)
+    started = time.perf_counter()
+    try:
+        result = runner()
+    except SectionSkipped as skipped:
+        return SectionOutcome(name, "skipped", reason=str(skipped))
+    except Exception as error:  # one broken section must not cost the others their results
+        log.exception("eval: section %s failed", name)
+        return SectionOutcome(
+            name, "failed", reason=f"{type(error).__name__}: {error}", seconds=time.perf_counter() - started
+        )
+    return SectionOutcome(
+        name, "run", seconds=time.perf_counter() - started, results=result.to_dict(), markdown=result.markdown()
+    )
+
+
+def _validation(config: EvalConfig, models: _Models) -> SectionResult:
+    return evaluate_validation(
+        models.lacy,
+        read_heldout_texts(config.inputs.heldout, limit=config.limit),
+        baseline=models.baseline,
+        batch_size=config.batch_size,
+        call_ratio=config.call_ratio,
+    )
+
+
+def _lm_eval(config: EvalConfig, models: _Models) -> SectionResult:
+    try:
+        from .lm_eval_model import evaluate_with_lm_eval
+    except ImportError as error:
+        raise SectionSkipped(f"lm-eval is not installed ({error}); pip install 'lacy-stream[eval]'") from error
+    return evaluate_with_lm_eval(
+        models.lacy,
+        config.inputs.nlu_tasks,
+        config.out_dir / "lm_eval_tasks",
+        limit=config.limit,
+        batch_size=config.batch_size,
+    )
+
+
+def _acceptability(config: EvalConfig, models: _Models) -> SectionResult:
+    documents = min(config.acceptability_documents, config.limit or config.acceptability_documents)
+    return evaluate_acceptability(
+        models.lacy,
+        read_heldout_texts(config.inputs.heldout, limit=documents),
+        out_dir=config.out_dir,
+        endpoint=config.judge,
+        spacy_model=config.spacy_model,
+        buckets=config.loss_buckets,
+        judged_tokens=config.judged_tokens,
+        batch_size=config.batch_size,
+    )
+
+
+def _fact_leakage(config: EvalConfig, models: _Models) -> SectionResult:
+    return evaluate_fact_leakage(
+        {"popqa": read_popqa(config.inputs.popqa), "bigbench": read_bigbench(config.inputs.bigbench)},
+        answer_without_calls(models.lacy),
+        config.out_dir,
+        limit=config.limit,
+    )
+
+
+def _factscore(config: EvalConfig, models: _Models) -> SectionResult:
+    return evaluate_cascade_factscore(
+        models.generator,
+        read_entities(config.inputs.factscore_entities, limit=config.limit),
+        config.out_dir,
+        endpoint=config.judge,
+        knowledge=KnowledgeSource.from_jsonl(config.knowledge) if config.knowledge else None,
+    )
+
+
+def config_from_arguments(args: argparse.Namespace) -> EvalConfig:
+    if bool(args.judge_url) != bool(args.judge_model):
+        raise ValueError("a judge needs both --judge-url and --judge-model")
+    shared = EvalInputs.from_shared(args.shared)
+    inputs = EvalInputs(
+        heldout=args.heldout or shared.heldout,
+        arc_easy=Path(args.arc_easy) if args.arc_easy else shared.arc_easy,
+        piqa=Path(args.piqa) if args.piqa else shared.piqa,
+        factscore_entities=Path(args.factscore_entities) if args.factscore_entities else shared.factscore_entities,
+        popqa=Path(args.popqa) if args.popqa else shared.popqa,
+        bigbench=Path(args.bigbench) if args.bigbench else shared.bigbench,
+    )
+    judge = None
+    if args.judge_url:
+        judge = ChatEndpoint(
+            url=args.judge_url,
+            model=args.judge_model,
+            api_key=os.environ.get(API_KEY_ENVIRONMENT_VARIABLE),
+            workers=args.judge_workers,
+        )
+    return EvalConfig(
+        checkpoint=args.ckpt,
+        out_dir=Path(args.out),
+        inputs=inputs,
+        baseline=args.baseline,
+        sections=tuple(name.strip() for name in args.sections.split(",") if name.strip()),
+        limit=args.limit,
+        device=args.device,
+        batch_size=args.batch_size,
+        call_ratio=args.call_ratio,
+        judge=judge,
+        knowledge=Path(args.knowledge) if args.knowledge else None,
+        cascade=args.cascade,
+        policy=args.policy,
+        call_rate=args.call_rate,
+        max_new_tokens=args.max_new_tokens,
+        background_dir=Path(args.background_dir) if args.background_dir else None,
+        acceptability_documents=args.acceptability_docs,
+        judged_tokens=args.judged_tokens,
+        loss_buckets=args.loss_buckets,
+        spacy_model=args.spacy_model,
+    )
+
+
+def run_eval(args: argparse.Namespace) -> int:
+    """``lacy-stream eval``: 0 when every requested section ran or was skipped, 1 when one failed."""
+    config = config_from_arguments(args)
+    report = evaluate(config)
+    for section in report.sections:
+        print(f"{section.name:>22}: {section.status}" + (f" ({section.reason})" if section.reason else ""))
+    print(f"report: {config.out_dir / REPORT_MARKDOWN} and {config.out_dir / REPORT_JSON}")
+    return 1 if report.failed else 0

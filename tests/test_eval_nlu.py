@@ -1,0 +1,106 @@
+"""Multiple-choice scoring (ARC-Easy / PIQA format) against a hand computation, and continuation scoring."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from conftest import SHARED_DIR
+from lacy_stream.eval.nlu import (
+    MultipleChoiceExample,
+    choice_loglikelihoods,
+    evaluate_nlu,
+    evaluate_task,
+    read_multiple_choice,
+)
+from lacy_stream.eval.scoring import encode_pair, score_continuations
+from test_eval_helpers import tiny_lacy
+
+pytest.importorskip("transformers")  # export_hf
+
+EXAMPLES = [
+    MultipleChoiceExample(
+        query="Question: Where did the painter study law?", choices=["at university", "river"], gold=0
+    ),
+    MultipleChoiceExample(
+        query="Question: Who founded the museum?\n", choices=["a king", "the composer Mozart", "in 1887"], gold=1
+    ),
+]
+
+
+@pytest.fixture(scope="module")
+def lacy(tokenizer_path, tmp_path_factory):
+    return tiny_lacy(tokenizer_path, tmp_path_factory.mktemp("nlu"), seed=5, call_scale=4.0)
+
+
+def hand_loglikelihood(lacy, context: str, choice: str) -> float:
+    """log p(" choice" | EOS + context) with <CALL> excluded, one forward pass over the full text."""
+    tokenizer = lacy.tokenizer
+    context_ids = tokenizer.encode(context)
+    whole = tokenizer.encode(context + " " + choice)
+    assert whole[: len(context_ids)] == context_ids  # no merge across the boundary in these examples
+    ids = torch.tensor([[tokenizer.eos_id, *whole]])
+    with torch.no_grad():
+        logits = lacy.model.logits(lacy.model(ids[:, :-1]))[0]
+    logits[:, lacy.call_id] = float("-inf")
+    logprobs = F.log_softmax(logits, dim=-1)
+    return sum(float(logprobs[position, ids[0, position + 1]]) for position in range(len(context_ids), len(whole)))
+
+
+def test_choice_loglikelihoods_match_hand_computation(lacy):
+    scores = choice_loglikelihoods(lacy, EXAMPLES, batch_size=2)
+    for example, example_scores in zip(EXAMPLES, scores):
+        expected = [hand_loglikelihood(lacy, example.query.strip() + "\nAnswer:", choice) for choice in example.choices]
+        assert example_scores == pytest.approx(expected, abs=1e-4)
+
+    result = evaluate_task(lacy, "toy", EXAMPLES, batch_size=3)
+    hand_acc = [max(range(len(s)), key=s.__getitem__) == e.gold for e, s in zip(EXAMPLES, scores)]
+    hand_norm = [max(range(len(s)), key=lambda i: s[i] / len(e.choices[i])) == e.gold for e, s in zip(EXAMPLES, scores)]
+    assert result.examples == 2
+    assert result.acc == sum(hand_acc) / 2 and result.acc_norm == sum(hand_norm) / 2
+
+
+def test_call_logit_does_not_change_the_scores(lacy, tokenizer_path, tmp_path):
+    """<CALL> is excluded from the softmax: scaling its output row (call_scale) leaves every score unchanged."""
+    other = tiny_lacy(tokenizer_path, tmp_path, seed=5, call_scale=0.0)
+    flat = [score for scores in choice_loglikelihoods(lacy, EXAMPLES) for score in scores]
+    assert flat == pytest.approx(
+        [score for scores in choice_loglikelihoods(other, EXAMPLES) for score in scores], abs=1e-5
+    )
+
+
+def test_shared_tasks_are_scored_with_limit(lacy):
+    tasks = {"arc_easy": SHARED_DIR / "eval" / "arc_easy.jsonl", "piqa": SHARED_DIR / "eval" / "piqa.jsonl"}
+    result = evaluate_nlu(lacy, tasks, limit=3, batch_size=4)
+    assert [(task.task, task.examples) for task in result.tasks] == [("arc_easy", 3), ("piqa", 3)]
+    assert all(0.0 <= task.acc <= 1.0 and 0.0 <= task.acc_norm <= 1.0 for task in result.tasks)
+    assert "| arc_easy | 3 |" in result.markdown()
+
+
+def test_read_multiple_choice_rejects_bad_gold(tmp_path):
+    path = tmp_path / "bad.jsonl"
+    path.write_text(json.dumps({"query": "Question: ?", "choices": ["a", "b"], "gold": 2}) + "\n")
+    with pytest.raises(ValueError, match="gold 2 for 2 choices"):
+        read_multiple_choice(path)
+
+
+def test_scores_are_independent_of_batching_and_windows_cover_long_texts(lacy):
+    tokenizer = lacy.tokenizer
+    long_text = " ".join(["the river city museum"] * 40)  # far beyond the context of 64 tokens
+    pairs = [
+        encode_pair(tokenizer, long_text, " painter"),  # context truncated from the left
+        encode_pair(tokenizer, "The king", long_text),  # continuation scored in several windows
+        encode_pair(tokenizer, "", "The king"),
+        *(encode_pair(tokenizer, example.context, " " + choice) for example in EXAMPLES for choice in example.choices),
+    ]
+    one_by_one = [score_continuations(lacy, [pair], batch_size=1)[0] for pair in pairs]
+    batched = score_continuations(lacy, pairs, batch_size=3)
+    for alone, together, (_, continuation) in zip(one_by_one, batched, pairs):
+        assert together.logprob == pytest.approx(alone.logprob, abs=1e-3)
+        assert together.is_greedy == alone.is_greedy and together.num_tokens == alone.num_tokens == len(continuation)
+    assert encode_pair(tokenizer, "", "The king")[0] == [tokenizer.eos_id]
+    with pytest.raises(ValueError, match="empty continuation"):
+        encode_pair(tokenizer, "context", "")
