@@ -111,6 +111,17 @@ def test_stops_at_eos(tokenizer: Tokenizer) -> None:
     assert generation.stopped_at_eos and generation.steps == 2
 
 
+def test_stops_once_the_new_text_holds_the_stop_string(tokenizer: Tokenizer) -> None:
+    newline = next(token for token in tokenizer.encode("a\nb") if tokenizer.id_to_piece(token) == "<0x0A>")
+    model = fixed_logits_model(tokenizer, {300: 2.0, newline: 1.7})
+    # Once 300 is written, the repetition penalty puts it below the newline: 2.0 / 1.2 < 1.7.
+    endless = generate(model, tokenizer, "The", NeverCall(), max_new_tokens=12)
+    assert newline in endless.ids and len(endless.ids) == 12
+    stopped = generate(model, tokenizer, "The", NeverCall(), max_new_tokens=12, stop="\n")
+    assert stopped.ids == endless.ids[: endless.ids.index(newline) + 1]
+    assert not stopped.stopped_at_eos
+
+
 def test_never_call_never_calls_even_when_call_is_on_top(tokenizer: Tokenizer) -> None:
     token = 300
     model = fixed_logits_model(tokenizer, {tokenizer.call_id: 10.0, token: 1.0})

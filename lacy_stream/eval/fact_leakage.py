@@ -155,7 +155,8 @@ def answer_without_calls(lacy: LacyModel, *, max_new_tokens: int = MAX_ANSWER_TO
 
     def answer(prompt: str) -> str:
         generation = generate(
-            lacy.model, lacy.tokenizer, prompt, NeverCall(), max_new_tokens=max_new_tokens, repetition_penalty=1.0
+            lacy.model, lacy.tokenizer, prompt, NeverCall(), max_new_tokens=max_new_tokens, repetition_penalty=1.0,
+            stop="\n",
         )
         return generation.completion(lacy.tokenizer).split("\n", 1)[0].strip()
 

@@ -97,8 +97,13 @@ def generate(
     delegate: Delegate | None = None,
     max_new_tokens: int = MAX_NEW_TOKENS,
     repetition_penalty: float = REPETITION_PENALTY,
+    stop: str | None = None,
 ) -> Generation:
-    """Continue ``prompt`` greedily; ``policy`` decides the calls and ``delegate`` answers them."""
+    """Continue ``prompt`` greedily; ``policy`` decides the calls and ``delegate`` answers them.
+
+    With ``stop`` (e.g. "\n" for one-line answers) generation ends as soon as the new text contains it;
+    the generation keeps the tokens up to and including the one that completed it.
+    """
     prompt_ids = tokenizer.encode(prompt)
     if not prompt_ids:
         raise ValueError("generation needs a non-empty prompt")
@@ -120,6 +125,8 @@ def generate(
                 context += pieces
                 new_ids += pieces
                 sources += [TokenSource.PARTNER] * len(pieces)
+                if stop is not None and stop in tokenizer.decode(new_ids):
+                    break
                 continue
             source = TokenSource.MODEL_AT_CALL
         token = int(without_call(logits, tokenizer.call_id).argmax())
@@ -129,6 +136,8 @@ def generate(
         context.append(token)
         new_ids.append(token)
         sources.append(source)
+        if stop is not None and stop in tokenizer.decode(new_ids):
+            break
     return Generation(
         prompt_ids=prompt_ids,
         ids=new_ids,
