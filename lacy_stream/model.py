@@ -68,15 +68,54 @@ class CausalSelfAttention(nn.Module):
         self.qkv_proj = nn.Linear(args.dim, 3 * args.dim)
         self.out_proj = nn.Linear(args.dim, args.dim)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cache: LayerCache | None = None) -> torch.Tensor:
         batch, seq_len, dim = x.shape
         # [B, T, 3·dim] -> three [B, n_heads, T, head_dim]
         q, k, v = (
             t.view(batch, seq_len, self.n_heads, dim // self.n_heads).transpose(1, 2)
             for t in self.qkv_proj(x).split(dim, dim=2)
         )
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        if cache is None or cache.length == 0:
+            if cache is not None:
+                cache.append(k, v)
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        else:
+            # The new tokens see every cached one and, among themselves, only those before them.
+            past = cache.length
+            k, v = cache.append(k, v)
+            visible = torch.ones(seq_len, past + seq_len, dtype=torch.bool, device=x.device).tril(diagonal=past)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=visible)
         return self.out_proj(y.transpose(1, 2).reshape(batch, seq_len, dim))
+
+
+class LayerCache:
+    """One layer's keys and values of the tokens seen so far, for decoding without recomputing them."""
+
+    def __init__(self) -> None:
+        self.keys: torch.Tensor | None = None
+        self.values: torch.Tensor | None = None
+
+    @property
+    def length(self) -> int:
+        return 0 if self.keys is None else self.keys.shape[2]
+
+    def append(self, keys: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Add [B, n_heads, T, head_dim] keys and values; return all of them so far."""
+        self.keys = keys if self.keys is None else torch.cat([self.keys, keys], dim=2)
+        self.values = values if self.values is None else torch.cat([self.values, values], dim=2)
+        return self.keys, self.values
+
+
+class KVCache:
+    """Keys and values of every layer (inference only): ``Transformer.forward(new_tokens, cache=cache)``
+    continues the sequence the cache holds, positions included."""
+
+    def __init__(self, n_layers: int) -> None:
+        self.layers = [LayerCache() for _ in range(n_layers)]
+
+    @property
+    def length(self) -> int:
+        return self.layers[0].length
 
 
 class MLP(nn.Module):
@@ -97,8 +136,8 @@ class TransformerBlock(nn.Module):
         self.mlp_norm = nn.LayerNorm(args.dim, eps=args.norm_eps)
         self.mlp = MLP(args)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.attention(self.attention_norm(x))
+    def forward(self, x: torch.Tensor, cache: LayerCache | None = None) -> torch.Tensor:
+        x = x + self.attention(self.attention_norm(x), cache)
         return x + self.mlp(self.mlp_norm(x))
 
 
@@ -138,17 +177,22 @@ class Transformer(nn.Module):
             nn.init.normal_(layer.attention.out_proj.weight, mean=0.0, std=residual_std)
             nn.init.normal_(layer.mlp.down_proj.weight, mean=0.0, std=residual_std)
 
-    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        """Token ids [B, T] -> final hidden states [B, T, dim] (after the last LayerNorm)."""
+    def forward(self, tokens: torch.Tensor, *, cache: KVCache | None = None) -> torch.Tensor:
+        """Token ids [B, T] -> final hidden states [B, T, dim] (after the last LayerNorm).
+
+        With a ``cache`` the tokens continue the sequence it holds (at the positions after it), and their
+        keys and values are added to it.
+        """
         if tokens.dim() != 2:
             raise ValueError(f"expected token ids of shape [batch, seq_len], got shape {tuple(tokens.shape)}")
-        seq_len = tokens.shape[1]
-        if seq_len > self.args.max_seq_len:
-            raise ValueError(f"sequence length {seq_len} exceeds the model's max_seq_len {self.args.max_seq_len}")
-        positions = torch.arange(seq_len, device=tokens.device)
+        start = cache.length if cache is not None else 0
+        end = start + tokens.shape[1]
+        if end > self.args.max_seq_len:
+            raise ValueError(f"sequence length {end} exceeds the model's max_seq_len {self.args.max_seq_len}")
+        positions = torch.arange(start, end, device=tokens.device)
         x = self.tok_embeddings(tokens) + self.pos_embeddings(positions)
-        for layer in self.layers:
-            x = layer(x)
+        for index, layer in enumerate(self.layers):
+            x = layer(x) if cache is None else layer(x, cache.layers[index])
         return self.norm(x)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:

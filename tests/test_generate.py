@@ -23,6 +23,7 @@ from lacy_stream.inference.call_policy import (
     negative_top_logprob,
     top_k_entropy,
 )
+import lacy_stream.inference.generate as generate_module
 from lacy_stream.inference.generate import TokenSource, generate, penalize_repetition, render
 from lacy_stream.model import Transformer, model_args
 from lacy_stream.tokenizer import Tokenizer
@@ -109,6 +110,18 @@ def test_stops_at_eos(tokenizer: Tokenizer) -> None:
     generation = generate(model, tokenizer, "The", NeverCall(), max_new_tokens=50)
     assert generation.ids == [token]  # penalised to 2.0 / 1.2, the token falls below EOS
     assert generation.stopped_at_eos and generation.steps == 2
+
+
+def test_cached_generation_equals_recomputing_every_step(tokenizer: Tokenizer, monkeypatch) -> None:
+    """Past the 64-token context the generator slides its window; before, it reads only new tokens."""
+    model = tiny_model(tokenizer, seed=3)
+    delegate = FixedDelegate(piece_ids(tokenizer, " river city"))
+    cached = generate(model, tokenizer, PROMPTS[0], RandomCall(0.2, seed=1), delegate=delegate, max_new_tokens=70)
+    monkeypatch.setattr(generate_module._ContextReader, "next_token_logits",
+                        lambda reader, ids: generate_module.next_token_logits(reader.model, ids))
+    recomputed = generate(model, tokenizer, PROMPTS[0], RandomCall(0.2, seed=1), delegate=delegate, max_new_tokens=70)
+    assert len(recomputed.prompt_ids) + len(recomputed.ids) > model.args.max_seq_len
+    assert cached.ids == recomputed.ids and cached.sources == recomputed.sources and cached.calls > 0
 
 
 def test_stops_once_the_new_text_holds_the_stop_string(tokenizer: Tokenizer) -> None:

@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from lacy_stream.model import PRESETS, ModelArgs, Transformer, flops_per_token, model_args, num_params
+from lacy_stream.model import PRESETS, KVCache, ModelArgs, Transformer, flops_per_token, model_args, num_params
 
 VOCAB = 97
 
@@ -55,6 +55,22 @@ def test_causality() -> None:
         before, after = model(tokens), model(changed)
     torch.testing.assert_close(before[:, :20], after[:, :20], rtol=0, atol=0)
     assert not torch.allclose(before[:, 20:], after[:, 20:])
+
+
+def test_kv_cache_continues_the_sequence_exactly() -> None:
+    model = tiny_model().eval()
+    tokens = random_tokens(2, 40)
+    cache = KVCache(model.args.n_layers)
+    with torch.no_grad():
+        full = model(tokens)
+        # a prompt, one token at a time, then a block of several (a partner's pieces), then one more
+        pieces = [model(tokens[:, :20], cache=cache)]
+        pieces += [model(tokens[:, position : position + 1], cache=cache) for position in range(20, 30)]
+        pieces += [model(tokens[:, 30:39], cache=cache), model(tokens[:, 39:], cache=cache)]
+    assert cache.length == 40
+    torch.testing.assert_close(torch.cat(pieces, dim=1), full, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="exceeds"):
+        model(random_tokens(2, model.args.max_seq_len - 39), cache=cache)
 
 
 def test_output_weight_is_the_token_embedding() -> None:

@@ -8,8 +8,9 @@ vocabulary, the model's own best token other than ``<CALL>`` stands in: the call
 rates can be measured without a partner. ``<CALL>`` itself never enters the sequence.
 
 The model reads the prompt after an EOS, as training packs every document after the previous one's EOS;
-that EOS is not penalised and no partner or policy sees it. The model's context is the last ``max_seq_len``
-ids (a sliding window), recomputed at every step: the model has no KV cache, and the generations are short.
+that EOS is not penalised and no partner or policy sees it. Keys and values of the tokens read so far are
+cached while the sequence fits the model's context; past ``max_seq_len`` ids the context becomes a sliding
+window of the last ``max_seq_len``, whose positions shift at every step, so each step recomputes it.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from typing import Any, Protocol
 
 import torch
 
-from ..model import Transformer
+from ..model import KVCache, Transformer
 from ..tokenizer import Tokenizer
 from .call_policy import CallPolicy, without_call
 
@@ -113,8 +114,9 @@ def generate(
     steps = calls = 0
     stopped_at_eos = False
     start = time.perf_counter()
+    reader = _ContextReader(model)
     while len(new_ids) < max_new_tokens:
-        logits = next_token_logits(model, [tokenizer.eos_id, *context])
+        logits = reader.next_token_logits([tokenizer.eos_id, *context])
         logits = penalize_repetition(logits, context, repetition_penalty)
         steps += 1
         source = TokenSource.MODEL
@@ -147,6 +149,20 @@ def generate(
         stopped_at_eos=stopped_at_eos,
         seconds=time.perf_counter() - start,
     )
+
+
+class _ContextReader:
+    """Next-token logits of a growing sequence, reading only its new tokens while they fit the context."""
+
+    def __init__(self, model: Transformer) -> None:
+        self.model = model
+        self.cache = KVCache(model.args.n_layers)
+
+    def next_token_logits(self, ids: Sequence[int]) -> torch.Tensor:
+        if len(ids) > self.model.args.max_seq_len:
+            return next_token_logits(self.model, ids)
+        new = torch.tensor([list(ids[self.cache.length :])], device=self.model.output_weight.device)
+        return self.model.logits(self.model(new, cache=self.cache)[0, -1]).float()
 
 
 def next_token_logits(model: Transformer, ids: Sequence[int]) -> torch.Tensor:
