@@ -23,7 +23,6 @@ from lacy_stream.inference.call_policy import (
     negative_top_logprob,
     top_k_entropy,
 )
-import lacy_stream.inference.generate as generate_module
 from lacy_stream.inference.generate import TokenSource, generate, penalize_repetition, render
 from lacy_stream.model import Transformer, model_args
 from lacy_stream.tokenizer import Tokenizer
@@ -112,14 +111,15 @@ def test_stops_at_eos(tokenizer: Tokenizer) -> None:
     assert generation.stopped_at_eos and generation.steps == 2
 
 
-def test_cached_generation_equals_recomputing_every_step(tokenizer: Tokenizer, monkeypatch) -> None:
+def test_cached_generation_equals_recomputing_every_step(tokenizer: Tokenizer) -> None:
     """Past the 64-token context the generator slides its window; before, it reads only new tokens."""
     model = tiny_model(tokenizer, seed=3)
     delegate = FixedDelegate(piece_ids(tokenizer, " river city"))
-    cached = generate(model, tokenizer, PROMPTS[0], RandomCall(0.2, seed=1), delegate=delegate, max_new_tokens=70)
-    monkeypatch.setattr(generate_module._ContextReader, "next_token_logits",
-                        lambda reader, ids: generate_module.next_token_logits(reader.model, ids))
-    recomputed = generate(model, tokenizer, PROMPTS[0], RandomCall(0.2, seed=1), delegate=delegate, max_new_tokens=70)
+    cached, recomputed = (
+        generate(model, tokenizer, PROMPTS[0], RandomCall(0.2, seed=1), delegate=delegate, max_new_tokens=70,
+                 kv_cache=kv_cache)
+        for kv_cache in (True, False)
+    )
     assert len(recomputed.prompt_ids) + len(recomputed.ids) > model.args.max_seq_len
     assert cached.ids == recomputed.ids and cached.sources == recomputed.sources and cached.calls > 0
 

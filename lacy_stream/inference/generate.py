@@ -99,11 +99,13 @@ def generate(
     max_new_tokens: int = MAX_NEW_TOKENS,
     repetition_penalty: float = REPETITION_PENALTY,
     stop: str | None = None,
+    kv_cache: bool = True,
 ) -> Generation:
     """Continue ``prompt`` greedily; ``policy`` decides the calls and ``delegate`` answers them.
 
     With ``stop`` (e.g. "\n" for one-line answers) generation ends as soon as the new text contains it;
-    the generation keeps the tokens up to and including the one that completed it.
+    the generation keeps the tokens up to and including the one that completed it. ``kv_cache=False``
+    recomputes the whole context at every step (same tokens, slower; for benchmarks).
     """
     prompt_ids = tokenizer.encode(prompt)
     if not prompt_ids:
@@ -114,7 +116,7 @@ def generate(
     steps = calls = 0
     stopped_at_eos = False
     start = time.perf_counter()
-    reader = _ContextReader(model)
+    reader = _ContextReader(model, kv_cache)
     while len(new_ids) < max_new_tokens:
         logits = reader.next_token_logits([tokenizer.eos_id, *context])
         logits = penalize_repetition(logits, context, repetition_penalty)
@@ -154,12 +156,13 @@ def generate(
 class _ContextReader:
     """Next-token logits of a growing sequence, reading only its new tokens while they fit the context."""
 
-    def __init__(self, model: Transformer) -> None:
+    def __init__(self, model: Transformer, use_cache: bool) -> None:
         self.model = model
+        self.use_cache = use_cache
         self.cache = KVCache(model.args.n_layers)
 
     def next_token_logits(self, ids: Sequence[int]) -> torch.Tensor:
-        if len(ids) > self.model.args.max_seq_len:
+        if not self.use_cache or len(ids) > self.model.args.max_seq_len:
             return next_token_logits(self.model, ids)
         new = torch.tensor([list(ids[self.cache.length :])], device=self.model.output_weight.device)
         return self.model.logits(self.model(new, cache=self.cache)[0, -1]).float()
