@@ -134,7 +134,7 @@ def test_bridge_keeps_the_text_when_a_merge_would_cross_the_boundary(tokenizer: 
 
 def test_bridge_falls_back_to_the_next_representable_candidate(tokenizer: Tokenizer, bridge: TokenBridge) -> None:
     unrepresentable = [
-        Candidate("Zürich", -0.1),  # "Z" and "ü" are byte-fallback pieces in the test vocabulary
+        Candidate("Zürich", -0.1),  # "Z" and "ü" are byte pieces here: taking 3 of its pieces would cut "ü"
         Candidate("\ufffd", -0.2),  # a partner token that ends inside a UTF-8 character
         Candidate("", -0.3),  # EOS and other special tokens add no text
     ]
@@ -142,6 +142,13 @@ def test_bridge_falls_back_to_the_next_representable_candidate(tokenizer: Tokeni
     fitting = [Candidate(" museum", -1.0), Candidate(" king", -2.0)]
     assert bridge.best([*unrepresentable, *fitting]) == bridge.pieces(" museum")
     assert bridge.best(unrepresentable) == []
+
+
+def test_bridge_spells_characters_outside_the_vocabulary_in_byte_pieces(tokenizer: Tokenizer, bridge: TokenBridge) -> None:
+    assert pieces(tokenizer, bridge.pieces("\n")) == ["<0x0A>"]
+    umlaut = bridge.pieces("ü")
+    assert pieces(tokenizer, umlaut) == ["<0xC3>", "<0xBC>"]
+    assert tokenizer.decode(tokenizer.encode("Z") + umlaut) == "Zü"
 
 
 # Partners ----------------------------------------------------------------------------------------------

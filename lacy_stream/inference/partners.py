@@ -263,9 +263,11 @@ class TokenBridge:
     if alone. When a piece would span it (the context ends in a lone "▁" and the candidate is "Paris"), the
     ids already generated cannot change any more, and the continuation still reproduces the text exactly.
 
-    A candidate that our vocabulary cannot represent (it needs byte-fallback or unknown pieces, or adds no
-    text) is skipped for the next one. At most ``max_pieces`` pieces are taken: the partner's "1887" is
-    "1", "8", "8", "7" for our digit-split tokenizer, of which the call appends "1", "8", "8".
+    At most ``max_pieces`` pieces are taken: the partner's "1887" is "1", "8", "8", "7" for our digit-split
+    tokenizer, of which the call appends "1", "8", "8". Characters outside our vocabulary are spelled in
+    byte-fallback pieces (a partner's newline is "<0x0A>"); such a candidate is taken only whole, since a cut
+    could end inside a character. A candidate we cannot represent (it needs more byte pieces than a call
+    adds, ends inside a character, needs unknown pieces or adds no text) is skipped for the next one.
     """
 
     def __init__(self, tokenizer: Tokenizer, max_pieces: int = MAX_BRIDGED_PIECES) -> None:
@@ -285,7 +287,9 @@ class TokenBridge:
         ids = sp.encode(text)
         if not ids:
             return None
-        if any(sp.is_byte(piece) or sp.is_unknown(piece) or sp.is_control(piece) for piece in ids):
+        if any(sp.is_unknown(piece) or sp.is_control(piece) for piece in ids):
+            return None
+        if len(ids) > self.max_pieces and any(sp.is_byte(piece) for piece in ids):
             return None
         return ids[: self.max_pieces]
 
