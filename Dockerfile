@@ -7,7 +7,8 @@ ENV PYTHONUNBUFFERED=1 \
 WORKDIR /opt/lacy-stream
 COPY pyproject.toml README.md ./
 COPY lacy_stream ./lacy_stream
-RUN pip install ".[demo,hf]"
+COPY scripts ./scripts
+RUN pip install ".[demo,hf,eval]"
 
 WORKDIR /workspace
 ENTRYPOINT ["lacy-stream"]

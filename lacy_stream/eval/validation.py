@@ -37,7 +37,6 @@ from .options import PAPER_CALL_RATIO
 from .scoring import TokenStatistics, token_statistics
 
 
-
 def call_mask(call_logit: Tensor, call_is_top: Tensor, valid: Tensor, *, call_ratio: float) -> Tensor:
     """C_M over one batch (any shape): ``round(call_ratio · valid)`` positions, ``<CALL>``-top ones first.
 
