@@ -17,7 +17,7 @@ from conftest import make_corpus, spawn_gloo
 from lacy_stream.checkpoint import CheckpointManager
 from lacy_stream.cli import main as cli_main
 from lacy_stream.config.job_config import RUN_CONFIGS, ConfigError, load_job_config
-from lacy_stream.inference.loading import load_lacy
+from lacy_stream.inference.loading import load_lacy, resolve_model_path
 from lacy_stream.model import Transformer, model_args
 from lacy_stream.parallelize import TrainingModule
 from lacy_stream.tokenizer import Tokenizer
@@ -95,6 +95,11 @@ def test_cli_trains_logs_checkpoints_and_exports(tmp_path, corpus, tokenizer_pat
     torch.testing.assert_close(logits[1], logits[0])
     torch.testing.assert_close(logits[2], logits[0])
     assert loaded[1].tokenizer.call_id == loaded[0].call_id == Tokenizer(tokenizer_path).call_id
+    assert loaded[2].source == run_dir / "hf"
+    # A run resumed for more steps and stopped before its new export: its newest checkpoint is the model.
+    newest = CheckpointManager(run_dir).path(30) / "COMPLETE"
+    os.utime(newest, (newest.stat().st_atime, (run_dir / "hf" / "model.safetensors").stat().st_mtime + 10))
+    assert resolve_model_path(run_dir) == CheckpointManager(run_dir).path(30)
 
 
 @pytest.mark.timeout(120)
@@ -193,7 +198,8 @@ def test_two_node_torchrun_on_localhost_trains(tmp_path, corpus, tokenizer_path)
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
-    train_args = overrides(corpus, tokenizer_path, run_dir, "--train.steps=4", "--checkpoint.every=2")
+    train_args = overrides(corpus, tokenizer_path, run_dir, "--train.steps=4", "--checkpoint.every=2",
+                           f"--train.val_shards={corpus}", "--train.val_every=2", "--train.val_batches=1")
     environment = {
         **os.environ,
         "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",  # this torchrun
@@ -211,7 +217,9 @@ def test_two_node_torchrun_on_localhost_trains(tmp_path, corpus, tokenizer_path)
     for node, output in zip(nodes, outputs):
         assert node.returncode == 0, output[-3000:]
 
-    assert [record["step"] for record in logged(run_dir)] == [1, 2, 3, 4]
+    records = logged(run_dir)
+    assert [record["step"] for record in records] == [1, 2, 3, 4]
+    assert [record["step"] for record in records if "val/loss" in record] == [2, 4]  # over both ranks' shares
     assert CheckpointManager(run_dir).steps() == [2, 4]
     assert json.loads((CheckpointManager(run_dir).path(4) / "COMPLETE").read_text())["world_size"] == 2
     assert (run_dir / "hf" / "model.safetensors").is_file()

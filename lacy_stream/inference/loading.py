@@ -4,7 +4,8 @@
 
 * a Hugging Face export directory (``run_dir/hf``: ``config.json``, ``model.safetensors`` and our
   ``sentencepiece.model``), read without transformers and without unpickling;
-* a run directory: its ``hf`` export when there is one, else its latest complete checkpoint;
+* a run directory: its ``hf`` export, or its latest complete checkpoint when there is no export or the
+  checkpoint is newer;
 * one checkpoint directory (``run_dir/checkpoints/step-00001200``), whose model weights are read with DCP
   on one process; the architecture and tokenizer come from the run's resolved ``config.json``.
 """
@@ -44,22 +45,37 @@ class LacyModel:
 
 def load_lacy(path: str | Path, *, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32) -> LacyModel:
     """The model at ``path`` (see the module docstring) in eval mode on ``device``."""
-    path = Path(path)
-    if (path / WEIGHTS_FILE).is_file():
-        model, tokenizer = _from_hf_export(path)
-    elif (path / COMPLETE_MARKER).is_file():
-        model, tokenizer = _from_checkpoint(path, run_dir=path.parent.parent)
-    elif (path / "hf" / WEIGHTS_FILE).is_file():
-        model, tokenizer = _from_hf_export(path / "hf")
-    elif (step := CheckpointManager(path).latest()) is not None:
-        model, tokenizer = _from_checkpoint(CheckpointManager(path).path(step), run_dir=path)
+    source = resolve_model_path(Path(path))
+    if (source / WEIGHTS_FILE).is_file():
+        model, tokenizer = _from_hf_export(source)
     else:
-        raise FileNotFoundError(
-            f"{path} is neither a Hugging Face export ({WEIGHTS_FILE}), a checkpoint directory ({COMPLETE_MARKER}) "
-            "nor a run directory with an hf/ export or complete checkpoints"
-        )
+        model, tokenizer = _from_checkpoint(source, run_dir=source.parent.parent)
     model.to(device=device, dtype=dtype).eval()
-    return LacyModel(model=model, tokenizer=tokenizer, source=path)
+    return LacyModel(model=model, tokenizer=tokenizer, source=source)
+
+
+def resolve_model_path(path: Path) -> Path:
+    """The export or checkpoint directory ``path`` stands for.
+
+    For a run directory: its ``hf`` export, unless a checkpoint was completed after it (a run resumed for
+    more steps and stopped before its new export), in which case that checkpoint.
+    """
+    if (path / WEIGHTS_FILE).is_file() or (path / COMPLETE_MARKER).is_file():
+        return path
+    export = path / "hf" / WEIGHTS_FILE
+    checkpoints = CheckpointManager(path)
+    step = checkpoints.latest()
+    checkpoint = checkpoints.path(step) if step is not None else None
+    if checkpoint is not None and (
+        not export.is_file() or (checkpoint / COMPLETE_MARKER).stat().st_mtime > export.stat().st_mtime
+    ):
+        return checkpoint
+    if export.is_file():
+        return export.parent
+    raise FileNotFoundError(
+        f"{path} is neither a Hugging Face export ({WEIGHTS_FILE}), a checkpoint directory ({COMPLETE_MARKER}) "
+        "nor a run directory with an hf/ export or complete checkpoints"
+    )
 
 
 def _from_hf_export(directory: Path) -> tuple[Transformer, Tokenizer]:
