@@ -258,9 +258,7 @@ class _Trainer:
         loss_sum = self._sum_over_ranks(loss_sum).item()  # each rank's loss is its share of the global one
         return {
             "loss": loss_sum / max(counts["valid"], 1),
-            "call_loss": counts["call_loss_sum"] / counts["calls"] if counts["calls"] else None,
-            "noncall_loss": counts["learned_loss_sum"] / counts["learned"] if counts["learned"] else None,
-            "call_ratio": counts["calls"] / max(counts["valid"], 1),
+            **_loss_breakdown(counts),
         }
 
     def _prepare(self, batch: dict) -> dict[str, torch.Tensor]:
@@ -290,9 +288,7 @@ class _Trainer:
         tokens_per_s = throughput["tokens_per_s"]
         return {
             "loss": sum(losses) / len(losses),
-            "call_loss": counts["call_loss_sum"] / counts["calls"] if counts["calls"] else None,
-            "noncall_loss": counts["learned_loss_sum"] / counts["learned"] if counts["learned"] else None,
-            "call_ratio": counts["calls"] / max(counts["valid"], 1),
+            **_loss_breakdown(counts),
             "fact_ratio": counts["facts"] / max(counts["valid"], 1),
             "tokens_per_s": tokens_per_s,
             "tokens_seen": self.tokens_seen,
@@ -366,6 +362,15 @@ def _micro_batch_counts(batch: dict[str, torch.Tensor], output: LossOutput) -> t
     values = [valid.sum(), facts.sum(), call.sum(), output.call_loss[call].sum(),
               learned.sum(), output.learned_loss[learned].sum()]
     return torch.stack([value.double() for value in values])
+
+
+def _loss_breakdown(counts: dict[str, float]) -> dict[str, float | None]:
+    """Mean call loss, mean non-call loss and call ratio from summed ``COUNTS``."""
+    return {
+        "call_loss": counts["call_loss_sum"] / counts["calls"] if counts["calls"] else None,
+        "noncall_loss": counts["learned_loss_sum"] / counts["learned"] if counts["learned"] else None,
+        "call_ratio": counts["calls"] / max(counts["valid"], 1),
+    }
 
 
 def _loader_state_to_json(state: dict) -> dict:

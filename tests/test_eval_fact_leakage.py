@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 
 import pytest
-import torch
 
 from conftest import SHARED_DIR
 from lacy_stream.eval.fact_leakage import (
@@ -119,16 +118,7 @@ def test_scoring_answers_each_scored_example_three_shot(tmp_path):
     assert "| toy | 3 | 2 | 0.6667 |" in markdown and "Leopold \\| the violinist" in markdown
 
 
-@pytest.fixture
-def one_thread():
-    """A tiny model decodes one token at a time: more threads only wait for each other on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def test_answers_are_generated_without_calls_and_end_at_the_first_newline(tokenizer_path, tmp_path, one_thread):
+def test_answers_are_generated_without_calls_and_end_at_the_first_newline(tokenizer_path, tmp_path, one_torch_thread):
     lacy = tiny_lacy(tokenizer_path, tmp_path / "model", seed=21, call_scale=4.0)
     prompt = "The capital of Ufa County is Ufa\nThe capital of Bavaria is"
     assert generate(lacy.model, lacy.tokenizer, prompt, ArgmaxCall(lacy.call_id), max_new_tokens=8).calls > 0

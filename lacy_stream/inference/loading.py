@@ -112,11 +112,11 @@ def _from_checkpoint(checkpoint: Path, *, run_dir: Path) -> tuple[Transformer, T
         overrides["max_seq_len"] = config["model"]["max_seq_len"]
     args = model_args(config["model"]["preset"], **overrides)
     model = _empty_model(args)
-    # The trainer checkpoints its TrainingModule, which holds the transformer as ``model``.
+    # The trainer checkpoints its TrainingModule, which holds the transformer as ``model``. DCP loads in
+    # place, into the state dict's tensors, which share their storage with the parameters.
     state = {f"model.{name}": tensor for name, tensor in model.state_dict().items()}
     with single_process_quietly():
         dcp.load({"model": state}, storage_reader=SafeFileSystemReader(checkpoint), no_dist=True)
-    model.load_state_dict({name.removeprefix("model."): tensor for name, tensor in state.items()})
     return model, _matching_tokenizer(Path(config["tokenizer"]["path"]), args)
 
 
