@@ -14,6 +14,7 @@ import webdataset
 from lacy_stream.tokenizer import train_tokenizer
 
 SHARED_DIR = Path(os.environ.get("LACY_SHARED_DIR", Path(__file__).resolve().parents[1].parent / "shared"))
+needs_shared = pytest.mark.skipif(not SHARED_DIR.is_dir(), reason=f"{SHARED_DIR} not found (set LACY_SHARED_DIR)")
 
 WORDS = (
     "the river city museum was founded in by a painter who studied law at university and later moved to "

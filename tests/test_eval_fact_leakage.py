@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from conftest import SHARED_DIR
+from conftest import SHARED_DIR, needs_shared
 from lacy_stream.eval.fact_leakage import (
     OUTPUTS_FILE,
     QAExample,
@@ -40,6 +40,7 @@ def test_normalisation_and_whole_word_alias_containment():
     assert not contains_answer("", ["Paris"])
 
 
+@needs_shared
 def test_popqa_questions_become_knowledge_completions():
     assert popqa_prompt("What is Ufa the capital of?", "capital of") == "What is Ufa the capital of? Ufa is the capital of"
     assert popqa_prompt("What is Henry Feilden's occupation?", "occupation") == (
@@ -57,6 +58,7 @@ def test_popqa_questions_become_knowledge_completions():
         popqa_prompt("Who is the spouse of Ufa?", "spouse")
 
 
+@needs_shared
 def test_demonstrations_are_fixed_distinct_and_excluded_from_scoring():
     examples = read_popqa(POPQA)
     demonstrations, scored = split_demonstrations(examples)

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from conftest import SHARED_DIR
+from conftest import SHARED_DIR, needs_shared
 from lacy_stream.eval.factscore import (
     DECISIONS_FILE,
     Bio,
@@ -28,6 +28,7 @@ KNOWLEDGE = [
 ]
 
 
+@needs_shared
 def test_entities_and_prompts():
     entities = read_entities(SHARED_DIR / "eval" / "factscore_prompt_entities_183.txt")
     assert len(entities) == 183 and entities[0] == "Kang Ji-hwan"

@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from conftest import SHARED_DIR
+from conftest import SHARED_DIR, needs_shared
 from lacy_stream.cli import main
 from lacy_stream.eval.factscore import read_entities
 from lacy_stream.eval.options import SECTIONS, add_eval_arguments
@@ -30,6 +30,7 @@ def parse(*arguments: str) -> argparse.Namespace:
     return parser.parse_args(list(arguments))
 
 
+@needs_shared
 def test_report_on_a_tiny_checkpoint_with_every_section_filled(tokenizer_path, tmp_path):
     tiny_lacy(tokenizer_path, tmp_path / "model", seed=21, call_scale=3.0, max_seq_len=CONTEXT)
     tiny_lacy(tokenizer_path, tmp_path / "baseline", seed=22, max_seq_len=CONTEXT)
@@ -103,6 +104,7 @@ def test_report_on_a_tiny_checkpoint_with_every_section_filled(tokenizer_path, t
     assert "Cascade speed relative to generation without calls:" in markdown
 
 
+@needs_shared
 def test_failures_are_reported_and_generation_runs_without_a_partner(tokenizer_path, tmp_path):
     tiny_lacy(tokenizer_path, tmp_path / "model", seed=21, max_seq_len=CONTEXT)
     missing = tmp_path / "missing.jsonl"
