@@ -84,7 +84,8 @@ def _measure_loss_case(case: str, hidden_size: int, tokens: int, vocab: int, rep
     import torch.nn.functional as F
     from torch.nn.modules.linear_cross_entropy_options import LinearCrossEntropyOptions
 
-    from .loss.lacy_loss import lacy_loss
+    from .labels import TokenLabels
+    from .loss import lacy_loss
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
@@ -99,7 +100,7 @@ def _measure_loss_case(case: str, hidden_size: int, tokens: int, vocab: int, rep
         if case.startswith("lacy"):
             implementation = "triton" if "fused" in case else "torch"
             out = lacy_loss(hidden, weight, targets, valid, call_id=vocab - 1, method="lacy",
-                            token_class=token_class, implementation=implementation)
+                            labels=TokenLabels(token_class=token_class), implementation=implementation)
             loss = out.loss
         else:
             options = LinearCrossEntropyOptions() if case.endswith("chunked") else None

@@ -162,11 +162,39 @@ def cmd_annotate(args: argparse.Namespace) -> int:
         max_doc_chars=args.max_doc_chars,
         options=options,
         compress=None if args.compress == "none" else args.compress,
+        reference=args.reference,
+        device=args.device,
     )
     print(
         f"wrote {len(manifest['shards'])} annotated shards, {manifest['documents']} documents to {args.out}"
         + (f"; skipped {manifest['skipped']}" if manifest["skipped"] else "")
     )
+    return 0
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    from .eval.compare import compare_runs, write_comparison
+    from .eval.factscore import read_entities
+
+    entities = []
+    if args.cascade:
+        entities = read_entities(args.factscore_entities or Path(args.shared) / "eval" / "factscore_prompt_entities_183.txt",
+                                 limit=args.prompts)
+    comparison = compare_runs(
+        args.runs,
+        args.val_shards,
+        batches=args.batches,
+        batch_size=args.batch_size,
+        seq_len=args.seq_len,
+        call_ratio=args.call_ratio,
+        cascade=args.cascade,
+        entities=entities,
+        max_new_tokens=args.max_new_tokens,
+        device=args.device,
+    )
+    out = write_comparison(comparison, args.out)
+    print(comparison.markdown())
+    print(f"\nwrote {out}/comparison.json, comparison.md and comparison.png")
     return 0
 
 
@@ -357,7 +385,14 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--config", help="a TOML job config (default: the shipped tiny_cpu run config)")
     demo.set_defaults(run=cmd_demo)
 
-    train = commands.add_parser("train", help="pretrain with the LaCy loss (one process, or under torchrun)")
+    train = commands.add_parser(
+        "train",
+        help="pretrain with the LaCy loss (one process, or under torchrun)",
+        description="Pretrain with the LaCy loss. Any config value can be overridden with --section.key=value; "
+        "--loss.method picks one of the methods below.",
+        epilog=_methods_epilog(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     train.add_argument("--config", help="a TOML job config")
     train.set_defaults(run=cmd_train)
 
@@ -373,6 +408,8 @@ def build_parser() -> argparse.ArgumentParser:
     annotate.add_argument("--max-doc-chars", type=int, default=DataConfig.max_doc_chars)
     annotate.add_argument("--spacy-model", default=AnnotationConfig.spacy_model)
     annotate.add_argument("--batch-size", type=int, default=AnnotationConfig.batch_size)
+    annotate.add_argument("--reference", help="also store a reference model's per-token losses (rho1, spacy_refloss)")
+    annotate.add_argument("--device", default="cpu", help="torch device of the --reference model")
     annotate.set_defaults(run=cmd_annotate)
 
     gen = commands.add_parser("generate", help="greedy generation, calls answered by a cascade partner (partner tokens highlighted)")
@@ -396,6 +433,24 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_eval_arguments(evaluation)
     evaluation.set_defaults(run=cmd_eval)
+
+    compare = commands.add_parser(
+        "compare", help="finished runs of several methods side by side on the same held-out windows"
+    )
+    compare.add_argument("--runs", nargs="+", required=True, help="run directories (lacy-stream train's run_dir)")
+    compare.add_argument("--val-shards", required=True, help="held-out shard URL spec, scored by every run")
+    compare.add_argument("--out", required=True, help="output directory: comparison.json, .md and .png")
+    compare.add_argument("--batches", type=int, default=8, help="held-out batches to score")
+    compare.add_argument("--batch-size", type=int, default=8, help="windows per batch (call masks are per batch)")
+    compare.add_argument("--seq-len", type=int, help="window length (default: the shortest training seq_len)")
+    compare.add_argument("--call-ratio", type=float, default=0.15, help="share of each batch in the call mask C_M")
+    compare.add_argument("--cascade", help="partner for calibrated cascade generation: hf:DIR, openai:URL#MODEL, lacy:PATH")
+    compare.add_argument("--prompts", type=int, default=3, help="FactScore prompts for --cascade")
+    compare.add_argument("--max-new-tokens", type=int, default=48, help="tokens per --cascade generation")
+    compare.add_argument("--factscore-entities", help="FactScore entities, one a line (default: from --shared)")
+    compare.add_argument("--shared", default=os.environ.get("LACY_SHARED_DIR", "../shared"))
+    compare.add_argument("--device", default="cpu")
+    compare.set_defaults(run=cmd_compare)
 
     bench = commands.add_parser("bench", help="benchmarks").add_subparsers(dest="bench", required=True)
     bench_annotate = bench.add_parser("annotate", help="annotation throughput per core, scaling over workers, cache")
@@ -423,6 +478,17 @@ def build_parser() -> argparse.ArgumentParser:
     loss.add_argument("--json", action="store_true")
     loss.set_defaults(run=cmd_bench_loss)
     return parser
+
+
+def _methods_epilog() -> str:
+    from .loss.masks import METHODS
+
+    with_reference = " and ".join(name for name, method in METHODS.items() if method.needs_reference)
+    lines = [f"methods (--loss.method=NAME; {with_reference} need --loss.reference=RUN):"]
+    for method in METHODS.values():
+        ignore = f"; ignore: {method.ignore_mask}" if method.ignore_mask != "none" else ""
+        lines.append(f"  {method.name:<17} call: {method.call_mask}{ignore}")
+    return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> None:

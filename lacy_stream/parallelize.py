@@ -26,6 +26,7 @@ from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.utils.checkpoint import checkpoint
 
 from .config.job_config import LossConfig
+from .labels import TokenLabels
 from .loss.lacy_loss import LossOutput, lacy_loss
 from .model import Transformer
 
@@ -44,10 +45,8 @@ class TrainingModule(nn.Module):
         self.autocast_dtype: torch.dtype | None = None
         """Set when no FSDP mixed-precision policy casts the parameters (one process on CUDA with bf16)."""
 
-    def forward(
-        self, inputs: Tensor, targets: Tensor, valid: Tensor, token_class: Tensor, judge: Tensor, *, step: int
-    ) -> LossOutput:
-        """All ``[B, T]``: input ids, target ids, which targets count, their token class and judge label."""
+    def forward(self, inputs: Tensor, targets: Tensor, valid: Tensor, labels: TokenLabels, *, step: int) -> LossOutput:
+        """All ``[B, T]``: input ids, target ids, which targets count, and the targets' labels."""
         autocast = (
             torch.autocast(inputs.device.type, dtype=self.autocast_dtype) if self.autocast_dtype else nullcontext()
         )
@@ -60,8 +59,7 @@ class TrainingModule(nn.Module):
             valid.flatten(),
             call_id=self.call_id,
             method=self.loss.method,
-            token_class=token_class.flatten(),
-            judge=judge.flatten(),
+            labels=labels.flatten(),
             call_ratio=self.loss.call_ratio,
             ignore_ratio=self.loss.ignore_ratio,
             seed=self.seed,

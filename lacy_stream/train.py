@@ -44,7 +44,7 @@ from .checkpoint import CheckpointManager, SigtermFlag, capture_rng_state, resto
 from .config.job_config import ConfigError, JobConfig, OptimizerConfig
 from .data.loader import TokenLoader
 from .export import export_hf
-from .labels import JUDGE_CALL, TokenClass
+from .labels import TokenClass, TokenLabels
 from .loss.lacy_loss import LossOutput
 from .metrics import MetricsLogger, StepTimer, mfu, peak_flops
 from .model import Transformer, flops_per_token, model_args
@@ -54,7 +54,8 @@ from .tokenizer import Tokenizer
 log = logging.getLogger(__name__)
 
 # Sums over the micro-batches of a logging interval, in this order (see ``_micro_batch_counts``).
-COUNTS = ("valid", "facts", "calls", "call_loss_sum", "learned", "learned_loss_sum")
+COUNTS = ("valid", "facts", "calls", "call_loss_sum", "learned", "learned_loss_sum",
+          "call_shortfall", "ref_scored", "ref_loss_sum", "excess_loss_sum", "call_excess_loss_sum")
 
 
 def train(config: JobConfig, *, on_step: Callable[[int], None] | None = None) -> dict[str, Any]:
@@ -155,7 +156,8 @@ class _Trainer:
             self.optimizer, lambda step: lr_factor(step, config.optimizer, config.train.steps)
         )
         self.loader = TokenLoader.from_config(
-            config.data, config.tokenizer.path, config.annotation, rank=self.rank, world_size=self.ranks
+            config.data, config.tokenizer.path, config.annotation, reference=config.loss.reference,
+            rank=self.rank, world_size=self.ranks,
         )
         self.checkpoints = CheckpointManager(self.run_dir, keep=config.checkpoint.keep)
         self.val_batches: list[dict[str, torch.Tensor]] | None = None
@@ -229,7 +231,7 @@ class _Trainer:
             share = output.loss * (output.masks.valid_tokens / step_valid)
             share.backward()
             step_loss += share.detach()
-            totals += _micro_batch_counts(batch, output)
+            totals += _micro_batch_counts(batch, output, self.rank)
         grad_norm = self._clip_gradients()
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
@@ -244,7 +246,8 @@ class _Trainer:
         if self.val_batches is None:
             loader = TokenLoader.from_config(
                 dataclasses.replace(self.config.data, shards=self.config.train.val_shards, num_workers=0),
-                self.config.tokenizer.path, self.config.annotation, rank=self.rank, world_size=self.ranks,
+                self.config.tokenizer.path, self.config.annotation, reference=self.config.loss.reference,
+                rank=self.rank, world_size=self.ranks,
             )
             self.val_batches = [self._prepare(batch) for batch in itertools.islice(loader, self.config.train.val_batches)]
         loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
@@ -253,7 +256,7 @@ class _Trainer:
             for batch in self.val_batches:
                 output = self.module(**batch, step=0)
                 loss_sum += output.loss.double() * output.masks.valid_tokens
-                totals += _micro_batch_counts(batch, output)
+                totals += _micro_batch_counts(batch, output, self.rank)
         counts = dict(zip(COUNTS, self._sum_over_ranks(totals).tolist()))
         loss_sum = self._sum_over_ranks(loss_sum).item()  # each rank's loss is its share of the global one
         return {
@@ -261,16 +264,21 @@ class _Trainer:
             **_loss_breakdown(counts),
         }
 
-    def _prepare(self, batch: dict) -> dict[str, torch.Tensor]:
+    def _prepare(self, batch: dict) -> dict[str, Any]:
         """Loader columns [B, T + 1] -> the ``TrainingModule`` inputs [B, T] on the device."""
-        tokens = batch["tokens"].to(self.device, non_blocking=True)
-        token_class = batch["token_class"][:, 1:].to(self.device, non_blocking=True)
+        tokens, token_class, judge, ref_loss = (
+            batch[name].to(self.device, non_blocking=True) for name in ("tokens", "token_class", "judge", "ref_loss")
+        )
+        labels = TokenLabels(
+            token_class=token_class[:, 1:],
+            judge=judge[:, 1:],
+            ref_loss=ref_loss[:, 1:] if self.config.loss.reference else None,
+        )
         return {
             "inputs": tokens[:, :-1],
             "targets": tokens[:, 1:],
-            "valid": token_class != TokenClass.IGNORE,
-            "token_class": token_class,
-            "judge": batch["judge"][:, 1:].to(self.device, non_blocking=True) == JUDGE_CALL,
+            "valid": labels.token_class != TokenClass.IGNORE,
+            "labels": labels,
         }
 
     def _clip_gradients(self) -> float:
@@ -290,6 +298,7 @@ class _Trainer:
             "loss": sum(losses) / len(losses),
             **_loss_breakdown(counts),
             "fact_ratio": counts["facts"] / max(counts["valid"], 1),
+            "call_shortfall": counts["call_shortfall"] / len(losses),
             "tokens_per_s": tokens_per_s,
             "tokens_seen": self.tokens_seen,
             "grad_norm": grad_norm,
@@ -353,24 +362,38 @@ class _NoProgress:
         pass
 
 
-def _micro_batch_counts(batch: dict[str, torch.Tensor], output: LossOutput) -> torch.Tensor:
-    """This rank's ``COUNTS`` of one micro-batch."""
+def _micro_batch_counts(batch: dict[str, Any], output: LossOutput, rank: int) -> torch.Tensor:
+    """This rank's ``COUNTS`` of one micro-batch (the call shortfall, the same on every rank, counted by rank 0)."""
+    labels: TokenLabels = batch["labels"].flatten()
     valid = batch["valid"].flatten()
     call = output.masks.call
     learned = valid & ~call & ~output.masks.ignore
-    facts = valid & (batch["token_class"].flatten() == TokenClass.FACT)
-    values = [valid.sum(), facts.sum(), call.sum(), output.call_loss[call].sum(),
-              learned.sum(), output.learned_loss[learned].sum()]
-    return torch.stack([value.double() for value in values])
+    facts = valid & (labels.token_class == TokenClass.FACT)
+    zero = torch.zeros((), device=valid.device)
+    excess = output.learned_loss - labels.ref_loss if labels.ref_loss is not None else None
+    values = [
+        valid.sum(), facts.sum(), call.sum(), output.call_loss[call].sum(), learned.sum(),
+        output.learned_loss[learned].sum(), torch.tensor(output.masks.call_shortfall if rank == 0 else 0),
+        valid.sum() if excess is not None else zero,
+        labels.ref_loss[valid].sum() if excess is not None else zero,
+        excess[valid].sum() if excess is not None else zero,
+        excess[call].sum() if excess is not None else zero,
+    ]
+    return torch.stack([value.to(device=valid.device, dtype=torch.float64) for value in values])
 
 
 def _loss_breakdown(counts: dict[str, float]) -> dict[str, float | None]:
     """Mean call loss, mean non-call loss and call ratio from summed ``COUNTS``."""
-    return {
+    breakdown = {
         "call_loss": counts["call_loss_sum"] / counts["calls"] if counts["calls"] else None,
         "noncall_loss": counts["learned_loss_sum"] / counts["learned"] if counts["learned"] else None,
         "call_ratio": counts["calls"] / max(counts["valid"], 1),
     }
+    if counts["ref_scored"]:
+        breakdown["ref_loss"] = counts["ref_loss_sum"] / counts["ref_scored"]
+        breakdown["excess_loss"] = counts["excess_loss_sum"] / counts["ref_scored"]
+        breakdown["call_excess_loss"] = counts["call_excess_loss_sum"] / counts["calls"] if counts["calls"] else None
+    return breakdown
 
 
 def _loader_state_to_json(state: dict) -> dict:

@@ -13,9 +13,8 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from conftest import spawn_gloo
-from lacy_stream.labels import TokenClass
-from lacy_stream.loss.lacy_loss import lacy_loss
-from lacy_stream.loss.masks import METHODS
+from lacy_stream.labels import TokenClass, TokenLabels
+from lacy_stream.loss import METHODS, lacy_loss
 
 N, D, V = 48, 24, 37
 
@@ -28,12 +27,12 @@ def make_batch(seed: int = 0, n: int = N, dtype=torch.float32):
     valid = torch.rand(n, generator=generator) > 0.1
     targets[~valid] = -100
     token_class = torch.randint(0, 3, (n,), generator=generator).to(torch.int8)
-    extras = {
-        "token_class": token_class,
-        "judge": torch.rand(n, generator=generator) < 0.2,
-        "ref_loss": torch.rand(n, generator=generator) * 5,
-    }
-    return hidden, weight, targets, valid, extras
+    labels = TokenLabels(
+        token_class=token_class,
+        judge=torch.rand(n, generator=generator) < 0.2,
+        ref_loss=torch.rand(n, generator=generator) * 5,
+    )
+    return hidden, weight, targets, valid, labels
 
 
 def reference_loss(hidden, weight, targets, valid, call, ignore, call_id):
@@ -51,10 +50,10 @@ def reference_loss(hidden, weight, targets, valid, call, ignore, call_id):
 @pytest.mark.parametrize("implementation", ["torch", "triton"])
 @pytest.mark.parametrize("method", METHODS)
 def test_loss_and_gradients_match_fp64(method, implementation):
-    hidden, weight, targets, valid, extras = make_batch()
+    hidden, weight, targets, valid, labels = make_batch()
     hidden.requires_grad_(True)
     weight.requires_grad_(True)
-    out = lacy_loss(hidden, weight, targets, valid, call_id=V - 1, method=method, implementation=implementation, **extras)
+    out = lacy_loss(hidden, weight, targets, valid, call_id=V - 1, method=method, implementation=implementation, labels=labels)
     out.loss.backward()
 
     h64 = hidden.detach().double().requires_grad_(True)
@@ -66,8 +65,23 @@ def test_loss_and_gradients_match_fp64(method, implementation):
     torch.testing.assert_close(weight.grad.double(), w64.grad, rtol=1e-4, atol=1e-6)
 
 
+@pytest.mark.parametrize("method", ["lacy", "lacy_ignore", "rho1"])
+def test_torch_path_keeps_fp64_to_fp64_precision(method):
+    """fp64 inputs are computed in fp64 (not downcast): the torch path is an fp64-exact oracle."""
+    hidden, weight, targets, valid, labels = make_batch(5, dtype=torch.float64)
+    hidden.requires_grad_(True)
+    out = lacy_loss(hidden, weight, targets, valid, call_id=V - 1, method=method, implementation="torch", labels=labels)
+    out.loss.backward()
+    assert out.loss.dtype == torch.float64 and out.learned_loss.dtype == torch.float64
+    h64 = hidden.detach().clone().requires_grad_(True)
+    expected = reference_loss(h64, weight, targets, valid, out.masks.call, out.masks.ignore, V - 1)
+    expected.backward()
+    torch.testing.assert_close(out.loss, expected, rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(hidden.grad, h64.grad, rtol=1e-12, atol=1e-14)
+
+
 def test_learned_loss_equals_linear_cross_entropy_with_call_masked():
-    hidden, weight, targets, valid, extras = make_batch(1)
+    hidden, weight, targets, valid, labels = make_batch(1)
     call_id = 5
     targets = torch.where(targets == call_id, 0, targets)
     out = lacy_loss(hidden, weight, targets, valid, call_id=call_id, method="baseline", implementation="torch")
@@ -79,11 +93,11 @@ def test_learned_loss_equals_linear_cross_entropy_with_call_masked():
 
 
 def test_calls_are_trained_towards_call_and_ignored_tokens_get_no_gradient():
-    hidden, weight, targets, valid, extras = make_batch(2)
+    hidden, weight, targets, valid, labels = make_batch(2)
     valid[:] = True
-    extras["token_class"][:] = TokenClass.FACT
+    labels.token_class[:] = TokenClass.FACT
     hidden.requires_grad_(True)
-    out = lacy_loss(hidden, weight, targets, valid, call_id=V - 1, method="lacy_ignorefacts", implementation="torch", **extras)
+    out = lacy_loss(hidden, weight, targets, valid, call_id=V - 1, method="lacy_ignorefacts", implementation="torch", labels=labels)
     out.loss.backward()
     ignored = out.masks.ignore
     assert ignored.any() and out.masks.call.any()
@@ -97,21 +111,22 @@ def test_calls_are_trained_towards_call_and_ignored_tokens_get_no_gradient():
 
 
 def test_no_valid_token_gives_a_zero_loss():
-    hidden, weight, targets, valid, extras = make_batch(3)
+    hidden, weight, targets, valid, labels = make_batch(3)
     valid[:] = False
-    out = lacy_loss(hidden.requires_grad_(True), weight, targets, valid, call_id=V - 1, method="lacy", implementation="torch", **extras)
+    out = lacy_loss(hidden.requires_grad_(True), weight, targets, valid, call_id=V - 1, method="lacy", implementation="torch", labels=labels)
     out.loss.backward()
     assert out.loss.item() == 0.0 and torch.all(hidden.grad == 0)
 
 
 def _two_rank_worker(rank: int, world: int) -> tuple:
-    hidden, weight, targets, valid, extras = make_batch(4, n=2 * N)
+    hidden, weight, targets, valid, labels = make_batch(4, n=2 * N)
     part = slice(rank * N, (rank + 1) * N)
     weight.requires_grad_(True)
     local_hidden = hidden[part].clone().requires_grad_(True)
     out = lacy_loss(
         local_hidden, weight, targets[part], valid[part], call_id=V - 1, method="lacy_ignore",
-        implementation="torch", group=dist.group.WORLD, **{k: v[part] for k, v in extras.items()},
+        implementation="torch", group=dist.group.WORLD,
+        labels=TokenLabels(**{name: getattr(labels, name)[part] for name in labels.available()}),
     )
     out.loss.backward()
     return out.loss.detach(), local_hidden.grad, weight.grad
@@ -120,10 +135,10 @@ def _two_rank_worker(rank: int, world: int) -> tuple:
 @pytest.mark.timeout(120)
 def test_two_ranks_add_up_to_one_process(tmp_path):
     results = spawn_gloo(_two_rank_worker, 2, tmp_path)
-    hidden, weight, targets, valid, extras = make_batch(4, n=2 * N)
+    hidden, weight, targets, valid, labels = make_batch(4, n=2 * N)
     hidden.requires_grad_(True)
     weight.requires_grad_(True)
-    out = lacy_loss(hidden, weight, targets, valid, call_id=V - 1, method="lacy_ignore", implementation="torch", **extras)
+    out = lacy_loss(hidden, weight, targets, valid, call_id=V - 1, method="lacy_ignore", implementation="torch", labels=labels)
     out.loss.backward()
     torch.testing.assert_close(results[0][0] + results[1][0], out.loss.detach())
     torch.testing.assert_close(torch.cat([results[0][1], results[1][1]]), hidden.grad)

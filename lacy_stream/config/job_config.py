@@ -14,6 +14,7 @@ import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..loss.lacy_loss import IMPLEMENTATIONS
 from ..loss.masks import METHODS
 from ..model import PRESETS
 
@@ -78,12 +79,14 @@ class ModelConfig:
 @dataclass
 class LossConfig:
     method: str = "lacy"
-    """One of the paper's Table 5 methods: baseline, loss_based, rho1, llm_judge, spacy, lacy,
-    spacy_refloss, lacy_ignorefacts, lacy_ignore."""
+    """One of the paper's Table 5 methods (``lacy_stream.loss.METHODS``; ``lacy-stream train --help``)."""
     call_ratio: float = 0.15
     ignore_ratio: float = 0.15
     implementation: str = "auto"
     """``auto`` (fused Triton kernel on CUDA, plain PyTorch elsewhere), ``triton`` or ``torch``."""
+    reference: str = ""
+    """The frozen reference model of ``rho1`` and ``spacy_refloss``: a run directory, checkpoint or Hugging
+    Face export of a lacy-stream model with the same tokenizer."""
 
 
 @dataclass
@@ -146,8 +149,8 @@ class JobConfig:
 # Values that are checked beyond their type: (section, key) -> allowed choices or (low, high) bounds.
 _CHOICES = {
     ("model", "preset"): tuple(PRESETS),
-    ("loss", "method"): METHODS,
-    ("loss", "implementation"): ("auto", "triton", "torch"),
+    ("loss", "method"): tuple(METHODS),
+    ("loss", "implementation"): IMPLEMENTATIONS,
     ("optimizer", "schedule"): ("constant", "cosine"),
     ("train", "dtype"): ("auto", "bf16", "fp32"),
 }
@@ -156,8 +159,8 @@ _POSITIVE = {("data", "seq_len"), ("data", "batch_size"), ("data", "max_doc_char
              ("checkpoint", "every"), ("checkpoint", "keep"), ("optimizer", "lr")}
 _NON_NEGATIVE = {("data", "num_workers"), ("model", "max_seq_len"), ("optimizer", "weight_decay"),
                  ("optimizer", "grad_clip"), ("optimizer", "warmup_steps"), ("train", "global_batch_tokens")}
-_FRACTIONS = {("loss", "call_ratio"), ("loss", "ignore_ratio"), ("optimizer", "beta1"), ("optimizer", "beta2"),
-              ("optimizer", "min_lr_ratio")}
+_FRACTIONS = {("optimizer", "beta1"), ("optimizer", "beta2"), ("optimizer", "min_lr_ratio")}
+_CLOSED_FRACTIONS = {("loss", "call_ratio"), ("loss", "ignore_ratio")}
 
 
 def validate(config: JobConfig) -> None:
@@ -176,6 +179,24 @@ def validate(config: JobConfig) -> None:
                 raise ConfigError(f"{name}: must not be negative, got {value!r}")
             if key in _FRACTIONS and not 0 <= value < 1:
                 raise ConfigError(f"{name}: must be in [0, 1), got {value!r}")
+            if key in _CLOSED_FRACTIONS and not 0 <= value <= 1:
+                raise ConfigError(f"{name}: must be in [0, 1], got {value!r}")
+    _check_reference(config.loss)
+
+
+def _check_reference(loss: LossConfig) -> None:
+    needs_reference = METHODS[loss.method].needs_reference
+    if needs_reference and not loss.reference:
+        raise ConfigError(
+            f"loss.method {loss.method!r} selects by a reference model's loss: set loss.reference to its run "
+            "directory, checkpoint or Hugging Face export (e.g. a baseline run on the same tokenizer)"
+        )
+    if loss.reference and not needs_reference:
+        users = ", ".join(name for name, method in METHODS.items() if method.needs_reference)
+        raise ConfigError(
+            f"loss.reference is set but unused by loss.method {loss.method!r} (only {users} use a reference); "
+            "remove it"
+        )
 
 
 def load_job_config(path: str | Path | None = None, overrides: list[str] = ()) -> JobConfig:

@@ -4,6 +4,9 @@ Each input shard becomes one output shard whose samples keep their text and meta
 ``labels.npz`` member (token ids, fact classes and judge labels of every part of the document, plus the
 labeler identity). The loader reads these labels instead of running spaCy when they were made by the same
 labeler and split; otherwise it annotates online. Samples the reader skips are counted in the manifest.
+
+With a reference model, the member also holds each token's reference loss and the reference's identity
+(Rho-1 and spaCy + RefLoss; the paper's offline cost of Table 2), so training skips the reference forward.
 """
 
 from __future__ import annotations
@@ -33,6 +36,8 @@ def annotate_shards(
     options: StreamOptions = StreamOptions(),
     compress: str | None = None,
     prefix: str = "annotated",
+    reference: str | None = None,
+    device: str = "cpu",
 ) -> dict:
     """Write one annotated shard per input shard plus ``manifest.json``; returns the manifest."""
     out_dir = Path(out_dir)
@@ -42,6 +47,11 @@ def annotate_shards(
     labeler = DocumentLabeler(
         Tokenizer(tokenizer_path), FactAnnotator(spacy_model, batch_size=batch_size), batch_size=batch_size
     )
+    if reference:
+        from .reference_loss import ReferenceScorer
+
+        labeler.reference = ReferenceScorer(reference, tokenizer_path, device=device)
+    reference_identity = labeler.reference.identity if labeler.reference else None
     stats = ReadStats()
     shards = []
     for number, url in enumerate(urls):
@@ -53,7 +63,9 @@ def annotate_shards(
                     "id": doc.meta.get("id", doc.key),
                     "title": doc.meta.get("title"),
                     "text": "".join(part_text for part_text, _ in parts),
-                    "labels": stored_labels_bytes(labeler.identity, [labels for _, labels in parts]),
+                    "labels": stored_labels_bytes(
+                        labeler.identity, [labels for _, labels in parts], reference_identity
+                    ),
                 }
                 if "annotated_text" in doc.meta:
                     record["annotated_text"] = doc.meta["annotated_text"]
@@ -70,6 +82,7 @@ def annotate_shards(
         "skipped": dict(sorted(stats.skipped.items())),
         "sources": list(urls),
         "labeler": labeler.identity,
+        "reference": reference_identity,
         "shards": shards,
     }
     write_atomically(out_dir / MANIFEST_NAME, json.dumps(manifest, indent=2, ensure_ascii=False) + "\n")

@@ -29,7 +29,10 @@ import numpy as np
 log = logging.getLogger(__name__)
 
 KEY_BYTES = 16
-_COLUMNS = {"tokens": np.int32, "token_class": np.int8, "judge": np.int8}
+LABEL_CACHE_COLUMNS = {"tokens": np.int32, "token_class": np.int8, "judge": np.int8}
+"""What the fact-label cache stores per token (ids fit in int32 on disk)."""
+REFERENCE_CACHE_COLUMNS = {"ref_loss": np.float32}
+"""What the reference-loss cache stores per token."""
 _FLUSH_TOKENS = 1 << 22
 
 
@@ -54,10 +57,12 @@ class CacheStats:
 
 
 class _Segment:
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, columns: dict[str, type]) -> None:
         self.keys = np.load(path / "keys.npy")
         self.offsets = np.load(path / "offsets.npy")
-        self.columns = {name: np.load(path / f"{name}.npy", mmap_mode="r") for name in _COLUMNS}
+        self.columns = {name: np.load(path / f"{name}.npy", mmap_mode="r") for name in columns}
+        if len(self.offsets) != len(self.keys) + 1 or any(len(c) != self.offsets[-1] for c in self.columns.values()):
+            raise ValueError("keys, offsets and columns disagree in length")
 
     def entry(self, row: int) -> dict[str, np.ndarray]:
         start, end = self.offsets[row], self.offsets[row + 1]
@@ -67,10 +72,11 @@ class _Segment:
 class ShardLabelCache:
     """The cached entries of one shard: lookups over its segments, and the entries pending a write."""
 
-    def __init__(self, directory: Path, shard_id: str, stats: CacheStats) -> None:
+    def __init__(self, directory: Path, shard_id: str, stats: CacheStats, columns: dict[str, type]) -> None:
         self.directory = directory
         self.shard_id = shard_id
         self.stats = stats
+        self.columns = columns
         self._index: dict[bytes, tuple[_Segment, int]] = {}
         self._loaded: set[str] = set()
         self._pending: list[tuple[bytes, dict[str, np.ndarray]]] = []
@@ -83,7 +89,7 @@ class ShardLabelCache:
             if path.name in self._loaded or not path.is_dir():
                 continue
             try:
-                segment = _Segment(path)
+                segment = _Segment(path, self.columns)
             except (OSError, ValueError) as error:
                 log.warning("label cache: ignoring unreadable segment %s: %s", path, error)
                 self._loaded.add(path.name)
@@ -104,8 +110,9 @@ class ShardLabelCache:
     def put(self, key: bytes, labels: dict[str, np.ndarray]) -> None:
         if key in self._index:
             return
-        self._pending.append((key, {name: np.asarray(labels[name], dtype=dtype) for name, dtype in _COLUMNS.items()}))
-        self._pending_tokens += len(labels["tokens"])
+        entry = {name: np.asarray(labels[name], dtype=dtype) for name, dtype in self.columns.items()}
+        self._pending.append((key, entry))
+        self._pending_tokens += len(next(iter(entry.values())))
         if self._pending_tokens >= _FLUSH_TOKENS:
             self.flush()
 
@@ -117,10 +124,10 @@ class ShardLabelCache:
         temporary.mkdir()
         # raw bytes, not an "S" string array: numpy strips trailing zero bytes from those
         keys = np.frombuffer(b"".join(key for key, _ in self._pending), dtype=np.uint8).reshape(-1, KEY_BYTES)
-        lengths = [len(labels["tokens"]) for _, labels in self._pending]
+        lengths = [len(next(iter(labels.values()))) for _, labels in self._pending]
         np.save(temporary / "keys.npy", keys)
         np.save(temporary / "offsets.npy", np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64))
-        for column, dtype in _COLUMNS.items():
+        for column, dtype in self.columns.items():
             values = [labels[column] for _, labels in self._pending]
             np.save(temporary / f"{column}.npy", np.concatenate(values).astype(dtype) if values else np.empty(0, dtype))
         os.rename(temporary, self.directory / name)
@@ -130,9 +137,14 @@ class ShardLabelCache:
 
 
 class LabelCache:
-    """Per-namespace cache; :meth:`shard` gives the view of one shard URL."""
+    """Per-namespace cache; :meth:`shard` gives the view of one shard URL.
 
-    def __init__(self, root: str | Path, identity: str) -> None:
+    ``columns`` are the per-token arrays of an entry: the fact labels by default, or the reference losses
+    (:data:`REFERENCE_CACHE_COLUMNS`, under an identity that names the reference).
+    """
+
+    def __init__(self, root: str | Path, identity: str, columns: dict[str, type] = LABEL_CACHE_COLUMNS) -> None:
+        self.columns = columns
         namespace = hashlib.sha256(identity.encode()).hexdigest()[:16]
         self.directory = Path(root) / namespace
         self.directory.mkdir(parents=True, exist_ok=True)
@@ -143,4 +155,4 @@ class LabelCache:
 
     def shard(self, url: str) -> ShardLabelCache:
         shard_id = hashlib.sha256(url.encode()).hexdigest()[:16]
-        return ShardLabelCache(self.directory, shard_id, self.stats)
+        return ShardLabelCache(self.directory, shard_id, self.stats, self.columns)

@@ -9,6 +9,10 @@ first source that has them:
 3. the annotator: spaCy over a batch of documents, the rules, then alignment to SentencePiece pieces.
 
 Judge labels come from the document's ``annotated_text`` markup (see :mod:`.judge`), when it has one.
+
+With a reference model (:mod:`.reference_loss`), every document also gets its per-token reference loss,
+from the first source that has it: the offline shard (same reference), the reference-loss cache, or the
+reference's forward pass.
 """
 
 from __future__ import annotations
@@ -19,17 +23,20 @@ import logging
 import sys
 from collections import Counter
 from pathlib import Path
-from typing import Iterable, Iterator, TypeVar
+from typing import TYPE_CHECKING, Iterable, Iterator, TypeVar
 
 import numpy as np
 
-from ..labels import JUDGE_CALL, JUDGE_KEEP, JUDGE_UNKNOWN, TokenClass
+from ..labels import JUDGE_CALL, JUDGE_KEEP, JUDGE_UNKNOWN, LABEL_COLUMNS, TokenClass
 from ..tokenizer import Tokenizer
 from .alignment import char_to_byte_offsets, encode_with_offsets, label_pieces, pieces_in_spans
 from .annotation import FactAnnotator, WordLabels
 from .documents import Document
 from .judge import judge_spans
 from .label_cache import LabelCache, ShardLabelCache, document_key
+
+if TYPE_CHECKING:
+    from .reference_loss import ReferenceScorer
 
 log = logging.getLogger(__name__)
 
@@ -38,7 +45,10 @@ MAX_BATCH_CHARS = 1_000_000
 
 Item = TypeVar("Item")
 Labels = dict[str, np.ndarray]
-"""``tokens`` (int64), ``token_class`` and ``judge`` (int8), one entry per token, without the closing EOS."""
+"""``tokens`` (int64) and the label columns of :data:`lacy_stream.labels.LABEL_COLUMNS` (``ref_loss`` only
+with a reference), one entry per token, without the closing EOS."""
+FACT_LABELS = {"tokens": np.dtype(np.int64), "token_class": LABEL_COLUMNS["token_class"], "judge": LABEL_COLUMNS["judge"]}
+"""The arrays every labeler produces; ``ref_loss`` comes on top with a reference."""
 
 
 def file_digest(path: str | Path) -> str:
@@ -56,6 +66,8 @@ class DocumentLabeler:
         cache: LabelCache | None = None,
         batch_size: int = 64,
         first_batch_size: int = 1,
+        reference: ReferenceScorer | None = None,
+        reference_cache: LabelCache | None = None,
     ) -> None:
         self.tokenizer = tokenizer
         self.annotator = annotator
@@ -63,8 +75,11 @@ class DocumentLabeler:
         self.first_batch_size = min(first_batch_size, batch_size)
         self.identity = labeler_identity(annotator.identity if annotator else None, tokenizer.model_path)
         self.cache = cache
+        self.reference = reference
+        self.reference_cache = reference_cache
         self.counts: Counter[str] = Counter()
         self._shard_caches: dict[str, ShardLabelCache] = {}
+        self._reference_shard_caches: dict[str, ShardLabelCache] = {}
         self._warned_shards: set[str] = set()
 
     def label(self, items: Iterable[tuple[Item, Document]]) -> Iterator[tuple[Item, Document, Labels]]:
@@ -97,9 +112,10 @@ class DocumentLabeler:
             # A stream abandoned mid-way is closed here, possibly only at interpreter exit, when the modules
             # a flush needs may already be gone; the cache only saves time, so then it is left unwritten.
             if not sys.is_finalizing():
-                for shard_cache in self._shard_caches.values():
+                for shard_cache in [*self._shard_caches.values(), *self._reference_shard_caches.values()]:
                     shard_cache.flush()
             self._shard_caches.clear()
+            self._reference_shard_caches.clear()
 
     def label_document(self, doc: Document) -> Labels:
         return next(self.label([(None, doc)]))[2]
@@ -108,10 +124,7 @@ class DocumentLabeler:
         """The cache of the document's shard (opened on its first document) and the document's key."""
         if self.cache is None:
             return None, None
-        shard_cache = self._shard_caches.get(doc.url)
-        if shard_cache is None:
-            shard_cache = self._shard_caches[doc.url] = self.cache.shard(doc.url)
-        return shard_cache, document_key(doc.text, _judge_markup(doc))
+        return _shard_cache(self.cache, self._shard_caches, doc.url), document_key(doc.text, _judge_markup(doc))
 
     def _stored_labels(self, doc: Document) -> Labels | None:
         if doc.labels is None:
@@ -121,22 +134,29 @@ class DocumentLabeler:
             identity = str(stored["identity"])
             part_lengths = stored["part_lengths"]
             if identity != self.identity or len(part_lengths) != doc.num_parts:
-                self.counts["stored_labels_stale"] += 1
-                if doc.url not in self._warned_shards:
-                    self._warned_shards.add(doc.url)
-                    log.warning(
-                        "%s: stored labels were made by another labeler (%s, this one is %s) or another document "
-                        "split; annotating online", doc.url, identity, self.identity,
-                    )
+                self._count_stale(doc, identity)
                 return None
             start = int(part_lengths[: doc.part].sum())
             end = start + int(part_lengths[doc.part])
             self.counts["stored"] += 1
-            return {name: stored[name][start:end].astype(dtype) for name, dtype in _DTYPES.items()}
+            labels = {name: stored[name][start:end].astype(dtype) for name, dtype in FACT_LABELS.items()}
+            reference = str(stored["reference"]) if "reference" in stored.files else None
+            if self.reference is not None and reference == self.reference.identity:
+                labels["ref_loss"] = stored["ref_loss"][start:end].astype(LABEL_COLUMNS["ref_loss"])
+            return labels
         except (OSError, ValueError, KeyError) as error:
             self.counts["stored_labels_unreadable"] += 1
             log.warning("%s:%s: unreadable stored labels (%s); annotating online", doc.url, doc.key, error)
             return None
+
+    def _count_stale(self, doc: Document, identity: str) -> None:
+        self.counts["stored_labels_stale"] += 1
+        if doc.url not in self._warned_shards:
+            self._warned_shards.add(doc.url)
+            log.warning(
+                "%s: stored labels were made by another labeler (%s, this one is %s) or another document "
+                "split; annotating online", doc.url, identity, self.identity,
+            )
 
     def _cached_labels(self, shard_cache: ShardLabelCache | None, key: bytes | None) -> Labels | None:
         if shard_cache is None or key is None:
@@ -144,7 +164,7 @@ class DocumentLabeler:
         cached = shard_cache.get(key)
         if cached is not None:
             self.counts["cached"] += 1
-            return {name: cached[name].astype(dtype) for name, dtype in _DTYPES.items()}
+            return {name: cached[name].astype(dtype) for name, dtype in FACT_LABELS.items()}
         return None
 
     def _complete(self, waiting: list) -> Iterator[tuple[Item, Document, Labels]]:
@@ -160,11 +180,29 @@ class DocumentLabeler:
                 self.counts["annotated"] += 1
                 if shard_cache is not None and key is not None:
                     shard_cache.put(key, labels)
+            if self.reference is not None and "ref_loss" not in labels:
+                labels["ref_loss"] = self._reference_loss(doc, labels["tokens"])
             yield item, doc, labels
         # A shard's entries are complete once a later shard has started: write them out.
         current = waiting[-1][1].url if waiting else None
-        for url in [url for url in self._shard_caches if url != current]:
-            self._shard_caches.pop(url).flush()
+        for caches in (self._shard_caches, self._reference_shard_caches):
+            for url in [url for url in caches if url != current]:
+                caches.pop(url).flush()
+
+    def _reference_loss(self, doc: Document, tokens: np.ndarray) -> np.ndarray:
+        key = document_key(doc.text, None)
+        shard_cache = None
+        if self.reference_cache is not None:
+            shard_cache = _shard_cache(self.reference_cache, self._reference_shard_caches, doc.url)
+            cached = shard_cache.get(key)
+            if cached is not None and len(cached["ref_loss"]) == len(tokens):
+                self.counts["reference_cached"] += 1
+                return cached["ref_loss"]
+        losses = self.reference.score(tokens)
+        self.counts["reference_scored"] += 1
+        if shard_cache is not None:
+            shard_cache.put(key, {"ref_loss": losses})
+        return losses
 
     def _annotate(self, doc: Document, words: WordLabels | None) -> Labels:
         text = doc.text
@@ -210,7 +248,11 @@ class DocumentLabeler:
         return judge
 
 
-_DTYPES = {"tokens": np.int64, "token_class": np.int8, "judge": np.int8}
+def _shard_cache(cache: LabelCache, opened: dict[str, ShardLabelCache], url: str) -> ShardLabelCache:
+    """The view of ``cache`` for ``url``'s shard, opened on the shard's first document."""
+    if url not in opened:
+        opened[url] = cache.shard(url)
+    return opened[url]
 
 
 def _judge_markup(doc: Document) -> str | None:
@@ -222,13 +264,20 @@ def labeler_identity(annotator_identity: str | None, tokenizer_path: str | Path)
     return f"{annotator_identity or 'unannotated'}|tokenizer:{file_digest(tokenizer_path)}"
 
 
-def stored_labels_bytes(identity: str, parts: list[Labels]) -> bytes:
-    """The ``labels.npz`` member of an offline-annotated sample (see :meth:`DocumentLabeler._stored_labels`)."""
+def stored_labels_bytes(identity: str, parts: list[Labels], reference_identity: str | None = None) -> bytes:
+    """The ``labels.npz`` member of an offline-annotated sample (see :meth:`DocumentLabeler._stored_labels`);
+    with ``reference_identity``, the parts' reference losses too."""
+    columns = dict(FACT_LABELS)
+    extra = {}
+    if reference_identity is not None:
+        columns["ref_loss"] = LABEL_COLUMNS["ref_loss"]
+        extra["reference"] = np.array(reference_identity)
     buffer = io.BytesIO()
     np.savez(
         buffer,
         identity=np.array(identity),
         part_lengths=np.array([len(part["tokens"]) for part in parts], dtype=np.int64),
-        **{name: np.concatenate([part[name] for part in parts]).astype(dtype) for name, dtype in _DTYPES.items()},
+        **extra,
+        **{name: np.concatenate([part[name] for part in parts]).astype(dtype) for name, dtype in columns.items()},
     )
     return buffer.getvalue()

@@ -30,8 +30,8 @@ from ..tokenizer import Tokenizer
 from .alignment import warm_up as warm_up_alignment
 from .annotation import FactAnnotator
 from .documents import Document, ReadStats
-from .label_cache import LabelCache, default_cache_dir
-from .labeling import DocumentLabeler
+from .label_cache import REFERENCE_CACHE_COLUMNS, LabelCache, default_cache_dir
+from .labeling import DocumentLabeler, file_digest
 from .spacy_pipeline import resolve_model
 from .packing import COLUMNS, WindowPacker, document_columns
 from .shard_reader import read_shard
@@ -103,6 +103,7 @@ class PackedShardDataset(IterableDataset):
         options: StreamOptions = StreamOptions(),
         max_doc_chars: int = 1_000_000,
         annotation: AnnotationConfig = AnnotationConfig(),
+        reference: str = "",
     ) -> None:
         if not urls:
             raise ValueError("no shards to read")
@@ -117,6 +118,7 @@ class PackedShardDataset(IterableDataset):
         self.options = options
         self.max_doc_chars = max_doc_chars
         self.annotation = annotation
+        self.reference = reference
         self.cursor = Cursor()
         self.stats = ReadStats()
         self._stats_at_cursor = self.stats.as_dict()
@@ -149,7 +151,7 @@ class PackedShardDataset(IterableDataset):
         num_workers = worker.num_workers if worker else 1
         slot = self.rank * num_workers + (worker.id if worker else 0)
         tokenizer = Tokenizer(self.tokenizer_path)
-        labeler = build_labeler(tokenizer, self.annotation, self.max_doc_chars)
+        labeler = build_labeler(tokenizer, self.annotation, self.max_doc_chars, self.reference)
         packer = WindowPacker(self.seq_len)
         resume = self.cursor if self.cursor.sample >= 0 else None
         position_base = 0
@@ -221,15 +223,26 @@ def check_annotation_config(annotation: AnnotationConfig) -> None:
         resolve_model(annotation.spacy_model)
 
 
-def build_labeler(tokenizer: Tokenizer, annotation: AnnotationConfig, max_doc_chars: int) -> DocumentLabeler:
+def build_labeler(
+    tokenizer: Tokenizer, annotation: AnnotationConfig, max_doc_chars: int, reference: str = ""
+) -> DocumentLabeler:
+    """The labeler of one worker: spaCy as ``annotation`` says, a reference model's losses with ``reference``."""
     annotator = None
     if annotation.enabled:
         annotator = FactAnnotator(annotation.spacy_model, batch_size=annotation.batch_size)
         # Documents are split to max_doc_chars before spaCy sees them; spaCy's own guard would stop a worker.
         annotator.nlp.max_length = max(annotator.nlp.max_length, max_doc_chars)
     labeler = DocumentLabeler(tokenizer, annotator, batch_size=annotation.batch_size)
+    cache_root = annotation.cache_dir or default_cache_dir()
     if annotation.cache and annotator is not None:
-        labeler.cache = LabelCache(annotation.cache_dir or default_cache_dir(), labeler.identity)
+        labeler.cache = LabelCache(cache_root, labeler.identity)
+    if reference:
+        from .reference_loss import ReferenceScorer  # loads torch models and transformers: only when needed
+
+        labeler.reference = ReferenceScorer(reference, tokenizer.model_path)
+        if annotation.cache:
+            identity = f"{labeler.reference.identity}|tokenizer:{file_digest(tokenizer.model_path)}"
+            labeler.reference_cache = LabelCache(cache_root, identity, REFERENCE_CACHE_COLUMNS)
     return labeler
 
 
@@ -257,7 +270,8 @@ def collate_windows(windows: list[dict]) -> dict:
 class TokenLoader:
     """Batches of packed windows for one data-parallel rank, with resumable state and read counters.
 
-    Each batch is a dict of ``[batch_size, seq_len + 1]`` tensors (``tokens``, ``positions``,
+    Each batch is a dict of ``[batch_size, seq_len + 1]`` tensors, one per column of
+    :data:`.packing.COLUMNS` (``tokens``, ``token_class``, ``judge``, ``ref_loss``, ``positions``,
     ``doc_ids``). :meth:`read_stats` sums the read counters of this rank's workers.
     """
 
@@ -276,8 +290,13 @@ class TokenLoader:
         max_doc_chars: int = 1_000_000,
         prefetch_factor: int = 2,
         annotation: AnnotationConfig = AnnotationConfig(),
+        reference: str = "",
     ) -> None:
         check_annotation_config(annotation)
+        if reference:
+            from .reference_loss import check_reference
+
+            check_reference(reference, tokenizer_path)
         warm_up_alignment()
         self.dataset = PackedShardDataset(
             urls,
@@ -289,6 +308,7 @@ class TokenLoader:
             options=options,
             max_doc_chars=max_doc_chars,
             annotation=annotation,
+            reference=reference,
         )
         self.num_workers = num_workers
         self.loader = StatefulDataLoader(
@@ -308,6 +328,7 @@ class TokenLoader:
         tokenizer_path: str,
         annotation: AnnotationConfig = AnnotationConfig(),
         *,
+        reference: str = "",
         rank: int = 0,
         world_size: int = 1,
     ) -> "TokenLoader":
@@ -325,6 +346,7 @@ class TokenLoader:
             max_doc_chars=data.max_doc_chars,
             prefetch_factor=data.prefetch_factor,
             annotation=annotation,
+            reference=reference,
         )
 
     def _layout(self) -> dict:

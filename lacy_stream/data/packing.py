@@ -1,10 +1,12 @@
 """Packing: labeled documents -> fixed windows of ``seq_len + 1`` tokens with EOS between documents.
 
-Every token carries side columns next to its id: its fact class (``token_class``) and LLM-judge label
-(``judge``) from the labeling stage, the document it belongs to (``doc_ids``) and its position in that
-document (``positions``; the closing EOS has position = the document's token count). The EOS is no target:
-its class is ``IGNORE`` and its judge label ``JUDGE_UNKNOWN``. A window's inputs are ``tokens[:-1]`` and
-its targets ``tokens[1:]``, so the labels of the targets are ``token_class[1:]`` and ``judge[1:]``.
+Every token carries side columns next to its id: its labels from the labeling stage (fact class
+``token_class``, LLM-judge label ``judge``, reference loss ``ref_loss``: :data:`lacy_stream.labels.LABEL_COLUMNS`),
+the document it belongs to (``doc_ids``) and its position in that document (``positions``; the closing EOS
+has position = the document's token count). The EOS is no target: its labels are the ``LABEL_FILL`` values
+(class ``IGNORE``, judge ``JUDGE_UNKNOWN``, reference loss NaN), as are the labels a labeler did not produce.
+A window's inputs are ``tokens[:-1]`` and its targets ``tokens[1:]``, so the labels of the targets are
+``token_class[1:]``, ``judge[1:]`` and ``ref_loss[1:]``.
 
 Windows fill back to back; a document that does not fit continues in the next window. The packer never
 holds more than one partial window, and it is always empty right after a window is yielded, so the
@@ -17,13 +19,12 @@ from typing import Iterator
 
 import numpy as np
 
-from ..labels import JUDGE_UNKNOWN, TokenClass
+from ..labels import LABEL_COLUMNS, LABEL_FILL
 from .documents import Document
 
 COLUMNS: dict[str, np.dtype] = {
     "tokens": np.dtype(np.int64),
-    "token_class": np.dtype(np.int8),
-    "judge": np.dtype(np.int8),
+    **LABEL_COLUMNS,
     "positions": np.dtype(np.int32),
     "doc_ids": np.dtype(np.int64),
 }
@@ -54,19 +55,17 @@ def document_columns(
     doc: Document, labels: dict[str, np.ndarray], eos_id: int, epoch: int, position_base: int
 ) -> dict[str, np.ndarray]:
     """All columns of one labeled document part; the last part ends with EOS."""
-    tokens, classes, judge = labels["tokens"], labels["token_class"], labels["judge"]
-    if doc.is_last_part:
-        tokens = np.append(tokens, eos_id)
-        classes = np.append(classes, np.int8(TokenClass.IGNORE))
-        judge = np.append(judge, np.int8(JUDGE_UNKNOWN))
-    count = len(tokens)
-    return {
-        "tokens": np.asarray(tokens, dtype=COLUMNS["tokens"]),
-        "token_class": np.asarray(classes, dtype=COLUMNS["token_class"]),
-        "judge": np.asarray(judge, dtype=COLUMNS["judge"]),
-        "positions": np.arange(position_base, position_base + count, dtype=COLUMNS["positions"]),
-        "doc_ids": np.full(count, doc_uid(epoch, doc.shard, doc.index), dtype=COLUMNS["doc_ids"]),
-    }
+    tokens = labels["tokens"]
+    count = len(tokens) + doc.is_last_part  # the closing EOS
+    columns = {"tokens": np.full(count, eos_id, dtype=COLUMNS["tokens"])}
+    columns["tokens"][: len(tokens)] = tokens
+    for name, dtype in LABEL_COLUMNS.items():
+        columns[name] = np.full(count, LABEL_FILL[name], dtype=dtype)
+        if name in labels:
+            columns[name][: len(tokens)] = labels[name]
+    columns["positions"] = np.arange(position_base, position_base + count, dtype=COLUMNS["positions"])
+    columns["doc_ids"] = np.full(count, doc_uid(epoch, doc.shard, doc.index), dtype=COLUMNS["doc_ids"])
+    return columns
 
 
 class WindowPacker:

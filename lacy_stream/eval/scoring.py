@@ -34,6 +34,9 @@ class TokenStatistics:
     """log p(target) with the ``<CALL>`` logit excluded from the softmax (Eq. A.3, A.6)."""
     call_logit: Tensor
     """The raw ``<CALL>`` logit."""
+    call_log_odds: Tensor
+    """log(p(<CALL>) / (1 - p(<CALL>))) under the full softmax: the ``<CALL>`` logit minus the log-sum-exp of
+    the others (unlike the probability, it does not saturate near 1)."""
     call_is_top: Tensor
     """Whether ``<CALL>`` has the top logit (what greedy decoding would emit)."""
     top_token: Tensor
@@ -54,6 +57,7 @@ def token_statistics(model: Transformer, inputs: Tensor, targets: Tensor, *, cal
         full_logprob=target_logit - full_normalizer,
         no_call_logprob=target_logit - no_call_normalizer,
         call_logit=call_logit,
+        call_log_odds=call_logit - no_call_normalizer,
         # <CALL> is the last id and argmax picks the first maximum, so <CALL> is greedy's choice only when
         # its logit is strictly above every other.
         call_is_top=call_logit > top_other_logit,

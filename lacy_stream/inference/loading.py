@@ -78,6 +78,21 @@ def resolve_model_path(path: Path) -> Path:
     )
 
 
+def tokenizer_path_of(path: str | Path) -> Path:
+    """The SentencePiece model of the model at ``path`` (as :func:`load_lacy` reads it), without its weights."""
+    source = resolve_model_path(Path(path))
+    if (source / WEIGHTS_FILE).is_file():
+        return source / SENTENCEPIECE_FILE
+    return Path(_run_config(source.parent.parent)["tokenizer"]["path"])
+
+
+def _run_config(run_dir: Path) -> dict:
+    config_path = run_dir / "config.json"
+    if not config_path.is_file():
+        raise FileNotFoundError(f"{config_path} missing: a checkpoint is read with its run's resolved config")
+    return json.loads(config_path.read_text())
+
+
 def _from_hf_export(directory: Path) -> tuple[Transformer, Tokenizer]:
     config = json.loads((directory / "config.json").read_text())
     if config.get("model_type") != "gpt2":
@@ -102,10 +117,7 @@ def _from_hf_export(directory: Path) -> tuple[Transformer, Tokenizer]:
 
 
 def _from_checkpoint(checkpoint: Path, *, run_dir: Path) -> tuple[Transformer, Tokenizer]:
-    config_path = run_dir / "config.json"
-    if not config_path.is_file():
-        raise FileNotFoundError(f"{config_path} missing: a checkpoint is read with its run's resolved config")
-    config = json.loads(config_path.read_text())
+    config = _run_config(run_dir)
     tokenizer = Tokenizer(config["tokenizer"]["path"])
     overrides = {"vocab_size": tokenizer.vocab_size}
     if config["model"].get("max_seq_len"):

@@ -8,13 +8,14 @@ The sum is divided by the number of valid tokens of the micro-batch over all ran
 so the losses of the ranks add up to the loss of the whole micro-batch, whatever its split.
 
 Two implementations share the mask selection (:mod:`.masks`):
-- ``torch``: plain PyTorch on full fp32 logits; the CPU path and the test oracle;
+- ``torch``: plain PyTorch on full logits (fp32, fp64 for fp64 inputs); the CPU path and the test oracle;
 - ``triton``: the fused kernels of :mod:`.fused_kernel`, which never hold the ``[N, V]`` logits: one pass for
   the per-token statistics, then the gradients recomputed tile by tile in backward.
 """
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -22,6 +23,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor
 
+from ..labels import TokenLabels
 from .masks import MaskInputs, Masks, select_masks
 
 IMPLEMENTATIONS = ("auto", "torch", "triton")
@@ -46,9 +48,7 @@ def lacy_loss(
     *,
     call_id: int,
     method: str = "lacy",
-    token_class: Tensor | None = None,
-    judge: Tensor | None = None,
-    ref_loss: Tensor | None = None,
+    labels: TokenLabels | None = None,
     call_ratio: float = 0.15,
     ignore_ratio: float = 0.15,
     seed: int = 0,
@@ -58,10 +58,10 @@ def lacy_loss(
 ) -> LossOutput:
     """LaCy loss of ``hidden`` [N, D] against ``targets`` [N] with output embedding ``weight`` [V, D].
 
-    ``valid`` [N] marks the targets that count (not EOS, not padding); ``token_class`` (:class:`TokenClass`),
-    ``judge`` (LLM-judge call labels) and ``ref_loss`` (a reference model's per-token loss) are needed by
-    the methods that use them. ``group`` selects the masks over the micro-batches of all its ranks
-    (``None``: this rank alone).
+    ``valid`` [N] marks the targets that count (not EOS, not padding); ``labels`` holds the per-target
+    labels (fact class, judge label, reference loss, each [N]) that the method needs (see
+    :data:`.masks.METHODS`). ``group`` selects the masks over the micro-batches of all its ranks
+    (``None``: this rank alone). Losses are computed in fp32 for fp16/bf16 inputs and in fp64 for fp64.
     """
     if hidden.dim() != 2 or weight.dim() != 2 or hidden.shape[1] != weight.shape[1]:
         raise ValueError(f"need hidden [N, D] and weight [V, D], got {tuple(hidden.shape)} and {tuple(weight.shape)}")
@@ -73,22 +73,16 @@ def lacy_loss(
     safe_targets = torch.where(valid, targets, torch.zeros_like(targets))
 
     fused = _use_triton(implementation, hidden)
-    if fused:
-        from .fused_kernel import logit_stats
-
-        with torch.no_grad():
-            lse_nocall, target_logit, call_logit = logit_stats(hidden, weight, safe_targets, call_id)
-    else:
-        logits = F.linear(hidden, weight).float()
-        call_logit = logits[:, call_id]
-        lse_nocall = torch.logsumexp(logits.index_fill(1, torch.tensor([call_id], device=logits.device), float("-inf")), dim=1)
-        target_logit = logits.gather(1, safe_targets[:, None]).squeeze(1)
+    with torch.no_grad() if fused else nullcontext():
+        lse_nocall, target_logit, call_logit = logit_stats(
+            hidden, weight, safe_targets, call_id, implementation="triton" if fused else "torch"
+        )
 
     learned_loss = lse_nocall - target_logit
     call_loss = torch.logaddexp(lse_nocall, call_logit) - call_logit
     masks = select_masks(
         method,
-        MaskInputs(learned_loss.detach(), valid, token_class, judge, ref_loss),
+        MaskInputs(learned_loss.detach(), valid, labels or TokenLabels()),
         call_ratio=call_ratio,
         ignore_ratio=ignore_ratio,
         seed=seed,
@@ -96,7 +90,7 @@ def lacy_loss(
         group=group,
     )
     learned = valid & ~masks.call & ~masks.ignore
-    token_weight = (learned | masks.call).float() / max(masks.valid_tokens, 1)
+    token_weight = (learned | masks.call).to(learned_loss.dtype) / max(masks.valid_tokens, 1)
 
     if fused:
         loss = _FusedLacyLoss.apply(
@@ -106,6 +100,27 @@ def lacy_loss(
     else:
         loss = (torch.where(masks.call, call_loss, learned_loss) * token_weight).sum()
     return LossOutput(loss=loss, learned_loss=learned_loss.detach(), call_loss=call_loss.detach(), masks=masks)
+
+
+def logit_stats(
+    hidden: Tensor, weight: Tensor, targets: Tensor, call_id: int, *, implementation: str = "torch"
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Per token of ``hidden`` [N, D]: (logsumexp of the logits without ``<CALL>``, the target's logit, the
+    ``<CALL>`` logit), in fp32 (fp64 for fp64 inputs). Every loss of a LaCy model follows from these three:
+    the learned loss is ``lse - target``, the call loss ``logaddexp(lse, call) - call``.
+
+    ``implementation``: ``torch`` holds the ``[N, V]`` logits (differentiable); ``triton`` runs the fused
+    statistics kernel, which never does (no gradient).
+    """
+    if implementation == "triton":
+        from .fused_kernel import logit_stats as fused_logit_stats
+
+        return fused_logit_stats(hidden, weight, targets, call_id)
+    logits = F.linear(hidden, weight)
+    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
+    call_logit = logits[:, call_id]
+    without_call = logits.index_fill(1, torch.tensor([call_id], device=logits.device), float("-inf"))
+    return torch.logsumexp(without_call, dim=1), logits.gather(1, targets[:, None]).squeeze(1), call_logit
 
 
 def _use_triton(implementation: str, hidden: Tensor) -> bool:

@@ -1,5 +1,9 @@
 """Call and ignore masks for every method of the paper's Table 5, selected over a whole micro-batch.
 
+``METHODS`` is the one table of methods: each entry names the per-token labels it needs and its selection
+function; the config's accepted values, the input checks, the README's table and ``train --help`` come from
+it. Adding a method is one entry plus its function.
+
 Selections are *global*: with a process group, the tokens of the micro-batch on every data-parallel rank
 compete for one budget (an all-gather of one key per token; cheap next to a training step), so a batch
 split over several ranks gets exactly the masks it would get on one rank. Ties go to the lower global
@@ -12,43 +16,27 @@ facts than the budget), all eligible tokens are called and the shortfall is repo
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from ..labels import TokenClass
-
-METHODS = (
-    "baseline",
-    "loss_based",
-    "rho1",
-    "llm_judge",
-    "spacy",
-    "lacy",
-    "spacy_refloss",
-    "lacy_ignorefacts",
-    "lacy_ignore",
-)
-_NEEDS_CLASSES = {"spacy", "lacy", "spacy_refloss", "lacy_ignorefacts", "lacy_ignore"}
-_NEEDS_REFERENCE = {"rho1", "spacy_refloss"}
-_NEEDS_JUDGE = {"llm_judge"}
+from ..labels import JUDGE_CALL, TokenClass, TokenLabels
 
 
 @dataclass
 class MaskInputs:
     """Per-token inputs of one micro-batch on this rank, all ``[N]``.
 
-    ``token_loss`` is the model's own loss of the target (CE without ``<CALL>``), ``ref_loss`` a reference
-    model's loss of the same target; ``valid`` is False for EOS targets, padding and other ignore positions.
+    ``token_loss`` is the model's own loss of the target (CE without ``<CALL>``); ``valid`` is False for EOS
+    targets, padding and other ignore positions; ``labels`` holds what the data says about each target.
     """
 
     token_loss: Tensor
     valid: Tensor
-    token_class: Tensor | None = None
-    judge: Tensor | None = None
-    ref_loss: Tensor | None = None
+    labels: TokenLabels = field(default_factory=TokenLabels)
 
 
 @dataclass
@@ -62,6 +50,148 @@ class Masks:
     call_shortfall: int
 
 
+@dataclass
+class _Choice:
+    """What a method's selection function returns: its masks and the calls it wanted."""
+
+    call: Tensor
+    wanted_calls: int
+    ignore: Tensor | None = None
+
+
+@dataclass
+class _Request:
+    """What a method's selection function gets."""
+
+    inputs: MaskInputs
+    selection: "_Selection"
+    valid_tokens: int
+    call_ratio: float
+    ignore_ratio: float
+    seed: int
+    step: int
+
+    @property
+    def valid(self) -> Tensor:
+        return self.inputs.valid
+
+    @property
+    def budget(self) -> int:
+        return round(self.call_ratio * self.valid_tokens)
+
+    @property
+    def facts(self) -> Tensor:
+        return self.valid & (self.inputs.labels.token_class == TokenClass.FACT)
+
+    def uniform(self) -> Tensor:
+        return self.selection.uniform(self.seed, self.step)
+
+
+def _baseline(request: _Request) -> _Choice:
+    return _Choice(call=torch.zeros_like(request.valid), wanted_calls=0)
+
+
+def _loss_based(request: _Request) -> _Choice:
+    call = request.valid & (request.uniform() < request.call_ratio)
+    return _Choice(call=call, wanted_calls=request.selection.total(call))
+
+
+def _rho1(request: _Request) -> _Choice:
+    excess = request.inputs.token_loss - request.inputs.labels.ref_loss
+    # Rho-1 trains on the tokens whose loss is furthest above the reference's; the rest are called.
+    call = request.selection.top_k(-excess, request.valid, request.budget)
+    return _Choice(call=call, wanted_calls=request.budget)
+
+
+def _llm_judge(request: _Request) -> _Choice:
+    judge = request.inputs.labels.judge
+    delegated = judge if judge.dtype == torch.bool else judge == JUDGE_CALL
+    call = request.valid & delegated
+    return _Choice(call=call, wanted_calls=request.selection.total(call))
+
+
+def _spacy(request: _Request) -> _Choice:
+    call = request.selection.top_k(request.uniform(), request.facts, request.budget)
+    return _Choice(call=call, wanted_calls=request.budget)
+
+
+def _spacy_refloss(request: _Request) -> _Choice:
+    call = request.selection.top_k(request.inputs.labels.ref_loss, request.facts, request.budget)
+    return _Choice(call=call, wanted_calls=request.budget)
+
+
+def _lacy(request: _Request) -> _Choice:
+    call = request.selection.top_k(request.inputs.token_loss, request.facts, request.budget)
+    return _Choice(call=call, wanted_calls=request.budget)
+
+
+def _lacy_ignorefacts(request: _Request) -> _Choice:
+    choice = _lacy(request)
+    choice.ignore = request.facts & ~choice.call
+    return choice
+
+
+def _lacy_ignore(request: _Request) -> _Choice:
+    choice = _lacy_ignorefacts(request)
+    remaining = round(request.ignore_ratio * request.valid_tokens) - request.selection.total(choice.ignore)
+    other = request.valid & (request.inputs.labels.token_class == TokenClass.OTHER)
+    choice.ignore = choice.ignore | request.selection.top_k(request.inputs.token_loss, other, max(remaining, 0))
+    return choice
+
+
+@dataclass(frozen=True)
+class Method:
+    name: str
+    call_mask: str
+    """The call mask, in words (the README's table and ``train --help``)."""
+    ignore_mask: str
+    needs: frozenset[str]
+    """The :class:`TokenLabels` fields the selection reads."""
+    select: Callable[[_Request], _Choice]
+
+    @property
+    def needs_reference(self) -> bool:
+        return "ref_loss" in self.needs
+
+
+def _method(name, call_mask, select, needs=(), ignore_mask="none") -> tuple[str, Method]:
+    return name, Method(name, call_mask, ignore_mask, frozenset(needs), select)
+
+
+_FACTS = ("token_class",)
+METHODS: dict[str, Method] = dict([
+    _method("baseline", "none", _baseline),
+    _method("loss_based", "Bernoulli(15%)", _loss_based),
+    _method("rho1", "the 15% with the lowest own loss − reference loss (Rho-1 learns the rest)", _rho1,
+            needs=("ref_loss",)),
+    _method("llm_judge", "the LLM-judge labels of the data", _llm_judge, needs=("judge",)),
+    _method("spacy", "uniform sample of fact tokens, 15% of tokens", _spacy, needs=_FACTS),
+    _method("lacy", "fact tokens with the highest own loss, 15% of tokens", _lacy, needs=_FACTS),
+    _method("spacy_refloss", "fact tokens with the highest reference loss, 15%", _spacy_refloss,
+            needs=("token_class", "ref_loss")),
+    _method("lacy_ignorefacts", "as `lacy`", _lacy_ignorefacts, needs=_FACTS, ignore_mask="the remaining facts"),
+    _method("lacy_ignore", "as `lacy`", _lacy_ignore, needs=_FACTS,
+            ignore_mask="the remaining facts + highest-loss non-fact, non-grammar tokens, up to 15%"),
+])
+"""The paper's Table 5, in its order."""
+
+
+def get_method(name: str) -> Method:
+    try:
+        return METHODS[name]
+    except KeyError:
+        raise ValueError(f"unknown method {name!r}; known: {', '.join(METHODS)}") from None
+
+
+def methods_table() -> str:
+    """The methods as a markdown table (the README's and ``train --help``'s)."""
+    rows = ["| method | call mask | ignore mask | needs |", "|---|---|---|---|"]
+    for method in METHODS.values():
+        needs = ", ".join(sorted(method.needs)) or "—"
+        rows.append(f"| `{method.name}` | {method.call_mask} | {method.ignore_mask} | {needs} |")
+    return "\n".join(rows)
+
+
 def select_masks(
     method: str,
     inputs: MaskInputs,
@@ -73,60 +203,33 @@ def select_masks(
     group: dist.ProcessGroup | None = None,
 ) -> Masks:
     """Masks for ``method``; with ``group``, selected over the micro-batch of every rank in it."""
-    _check_inputs(method, inputs, call_ratio, ignore_ratio)
+    chosen = get_method(method)
+    _check_inputs(chosen, inputs, call_ratio, ignore_ratio)
     selection = _Selection(inputs.valid.shape[0], inputs.valid.device, group)
-    valid = inputs.valid
-    valid_tokens = selection.total(valid)
-    budget = round(call_ratio * valid_tokens)
-    nothing = torch.zeros_like(valid)
-    fact = valid & (inputs.token_class == TokenClass.FACT) if method in _NEEDS_CLASSES else nothing
-    ignore = nothing
-
-    if method == "baseline":
-        call = nothing
-        budget = 0
-    elif method == "loss_based":
-        call = valid & (selection.uniform(seed, step) < call_ratio)
-        budget = selection.total(call)
-    elif method == "rho1":
-        call = selection.top_k(inputs.ref_loss - inputs.token_loss, valid, budget)
-    elif method == "llm_judge":
-        call = valid & inputs.judge
-        budget = selection.total(call)
-    elif method == "spacy":
-        call = selection.top_k(selection.uniform(seed, step), fact, budget)
-    elif method == "spacy_refloss":
-        call = selection.top_k(inputs.ref_loss, fact, budget)
-    else:  # lacy and its ignore variants
-        call = selection.top_k(inputs.token_loss, fact, budget)
-        if method in ("lacy_ignorefacts", "lacy_ignore"):
-            ignore = fact & ~call
-        if method == "lacy_ignore":
-            remaining = round(ignore_ratio * valid_tokens) - selection.total(ignore)
-            other = valid & (inputs.token_class == TokenClass.OTHER)
-            ignore = ignore | selection.top_k(inputs.token_loss, other, max(remaining, 0))
-    shortfall = budget - selection.total(call)
-    return Masks(call=call, ignore=ignore, valid_tokens=valid_tokens, wanted_calls=budget, call_shortfall=shortfall)
+    request = _Request(inputs, selection, selection.total(inputs.valid), call_ratio, ignore_ratio, seed, step)
+    choice = chosen.select(request)
+    ignore = choice.ignore if choice.ignore is not None else torch.zeros_like(inputs.valid)
+    shortfall = choice.wanted_calls - selection.total(choice.call)
+    return Masks(
+        call=choice.call, ignore=ignore, valid_tokens=request.valid_tokens, wanted_calls=choice.wanted_calls,
+        call_shortfall=shortfall,
+    )
 
 
-def _check_inputs(method: str, inputs: MaskInputs, call_ratio: float, ignore_ratio: float) -> None:
-    if method not in METHODS:
-        raise ValueError(f"unknown method {method!r}; known: {', '.join(METHODS)}")
+def _check_inputs(method: Method, inputs: MaskInputs, call_ratio: float, ignore_ratio: float) -> None:
     if not (0.0 <= call_ratio <= 1.0 and 0.0 <= ignore_ratio <= 1.0):
         raise ValueError(f"call_ratio and ignore_ratio must lie in [0, 1], got {call_ratio}, {ignore_ratio}")
-    needed = {
-        "token_class": method in _NEEDS_CLASSES,
-        "ref_loss": method in _NEEDS_REFERENCE,
-        "judge": method in _NEEDS_JUDGE,
-    }
-    for name, is_needed in needed.items():
-        if is_needed and getattr(inputs, name) is None:
-            raise ValueError(f"method {method!r} needs per-token {name}, and the batch has none")
+    missing = method.needs - inputs.labels.available()
+    if missing:
+        raise ValueError(f"method {method.name!r} needs per-token {', '.join(sorted(missing))}, and the batch has none")
     shape = inputs.valid.shape
-    for name in ("token_loss", "token_class", "judge", "ref_loss"):
-        value = getattr(inputs, name)
-        if value is not None and value.shape != shape:
+    values = {"token_loss": inputs.token_loss, **{name: getattr(inputs.labels, name) for name in method.needs}}
+    for name, value in values.items():
+        if value.shape != shape:
             raise ValueError(f"{name} has shape {tuple(value.shape)}, expected {tuple(shape)}")
+    judge = inputs.labels.judge
+    if "judge" in method.needs and judge.dtype != torch.bool and judge.is_floating_point():
+        raise ValueError(f"judge must be a bool mask or the JUDGE_* label column, got {judge.dtype}")
 
 
 class _Selection:
@@ -159,7 +262,7 @@ class _Selection:
         """The (at most) ``k`` eligible tokens with the largest keys; ties to the lower global index."""
         if k <= 0:
             return torch.zeros_like(eligible)
-        keys = torch.where(eligible, keys.float(), torch.tensor(float("-inf"), device=keys.device))
+        keys = torch.where(eligible, keys, torch.full_like(keys, float("-inf")))
         if self.group is not None:
             keys, eligible = self._gather(keys), self._gather(eligible)
         order = torch.sort(keys, descending=True, stable=True).indices

@@ -1,0 +1,404 @@
+"""``lacy-stream compare``: finished runs of different methods, evaluated side by side on the same held-out windows.
+
+Every run is scored on the same windows of ``--val-shards`` (read, annotated and packed as training reads
+them, so each target has its fact class and judge label). Per run:
+
+* **validation losses at the paper's evaluation masks** (Appendix A.4.3, Figure 5): the call mask C_M of a
+  calling run is its own top-15% ``<CALL>`` logits per batch; its call loss (full softmax, Eq. A.5) and
+  non-call loss (``<CALL>`` excluded, Eq. A.6) are taken on C_M and on the rest. A baseline run among the
+  runs (method ``baseline``) is scored on every calling run's C_M too, as Figure 5's light bars: how hard the
+  tokens a method delegates are a priori. A baseline run itself has no C_M; its non-call loss is over all
+  tokens;
+* **where it calls**: the share of C_M on fact targets and on judge-delegated targets, next to the shares of
+  facts and judge tokens among all targets (a method that calls where it should is well above them);
+* **call separation**: the AUC of the ``<CALL>`` log-odds for fact targets against all other targets
+  (0.5: no separation);
+* with ``--cascade``, the realized call rate and tokens/s of calibrated cascade generation on a few
+  FactScore prompts.
+
+Runs trained on other data, another tokenizer or another number of steps than the first run are flagged
+in the table, not silently compared; runs with another tokenizer are scored on windows of their own
+tokenizer (the same documents, other token ids).
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import math
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from ..config.job_config import AnnotationConfig, DataConfig
+from ..data.labeling import file_digest
+from ..data.loader import TokenLoader
+from ..inference.loading import LacyModel, load_lacy
+from ..labels import JUDGE_CALL, JUDGE_UNKNOWN, TokenClass
+from .scoring import TokenStatistics, token_statistics
+from .validation import call_mask
+
+COMPARISON_JSON = "comparison.json"
+COMPARISON_MD = "comparison.md"
+COMPARISON_PNG = "comparison.png"
+
+
+@dataclass
+class RunInfo:
+    """What a run directory says about how it was trained."""
+
+    path: str
+    name: str
+    method: str
+    steps: int
+    """The last optimizer step logged in ``metrics.jsonl`` (the configured steps when nothing was logged)."""
+    data: str
+    tokenizer: str
+    """A digest of the SentencePiece model's bytes."""
+    flags: list[str] = field(default_factory=list)
+
+    @classmethod
+    def read(cls, run_dir: Path) -> "RunInfo":
+        config_path = run_dir / "config.json"
+        if not config_path.is_file():
+            raise FileNotFoundError(f"{config_path} missing: compare reads finished training runs (lacy-stream train)")
+        config = json.loads(config_path.read_text())
+        records = _metrics(run_dir)
+        return cls(
+            path=str(run_dir),
+            name=run_dir.name,
+            method=config["loss"]["method"],
+            steps=records[-1]["step"] if records else config["train"]["steps"],
+            data=config["data"]["shards"],
+            tokenizer=file_digest(config["tokenizer"]["path"]),
+        )
+
+
+@dataclass
+class RunScores:
+    tokens: int
+    """Valid targets scored."""
+    calls: int
+    """Positions in C_M (0 for a baseline run)."""
+    call_loss: float | None
+    non_call_loss: float
+    baseline_call_loss: float | None
+    """The baseline run scored on this run's C_M (None without a baseline run, or for the baseline itself)."""
+    baseline_non_call_loss: float | None
+    fact_share_of_calls: float | None
+    judge_share_of_calls: float | None
+    """Among C_M positions whose document has judge markup; None when none has."""
+    fact_share: float
+    """Fact targets among all valid targets."""
+    judge_share: float | None
+    fact_call_auc: float | None
+    """AUC of the ``<CALL>`` log-odds, fact targets vs all other valid targets."""
+    cascade_call_rate: float | None = None
+    cascade_tokens_per_s: float | None = None
+
+
+@dataclass
+class Comparison:
+    val_shards: str
+    windows: int
+    seq_len: int
+    call_ratio: float
+    runs: list[RunInfo]
+    scores: list[RunScores]
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def markdown(self) -> str:
+        lines = [
+            f"{len(self.runs)} runs on {self.windows} held-out windows of {self.seq_len} tokens from `{self.val_shards}`; "
+            f"call masks C_M = the top {self.call_ratio:.0%} `<CALL>` logits per batch (Appendix A.4.3).",
+            "",
+            "| run | method | steps | call loss | non-call loss | baseline call loss on C_M | baseline non-call loss "
+            "on C_M | facts in C_M | judge in C_M | fact/other AUC | cascade call rate | cascade tokens/s | flags |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        ]
+        for run, score in zip(self.runs, self.scores):
+            cells = [
+                run.name, f"`{run.method}`", str(run.steps), _number(score.call_loss), _number(score.non_call_loss),
+                _number(score.baseline_call_loss), _number(score.baseline_non_call_loss),
+                _share(score.fact_share_of_calls), _share(score.judge_share_of_calls), _number(score.fact_call_auc, 3),
+                _share(score.cascade_call_rate), _number(score.cascade_tokens_per_s, 1), "; ".join(run.flags) or "",
+            ]
+            lines.append("| " + " | ".join(cells) + " |")
+        first = self.scores[0]
+        judge = "no judge markup" if first.judge_share is None else f"{first.judge_share:.1%} judge-delegated"
+        lines += ["", f"Targets: {first.fact_share:.1%} facts, {judge} (the shares a random call mask would have)."]
+        return "\n".join(lines)
+
+
+def _number(value: float | None, digits: int = 4) -> str:
+    return "–" if value is None else f"{value:.{digits}f}"
+
+
+def _share(value: float | None) -> str:
+    return "–" if value is None else f"{value:.1%}"
+
+
+def _metrics(run_dir: Path) -> list[dict]:
+    path = run_dir / "metrics.jsonl"
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def flag_differences(runs: Sequence[RunInfo]) -> None:
+    """Mark each run that differs from the first in data, tokenizer or steps."""
+    first = runs[0]
+    for run in runs[1:]:
+        if run.data != first.data:
+            run.flags.append(f"other data ({run.data})")
+        if run.tokenizer != first.tokenizer:
+            run.flags.append("other tokenizer")
+        if run.steps != first.steps:
+            run.flags.append(f"{run.steps} steps, not {first.steps}")
+
+
+@dataclass
+class HeldOutBatch:
+    tokens: Tensor
+    """[B, T + 1]"""
+    token_class: Tensor
+    """[B, T]: of the targets."""
+    judge: Tensor
+    """[B, T]: of the targets."""
+
+    @property
+    def valid(self) -> Tensor:
+        return self.token_class != TokenClass.IGNORE
+
+
+def read_heldout_batches(
+    val_shards: str, tokenizer_path: str, *, seq_len: int, batch_size: int, batches: int
+) -> list[HeldOutBatch]:
+    """The first ``batches`` batches of ``val_shards`` as training packs them, annotated."""
+    loader = TokenLoader.from_config(
+        DataConfig(shards=val_shards, seq_len=seq_len, batch_size=batch_size, num_workers=0),
+        tokenizer_path,
+        AnnotationConfig(),
+    )
+    return [
+        HeldOutBatch(batch["tokens"], batch["token_class"][:, 1:], batch["judge"][:, 1:])
+        for batch in itertools.islice(loader, batches)
+    ]
+
+
+class _Sums:
+    """Running sums over batches for one run."""
+
+    def __init__(self) -> None:
+        self.values: dict[str, float] = {}
+
+    def add(self, name: str, value: float | Tensor) -> None:
+        self.values[name] = self.values.get(name, 0.0) + float(value)
+
+    def get(self, name: str) -> float:
+        return self.values.get(name, 0.0)
+
+    def ratio(self, numerator: str, denominator: str) -> float | None:
+        return self.get(numerator) / self.get(denominator) if self.get(denominator) else None
+
+
+def score_run(
+    lacy: LacyModel,
+    batches: Sequence[HeldOutBatch],
+    *,
+    is_baseline: bool,
+    baseline: LacyModel | None,
+    call_ratio: float,
+) -> RunScores:
+    sums = _Sums()
+    fact_odds, other_odds = [], []
+    for batch in batches:
+        inputs, targets = batch.tokens[:, :-1], batch.tokens[:, 1:]
+        valid = batch.valid
+        stats = token_statistics(lacy.model, inputs.to(lacy.device), targets.to(lacy.device), call_id=lacy.call_id)
+        stats = _on_cpu(stats)
+        fact = valid & (batch.token_class == TokenClass.FACT)
+        judged = valid & (batch.judge != JUDGE_UNKNOWN)
+        delegated = judged & (batch.judge == JUDGE_CALL)
+        sums.add("valid", valid.sum())
+        sums.add("facts", fact.sum())
+        sums.add("judged", judged.sum())
+        sums.add("delegated", delegated.sum())
+        fact_odds.append(stats.call_log_odds[fact])
+        other_odds.append(stats.call_log_odds[valid & ~fact])
+        if is_baseline:
+            sums.add("non_call_nll", -stats.no_call_logprob[valid].double().sum())
+            sums.add("non_calls", valid.sum())
+            continue
+        mask = call_mask(stats.call_logit, stats.call_is_top, valid, call_ratio=call_ratio)
+        _add_masked_losses(sums, "", stats, mask, valid)
+        sums.add("calls_on_facts", (mask & fact).sum())
+        sums.add("calls_judged", (mask & judged).sum())
+        sums.add("calls_delegated", (mask & delegated).sum())
+        if baseline is not None:
+            on_baseline = token_statistics(
+                baseline.model, inputs.to(baseline.device), targets.to(baseline.device), call_id=baseline.call_id
+            )
+            _add_masked_losses(sums, "baseline_", _on_cpu(on_baseline), mask, valid)
+    with_baseline = baseline is not None and not is_baseline
+    return RunScores(
+        tokens=int(sums.get("valid")),
+        calls=int(sums.get("calls")),
+        call_loss=sums.ratio("call_nll", "calls"),
+        non_call_loss=sums.ratio("non_call_nll", "non_calls") or 0.0,
+        baseline_call_loss=sums.ratio("baseline_call_nll", "calls") if with_baseline else None,
+        baseline_non_call_loss=sums.ratio("baseline_non_call_nll", "non_calls") if with_baseline else None,
+        fact_share_of_calls=sums.ratio("calls_on_facts", "calls"),
+        judge_share_of_calls=sums.ratio("calls_delegated", "calls_judged"),
+        fact_share=sums.ratio("facts", "valid") or 0.0,
+        judge_share=sums.ratio("delegated", "judged"),
+        fact_call_auc=auc(torch.cat(fact_odds), torch.cat(other_odds)),
+    )
+
+
+def _on_cpu(stats: TokenStatistics) -> TokenStatistics:
+    return TokenStatistics(**{name: value.cpu() for name, value in asdict(stats).items()})
+
+
+def _add_masked_losses(sums: _Sums, prefix: str, stats: TokenStatistics, mask: Tensor, valid: Tensor) -> None:
+    non_call = valid & ~mask
+    sums.add(f"{prefix}call_nll", -stats.full_logprob[mask].double().sum())
+    sums.add(f"{prefix}non_call_nll", -stats.no_call_logprob[non_call].double().sum())
+    if not prefix:
+        sums.add("calls", mask.sum())
+        sums.add("non_calls", non_call.sum())
+
+
+def auc(positive: Tensor, negative: Tensor) -> float | None:
+    """P(a positive score > a negative score) + P(equal) / 2 (the Mann-Whitney U statistic, normalised)."""
+    if positive.numel() == 0 or negative.numel() == 0:
+        return None
+    scores = torch.cat([positive, negative]).double()
+    order = torch.argsort(scores)
+    ranks = torch.empty_like(scores)
+    ranks[order] = torch.arange(1, len(scores) + 1, dtype=torch.float64)
+    # ties share the mean of their ranks
+    unique, inverse, counts = torch.unique(scores, return_inverse=True, return_counts=True)
+    rank_sums = torch.zeros(len(unique), dtype=torch.float64).index_add_(0, inverse, ranks)
+    ranks = (rank_sums / counts)[inverse]
+    positives = positive.numel()
+    u = ranks[:positives].sum().item() - positives * (positives + 1) / 2
+    return u / (positives * negative.numel())
+
+
+def compare_runs(
+    run_dirs: Sequence[str | Path],
+    val_shards: str,
+    *,
+    batches: int = 8,
+    batch_size: int = 8,
+    seq_len: int | None = None,
+    call_ratio: float = 0.15,
+    cascade: str | None = None,
+    entities: Sequence[str] = (),
+    max_new_tokens: int = 48,
+    device: str = "cpu",
+) -> Comparison:
+    """Score every run on the same held-out windows (see the module docstring)."""
+    if not run_dirs:
+        raise ValueError("compare needs at least one run")
+    runs = [RunInfo.read(Path(path)) for path in run_dirs]
+    flag_differences(runs)
+    models = [load_lacy(path, device=device) for path in run_dirs]
+    if seq_len is None:
+        seq_len = min(json.loads((Path(path) / "config.json").read_text())["data"]["seq_len"] for path in run_dirs)
+    too_short = [run.name for run, lacy in zip(runs, models) if lacy.model.args.max_seq_len < seq_len]
+    if too_short:
+        raise ValueError(f"runs {too_short} have a context shorter than {seq_len} tokens; pass a smaller --seq-len")
+    windows: dict[str, list[HeldOutBatch]] = {}
+    for run, lacy in zip(runs, models):
+        if run.tokenizer not in windows:
+            windows[run.tokenizer] = read_heldout_batches(
+                val_shards, lacy.tokenizer.model_path, seq_len=seq_len, batch_size=batch_size, batches=batches
+            )
+    if not windows[runs[0].tokenizer]:
+        raise ValueError(f"{val_shards} gave no held-out window of {seq_len} tokens")
+    baseline_index = next((index for index, run in enumerate(runs) if run.method == "baseline"), None)
+    scores = []
+    for index, (run, lacy) in enumerate(zip(runs, models)):
+        baseline = None
+        if baseline_index is not None and runs[baseline_index].tokenizer == run.tokenizer:
+            baseline = models[baseline_index]
+        scores.append(
+            score_run(lacy, windows[run.tokenizer], is_baseline=index == baseline_index, baseline=baseline,
+                      call_ratio=call_ratio)
+        )
+    if cascade:
+        _measure_cascade(runs, models, scores, cascade, entities, call_ratio, max_new_tokens, device)
+    return Comparison(
+        val_shards=val_shards,
+        windows=sum(len(batch.tokens) for batch in windows[runs[0].tokenizer]),
+        seq_len=seq_len,
+        call_ratio=call_ratio,
+        runs=runs,
+        scores=scores,
+    )
+
+
+def _measure_cascade(runs, models, scores, spec, entities, call_rate, max_new_tokens, device) -> None:
+    from ..inference.partners import partner_from_spec
+    from .generation import CascadeGenerator, measure_throughput
+
+    if not entities:
+        raise ValueError("--cascade needs FactScore entities for its prompts (--factscore-entities)")
+    partner = partner_from_spec(spec, device=device)
+    for run, lacy, score in zip(runs, models, scores):
+        if run.method == "baseline":
+            continue
+        generator = CascadeGenerator(lacy, partner, spec, "calibrated", call_rate, max_new_tokens)
+        cascade = measure_throughput(generator, entities).cascade
+        score.cascade_call_rate = cascade.call_rate
+        score.cascade_tokens_per_s = cascade.tokens_per_second
+
+
+def write_comparison(comparison: Comparison, out_dir: str | Path) -> Path:
+    """``comparison.json``, ``comparison.md`` and ``comparison.png`` in ``out_dir``; returns the directory."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / COMPARISON_JSON).write_text(json.dumps(comparison.to_dict(), indent=2) + "\n")
+    (out / COMPARISON_MD).write_text("# Methods compared\n\n" + comparison.markdown() + "\n")
+    plot_comparison(comparison, out / COMPARISON_PNG)
+    return out
+
+
+def plot_comparison(comparison: Comparison, path: Path) -> None:
+    """Left: call and non-call losses at C_M per run (light: the baseline on the same C_M). Right: each
+    run's training loss from its ``metrics.jsonl``."""
+    from matplotlib.figure import Figure  # no pyplot: no global backend or figure state
+
+    figure = Figure(figsize=(13, 4.8), layout="constrained")
+    losses, curves = figure.subplots(1, 2, width_ratios=[3, 2])
+    names = [f"{run.name}\n({run.method})" for run in comparison.runs]
+    positions = range(len(names))
+    width = 0.2
+    bars = [
+        ("call loss", [score.call_loss for score in comparison.scores], -1.5, "tab:red", 1.0),
+        ("baseline on C_M: call loss", [score.baseline_call_loss for score in comparison.scores], -0.5, "tab:red", 0.35),
+        ("non-call loss", [score.non_call_loss for score in comparison.scores], 0.5, "tab:blue", 1.0),
+        ("baseline on C_M: non-call", [score.baseline_non_call_loss for score in comparison.scores], 1.5, "tab:blue", 0.35),
+    ]
+    for label, values, offset, color, alpha in bars:
+        heights = [math.nan if value is None else value for value in values]
+        losses.bar([p + offset * width for p in positions], heights, width, label=label, color=color, alpha=alpha)
+    losses.set_xticks(list(positions), names, rotation=30, ha="right", fontsize=8)
+    losses.set_ylabel("validation loss (nats)")
+    losses.set_title("Losses at the evaluation call masks (A.4.3)")
+    losses.legend(fontsize=8)
+    for run in comparison.runs:
+        records = [record for record in _metrics(Path(run.path)) if record.get("noncall_loss") is not None]
+        curves.plot([r["step"] for r in records], [r["noncall_loss"] for r in records], label=run.method)
+    curves.set_xlabel("step")
+    curves.set_ylabel("non-call loss of the learned tokens")
+    curves.set_title("Training (metrics.jsonl)")
+    curves.legend(fontsize=8)
+    figure.savefig(path, dpi=110)
