@@ -1,0 +1,104 @@
+"""``lacy-stream compare`` on tiny runs: the numbers of comparison.json against a direct computation."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from lacy_stream.cli import main as cli_main
+from lacy_stream.config.job_config import load_job_config
+from lacy_stream.eval.compare import auc, read_heldout_batches
+from lacy_stream.inference.loading import load_lacy
+from lacy_stream.labels import JUDGE_CALL, JUDGE_UNKNOWN, TokenClass
+from lacy_stream.train import train
+from test_methods import judged_corpus  # noqa: F401  (a fixture)
+from test_train import overrides
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory, judged_corpus, tokenizer_path) -> dict[str, Path]:  # noqa: F811
+    root = tmp_path_factory.mktemp("runs")
+    made = {}
+    for method, steps in (("baseline", 4), ("lacy", 4), ("llm_judge", 3)):
+        run_dir = root / method
+        args = overrides(judged_corpus, tokenizer_path, run_dir, f"--train.steps={steps}", f"--loss.method={method}",
+                         f"--annotation.cache_dir={root / 'cache'}")
+        args.remove("--annotation.enabled=false")
+        train(load_job_config(None, args))
+        made[method] = run_dir
+    return made
+
+
+def test_auc_counts_ties_as_half():
+    assert auc(torch.tensor([3.0, 4.0]), torch.tensor([1.0, 2.0])) == 1.0
+    assert auc(torch.tensor([1.0]), torch.tensor([1.0, 2.0])) == 0.25
+    assert auc(torch.tensor([]), torch.tensor([1.0])) is None
+
+
+@pytest.mark.timeout(240)
+def test_compare_writes_the_table_and_its_numbers_are_right(tmp_path, runs, judged_corpus):  # noqa: F811
+    out = tmp_path / "comparison"
+    with pytest.raises(SystemExit) as exit_info:
+        cli_main(["compare", "--runs", str(runs["baseline"]), str(runs["lacy"]), str(runs["llm_judge"]),
+                  "--val-shards", str(judged_corpus), "--out", str(out), "--batches", "3", "--batch-size", "2"])
+    assert exit_info.value.code == 0
+    report = json.loads((out / "comparison.json").read_text())
+    assert (out / "comparison.png").stat().st_size > 0
+    markdown = (out / "comparison.md").read_text()
+    assert "`lacy`" in markdown and "3 steps, not 4" in markdown
+    assert [run["method"] for run in report["runs"]] == ["baseline", "lacy", "llm_judge"]
+    assert report["runs"][1]["flags"] == [] and report["runs"][2]["flags"] == ["3 steps, not 4"]
+    assert report["scores"][0]["call_loss"] is None and report["scores"][0]["calls"] == 0
+
+    # The lacy run, computed directly from the same held-out windows.
+    lacy, baseline = load_lacy(runs["lacy"]), load_lacy(runs["baseline"])
+    batches = read_heldout_batches(str(judged_corpus), lacy.tokenizer.model_path, seq_len=32, batch_size=2, batches=3)
+    sums = {"call": 0.0, "calls": 0, "non_call": 0.0, "non_calls": 0, "base_call": 0.0, "facts_called": 0,
+            "judge_called": 0, "judged_calls": 0}
+    fact_odds, other_odds = [], []
+    for batch in batches:
+        inputs, targets = batch.tokens[:, :-1], batch.tokens[:, 1:]
+        valid = batch.token_class != TokenClass.IGNORE
+        with torch.no_grad():
+            logits = lacy.model.logits(lacy.model(inputs)).double()
+            base_logits = baseline.model.logits(baseline.model(inputs)).double()
+        call_logit = logits[..., lacy.call_id]
+        others = logits.clone()
+        others[..., lacy.call_id] = float("-inf")
+        is_top = call_logit > others.max(-1).values
+        # C_M: round(15% of the valid tokens), top-call positions first, then by <CALL> logit.
+        budget = round(0.15 * int(valid.sum()))
+        ranked = sorted(valid.flatten().nonzero().flatten().tolist(),
+                        key=lambda i: (not bool(is_top.flatten()[i]), -float(call_logit.flatten()[i]), i))
+        mask = torch.zeros(valid.numel(), dtype=torch.bool)
+        mask[ranked[:budget]] = True
+        mask = mask.view_as(valid)
+        full = logits.log_softmax(-1).gather(-1, targets[..., None]).squeeze(-1)
+        no_call = others.log_softmax(-1).gather(-1, targets[..., None]).squeeze(-1)
+        base_full = base_logits.log_softmax(-1).gather(-1, targets[..., None]).squeeze(-1)
+        sums["call"] -= float(full[mask].sum())
+        sums["calls"] += int(mask.sum())
+        sums["non_call"] -= float(no_call[valid & ~mask].sum())
+        sums["non_calls"] += int((valid & ~mask).sum())
+        sums["base_call"] -= float(base_full[mask].sum())
+        fact = valid & (batch.token_class == TokenClass.FACT)
+        sums["facts_called"] += int((mask & fact).sum())
+        sums["judged_calls"] += int((mask & (batch.judge != JUDGE_UNKNOWN)).sum())
+        sums["judge_called"] += int((mask & (batch.judge == JUDGE_CALL)).sum())
+        log_odds = call_logit - torch.logsumexp(others, -1)
+        fact_odds.append(log_odds[fact])
+        other_odds.append(log_odds[valid & ~fact])
+    fact_odds, other_odds = torch.cat(fact_odds), torch.cat(other_odds)
+    pairs = (fact_odds[:, None] > other_odds[None, :]).double() + 0.5 * (fact_odds[:, None] == other_odds[None, :])
+
+    scores = report["scores"][1]
+    assert scores["calls"] == sums["calls"] > 0
+    assert scores["call_loss"] == pytest.approx(sums["call"] / sums["calls"], rel=1e-4)
+    assert scores["non_call_loss"] == pytest.approx(sums["non_call"] / sums["non_calls"], rel=1e-4)
+    assert scores["baseline_call_loss"] == pytest.approx(sums["base_call"] / sums["calls"], rel=1e-4)
+    assert scores["fact_share_of_calls"] == pytest.approx(sums["facts_called"] / sums["calls"])
+    assert scores["judge_share_of_calls"] == pytest.approx(sums["judge_called"] / sums["judged_calls"])
+    assert scores["fact_call_auc"] == pytest.approx(pairs.mean().item(), abs=1e-4)
