@@ -66,8 +66,9 @@ def test_shipped_run_configs_load_with_every_method(name):
         assert config.train.global_batch_tokens == batch * 1024
         assert config.train.steps == (340_000 if name.endswith("baseline") else 400_000)
         assert config.annotation.enabled is not name.endswith("baseline")
-    for method in METHODS:
-        assert load_job_config(path, [f"--loss.method={method}"]).loss.method == method
+    for name, method in METHODS.items():
+        reference = ["--loss.reference=runs/baseline"] if method.needs_reference else []
+        assert load_job_config(path, [f"--loss.method={name}", *reference]).loss.method == name
 
 
 @pytest.mark.parametrize(
@@ -75,7 +76,7 @@ def test_shipped_run_configs_load_with_every_method(name):
     [
         ("--loss.method=lacyy", "not one of"),
         ("--model.preset=7b", "not one of"),
-        ("--loss.call_ratio=1.5", r"\[0, 1\)"),
+        ("--loss.call_ratio=1.5", r"\[0, 1\]"),
         ("--train.steps=0", "positive"),
         ("--optimizer.warmup_steps=-1", "negative"),
         ("--train.dtype=fp16", "not one of"),

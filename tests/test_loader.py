@@ -111,7 +111,7 @@ def assert_batches_equal(first: list[dict], second: list[dict]) -> None:
     for a, b in zip(first, second):
         assert a.keys() == b.keys()
         for name in a:
-            assert torch.equal(a[name], b[name]), name
+            torch.testing.assert_close(a[name], b[name], rtol=0, atol=0, equal_nan=True, msg=name)
 
 
 @pytest.mark.parametrize("workers", [0, 2])

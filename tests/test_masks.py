@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 import torch.distributed as dist
 
 from conftest import spawn_gloo
 from lacy_stream.labels import JUDGE_CALL, JUDGE_KEEP, TokenClass, TokenLabels
-from lacy_stream.loss.masks import METHODS, MaskInputs, select_masks
+from lacy_stream.loss.masks import METHODS, MaskInputs, methods_table, select_masks
 
 BUDGETED = ("rho1", "spacy", "lacy", "spacy_refloss", "lacy_ignorefacts", "lacy_ignore")
 FACT_ONLY = ("spacy", "lacy", "spacy_refloss", "lacy_ignorefacts", "lacy_ignore")
@@ -207,3 +209,8 @@ def test_every_registered_method_lists_what_it_needs():
                 select_masks(method.name, missing)
         else:
             select_masks(method.name, missing)
+
+
+def test_readme_method_table_is_the_registry():
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    assert methods_table() in readme

@@ -26,12 +26,14 @@ from pathlib import Path
 
 import numpy as np
 
+from ..labels import LABEL_COLUMNS
+
 log = logging.getLogger(__name__)
 
 KEY_BYTES = 16
-LABEL_CACHE_COLUMNS = {"tokens": np.int32, "token_class": np.int8, "judge": np.int8}
+LABEL_CACHE_COLUMNS = {"tokens": np.dtype(np.int32), **{name: LABEL_COLUMNS[name] for name in ("token_class", "judge")}}
 """What the fact-label cache stores per token (ids fit in int32 on disk)."""
-REFERENCE_CACHE_COLUMNS = {"ref_loss": np.float32}
+REFERENCE_CACHE_COLUMNS = {"ref_loss": LABEL_COLUMNS["ref_loss"]}
 """What the reference-loss cache stores per token."""
 _FLUSH_TOKENS = 1 << 22
 

@@ -162,8 +162,7 @@ _FACTS = ("token_class",)
 METHODS: dict[str, Method] = dict([
     _method("baseline", "none", _baseline),
     _method("loss_based", "Bernoulli(15%)", _loss_based),
-    _method("rho1", "the 15% with the lowest own loss − reference loss (Rho-1 learns the rest)", _rho1,
-            needs=("ref_loss",)),
+    _method("rho1", "bottom 15% of own loss − reference loss", _rho1, needs=("ref_loss",)),
     _method("llm_judge", "the LLM-judge labels of the data", _llm_judge, needs=("judge",)),
     _method("spacy", "uniform sample of fact tokens, 15% of tokens", _spacy, needs=_FACTS),
     _method("lacy", "fact tokens with the highest own loss, 15% of tokens", _lacy, needs=_FACTS),
