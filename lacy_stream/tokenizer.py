@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Iterable, Iterator
 
 import sentencepiece as spm
+from sentencepiece import sentencepiece_pb2
 
 log = logging.getLogger(__name__)
 
@@ -76,6 +77,20 @@ class Tokenizer:
 
     def id_to_piece(self, token: int) -> str:
         return CALL_TOKEN if token == self.call_id else self._sp.id_to_piece(token)
+
+    def is_byte_piece(self, token: int) -> bool:
+        """Whether ``token`` is a byte-fallback piece (``<0xAB>``)."""
+        return self._sp.is_byte(token)
+
+    def is_special_piece(self, token: int) -> bool:
+        """Whether ``token`` is a control (BOS, EOS) or the unknown piece, which stand for no text."""
+        return self._sp.is_control(token) or self._sp.is_unknown(token)
+
+    def encode_with_spans(self, text: str) -> sentencepiece_pb2.SentencePieceText:
+        """The pieces of ``text`` with their ids and the character span each covers (SentencePiece's proto)."""
+        # "serialized_proto" is the one offset-carrying output every 0.2 release shares: 0.2.3 dropped
+        # "immutable_proto", and "proto" returns a parsed message only from 0.2.3 on.
+        return sentencepiece_pb2.SentencePieceText.FromString(self._sp.encode(text, out_type="serialized_proto"))
 
 
 def _training_lines(texts: Iterable[str]) -> Iterator[str]:

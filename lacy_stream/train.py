@@ -403,14 +403,3 @@ def _loader_state_to_json(state: dict) -> dict:
 
 def _loader_state_from_json(state: dict) -> dict:
     return {**state, "slot_stats": {int(slot): stats for slot, stats in state["slot_stats"].items()}}
-
-
-def main(argv: list[str] | None = None) -> None:
-    """``python -m lacy_stream.train --config FILE [--section.key=value ...]``; also the CLI's ``train``."""
-    from .cli import main as cli_main
-
-    cli_main(["train", *(sys.argv[1:] if argv is None else argv)])
-
-
-if __name__ == "__main__":
-    main()

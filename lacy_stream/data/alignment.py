@@ -27,7 +27,6 @@ import functools
 
 import numba
 import numpy as np
-from sentencepiece import sentencepiece_pb2
 
 from ..labels import TokenClass
 from ..tokenizer import Tokenizer
@@ -69,23 +68,19 @@ def _offsets_from_piece_lengths(
 @functools.lru_cache(maxsize=8)
 def _piece_byte_lengths(tokenizer: Tokenizer) -> np.ndarray:
     """``lengths[id]``: bytes of text piece ``id`` stands for ("▁" = one space); -1 for unknown/control."""
-    sp = tokenizer._sp
-    lengths = np.empty(sp.get_piece_size(), dtype=np.int64)
-    for piece in range(sp.get_piece_size()):
-        if sp.is_byte(piece):
+    lengths = np.empty(tokenizer.num_pieces, dtype=np.int64)
+    for piece in range(tokenizer.num_pieces):
+        if tokenizer.is_byte_piece(piece):
             lengths[piece] = 1
-        elif sp.is_unknown(piece) or sp.is_control(piece):
+        elif tokenizer.is_special_piece(piece):
             lengths[piece] = -1
         else:
-            lengths[piece] = len(sp.id_to_piece(piece).replace("\u2581", " ").encode("utf-8"))
+            lengths[piece] = len(tokenizer.id_to_piece(piece).replace("\u2581", " ").encode("utf-8"))
     return lengths
 
 
 def _encode_with_proto_offsets(tokenizer: Tokenizer, text: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    # "serialized_proto" is the one offset-carrying output every 0.2 release shares: 0.2.3 dropped
-    # "immutable_proto", and "proto" returns a parsed message only from 0.2.3 on.
-    proto = sentencepiece_pb2.SentencePieceText.FromString(tokenizer._sp.encode(text, out_type="serialized_proto"))
-    pieces = proto.pieces
+    pieces = tokenizer.encode_with_spans(text).pieces
     ids = np.fromiter((piece.id for piece in pieces), dtype=np.int64, count=len(pieces))
     begin = np.fromiter((piece.begin for piece in pieces), dtype=np.int64, count=len(pieces))
     end = np.fromiter((piece.end for piece in pieces), dtype=np.int64, count=len(pieces))
@@ -96,8 +91,7 @@ def _encode_with_proto_offsets(tokenizer: Tokenizer, text: str) -> tuple[np.ndar
 @functools.lru_cache(maxsize=8)
 def _byte_piece_mask(tokenizer: Tokenizer) -> np.ndarray:
     """``mask[id]``: whether piece ``id`` is a byte-fallback piece (``<0xAB>``)."""
-    sp = tokenizer._sp
-    return np.fromiter((sp.is_byte(piece) for piece in range(sp.get_piece_size())), dtype=bool)
+    return np.fromiter((tokenizer.is_byte_piece(piece) for piece in range(tokenizer.num_pieces)), dtype=bool)
 
 
 def _spread_byte_pieces(begin: np.ndarray, end: np.ndarray, is_byte: np.ndarray) -> None:
