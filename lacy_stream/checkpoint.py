@@ -38,20 +38,19 @@ import pickle
 import random
 import re
 import shutil
-import signal
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
-from types import FrameType
 from typing import Any
 
 import numpy as np
 import torch
-import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch import nn
 from torch.distributed.checkpoint.metadata import Metadata, StorageMeta
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+from . import distributed
 
 CHECKPOINT_PATTERN = re.compile(r"step-(\d{8})")
 COMPLETE_MARKER = "COMPLETE"
@@ -86,7 +85,7 @@ class CheckpointManager:
 
     def save(self, step: int, *, model: nn.Module, optimizer: torch.optim.Optimizer, extra: dict[str, Any]) -> Path:
         """Collective when distributed: every rank calls it with its own ``extra``."""
-        rank, world_size = _rank(), _world_size()
+        rank, world_size = distributed.rank(), distributed.world_size()
         final = self.path(step)
         temporary = self.directory / f"{TEMPORARY_PREFIX}{final.name}"
         if rank == 0:
@@ -94,16 +93,16 @@ class CheckpointManager:
             for stale in self.directory.glob(f"{TEMPORARY_PREFIX}*"):
                 shutil.rmtree(stale)
             temporary.mkdir()
-        _barrier()
+        distributed.barrier()
 
         model_state, optimizer_state = get_state_dict(model, optimizer)
         optimizer_tensors, optimizer_rest = _split_tensors(optimizer_state)
         with single_process_quietly():
-            dcp.save({"model": model_state, "optimizer": optimizer_tensors}, checkpoint_id=temporary, no_dist=not _distributed())
+            dcp.save({"model": model_state, "optimizer": optimizer_tensors}, checkpoint_id=temporary, no_dist=not distributed.is_distributed())
         _write_json(temporary / f"rank{rank}.json", extra)
         if rank == 0:
             _write_json(temporary / OPTIMIZER_FILE, optimizer_rest)
-        _barrier()
+        distributed.barrier()
 
         if rank == 0:
             _write_json(temporary / COMPLETE_MARKER, {"step": step, "world_size": world_size})
@@ -112,7 +111,7 @@ class CheckpointManager:
             temporary.rename(final)
             for old in self.steps()[: -self.keep]:
                 _delete(self.path(old))
-        _barrier()
+        distributed.barrier()
         return final
 
     def load(self, step: int | None, *, model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
@@ -127,9 +126,9 @@ class CheckpointManager:
                 f"no complete checkpoint for step {step} in {self.directory}; complete steps: {self.steps()}"
             )
         saved_world_size = _read_json(path / COMPLETE_MARKER)["world_size"]
-        if saved_world_size != _world_size():
+        if saved_world_size != distributed.world_size():
             raise ValueError(
-                f"checkpoint {path} was saved by {saved_world_size} ranks, not {_world_size()}: "
+                f"checkpoint {path} was saved by {saved_world_size} ranks, not {distributed.world_size()}: "
                 "the per-rank dataloader and RNG states cannot be redistributed"
             )
 
@@ -140,10 +139,10 @@ class CheckpointManager:
         reader = SafeFileSystemReader(path)
         reader.read_metadata()  # a refused pickle fails here, clearly, not wrapped in DCP's CheckpointException
         with single_process_quietly():
-            dcp.load({"model": model_state, "optimizer": optimizer_tensors}, storage_reader=reader, no_dist=not _distributed())
+            dcp.load({"model": model_state, "optimizer": optimizer_tensors}, storage_reader=reader, no_dist=not distributed.is_distributed())
         optimizer_state = _merge(optimizer_tensors, _read_json(path / OPTIMIZER_FILE))
         set_state_dict(model, optimizer, model_state_dict=model_state, optim_state_dict=optimizer_state)
-        return _read_json(path / f"rank{_rank()}.json")
+        return _read_json(path / f"rank{distributed.rank()}.json")
 
 
 # What a DCP ``.metadata`` pickle may reference: DCP's metadata records and the torch values inside them.
@@ -228,47 +227,6 @@ def restore_rng_state(state: dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
-
-
-class SigtermFlag:
-    """``with SigtermFlag() as flag:`` — SIGTERM sets ``flag.requested`` instead of ending the process.
-
-    The training loop polls the flag, saves a checkpoint and exits; the previous handler is restored on exit.
-    Must be entered in the main thread (a restriction of ``signal.signal``).
-    """
-
-    def __init__(self) -> None:
-        self.requested = False
-        self._previous_handler: Any = None
-
-    def __enter__(self) -> SigtermFlag:
-        self._previous_handler = signal.signal(signal.SIGTERM, self._handle)
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        # None: the previous handler was not installed from Python; the default is the closest we can restore.
-        previous = signal.SIG_DFL if self._previous_handler is None else self._previous_handler
-        signal.signal(signal.SIGTERM, previous)
-
-    def _handle(self, signum: int, frame: FrameType | None) -> None:
-        self.requested = True
-
-
-def _distributed() -> bool:
-    return dist.is_available() and dist.is_initialized()
-
-
-def _rank() -> int:
-    return dist.get_rank() if _distributed() else 0
-
-
-def _world_size() -> int:
-    return dist.get_world_size() if _distributed() else 1
-
-
-def _barrier() -> None:
-    if _distributed():
-        dist.barrier()
 
 
 def _delete(checkpoint: Path) -> None:

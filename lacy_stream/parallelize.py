@@ -26,6 +26,7 @@ from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.utils.checkpoint import checkpoint
 
 from .config.job_config import LossConfig
+from .distributed import world_size
 from .labels import TokenLabels
 from .loss.lacy_loss import LossOutput, lacy_loss
 from .model import Transformer
@@ -67,10 +68,6 @@ class TrainingModule(nn.Module):
             group=self.group,
             implementation=self.loss.implementation,
         )
-
-
-def world_size() -> int:
-    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
 
 def parallelize(

@@ -27,11 +27,9 @@ import itertools
 import json
 import logging
 import math
-import os
 import sys
 from collections.abc import Callable, Iterator
 from contextlib import nullcontext
-from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -40,7 +38,7 @@ import torch.distributed as dist
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 from torch.distributed.tensor import DTensor
 
-from .checkpoint import CheckpointManager, SigtermFlag, capture_rng_state, restore_rng_state
+from .checkpoint import CheckpointManager, capture_rng_state, restore_rng_state
 from .config.job_config import ConfigError, JobConfig, OptimizerConfig
 from .data.loader import TokenLoader
 from .export import export_hf
@@ -48,7 +46,8 @@ from .labels import TokenClass, TokenLabels
 from .loss.lacy_loss import LossOutput
 from .metrics import MetricsLogger, StepTimer, mfu, peak_flops
 from .model import Transformer, flops_per_token, model_args
-from .parallelize import TrainingModule, parallelize, world_size
+from .distributed import SigtermFlag, init_distributed, rank, world_size
+from .parallelize import TrainingModule, parallelize
 from .tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
@@ -60,24 +59,12 @@ COUNTS = ("valid", "facts", "calls", "call_loss_sum", "learned", "learned_loss_s
 
 def train(config: JobConfig, *, on_step: Callable[[int], None] | None = None) -> dict[str, Any]:
     """Train as ``config`` says; returns a summary. ``on_step(step)`` runs after every optimizer step."""
-    owns_group = _init_distributed()
+    owns_group = init_distributed()
     try:
         return _Trainer(config).run(on_step)
     finally:
         if owns_group:
             dist.destroy_process_group()
-
-
-def _init_distributed() -> bool:
-    """Join the process group torchrun describes (WORLD_SIZE > 1); True when this call created it."""
-    if dist.is_initialized() or int(os.environ.get("WORLD_SIZE", "1")) <= 1:
-        return False
-    if torch.cuda.is_available():
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-        dist.init_process_group("nccl", timeout=timedelta(minutes=30))
-    else:
-        dist.init_process_group("gloo", timeout=timedelta(minutes=30))
-    return True
 
 
 def micro_batches_per_step(global_batch_tokens: int, ranks: int, batch_size: int, seq_len: int) -> int:
@@ -124,7 +111,7 @@ def lr_factor(step: int, config: OptimizerConfig, total_steps: int) -> float:
 class _Trainer:
     def __init__(self, config: JobConfig) -> None:
         self.config = config
-        self.rank = dist.get_rank() if dist.is_initialized() else 0
+        self.rank = rank()
         self.ranks = world_size()
         self.device = torch.device(f"cuda:{torch.cuda.current_device()}" if torch.cuda.is_available() else "cpu")
         self.dtype = compute_dtype(config.train.dtype, self.device)

@@ -14,7 +14,8 @@ from torch import nn
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
 from conftest import spawn_gloo
-from lacy_stream.checkpoint import CheckpointManager, SafeFileSystemReader, SigtermFlag, capture_rng_state, restore_rng_state
+from lacy_stream.checkpoint import CheckpointManager, SafeFileSystemReader, capture_rng_state, restore_rng_state
+from lacy_stream.distributed import SigtermFlag
 
 # DCP warns that it saves "in a single process" whenever no process group is initialized.
 pytestmark = pytest.mark.filterwarnings("ignore:torch.distributed is disabled")

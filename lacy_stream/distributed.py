@@ -1,0 +1,72 @@
+"""The process group of a training job: joining it, who this process is, and stopping together on SIGTERM.
+
+A job runs as one process (no group) or under torchrun (``WORLD_SIZE`` > 1): NCCL on GPUs, gloo on the CPU.
+A group that already exists (tests spawn their own) is used as it is.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+from datetime import timedelta
+from types import FrameType
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+GROUP_TIMEOUT = timedelta(minutes=30)
+
+
+def is_distributed() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def rank() -> int:
+    return dist.get_rank() if is_distributed() else 0
+
+
+def world_size() -> int:
+    return dist.get_world_size() if is_distributed() else 1
+
+
+def barrier() -> None:
+    if is_distributed():
+        dist.barrier()
+
+
+def init_distributed() -> bool:
+    """Join the process group torchrun describes (WORLD_SIZE > 1); True when this call created it."""
+    if is_distributed() or int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return False
+    if torch.cuda.is_available():
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        dist.init_process_group("nccl", timeout=GROUP_TIMEOUT)
+    else:
+        dist.init_process_group("gloo", timeout=GROUP_TIMEOUT)
+    return True
+
+
+class SigtermFlag:
+    """``with SigtermFlag() as flag:`` — SIGTERM sets ``flag.requested`` instead of ending the process.
+
+    The training loop polls the flag (all ranks agree on it before acting), saves a checkpoint and exits;
+    the previous handler is restored on exit. Must be entered in the main thread (a restriction of
+    ``signal.signal``).
+    """
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._previous_handler: Any = None
+
+    def __enter__(self) -> SigtermFlag:
+        self._previous_handler = signal.signal(signal.SIGTERM, self._handle)
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        # None: the previous handler was not installed from Python; the default is the closest we can restore.
+        previous = signal.SIG_DFL if self._previous_handler is None else self._previous_handler
+        signal.signal(signal.SIGTERM, previous)
+
+    def _handle(self, signum: int, frame: FrameType | None) -> None:
+        self.requested = True
