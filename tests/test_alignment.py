@@ -7,10 +7,10 @@ import pytest
 
 from lacy_stream.data import alignment
 from lacy_stream.data.alignment import (
-    align_words,
     char_to_byte_offsets,
     encode_with_offsets,
     label_pieces,
+    piece_classes,
     pieces_in_spans,
 )
 from lacy_stream.labels import TokenClass
@@ -93,6 +93,12 @@ def test_char_to_byte_offsets(text):
     offsets = char_to_byte_offsets(text)
     assert offsets.dtype == np.int64
     assert offsets.tolist() == [len(text[:i].encode()) for i in range(len(text) + 1)]
+
+
+def align_words(tokenizer, text: str, word_begin, word_end, word_class) -> tuple[np.ndarray, np.ndarray]:
+    """Piece ids of ``text`` and their classes, as the labeler computes them."""
+    ids, begin, end = encode_with_offsets(tokenizer, text)
+    return ids, piece_classes(text, char_to_byte_offsets(text), begin, end, word_begin, word_end, word_class)
 
 
 def _words(text: str, words: list[tuple[str, int]]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

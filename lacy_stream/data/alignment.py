@@ -234,18 +234,19 @@ def warm_up() -> None:
     pieces_in_spans(offsets[:1], offsets[1:], offsets[:1], offsets[1:])
 
 
-def align_words(
-    tokenizer: Tokenizer,
+def piece_classes(
     text: str,
+    to_bytes: np.ndarray,
+    piece_begin: np.ndarray,
+    piece_end: np.ndarray,
     word_char_begin: np.ndarray,
     word_char_end: np.ndarray,
     word_class: np.ndarray,
-) -> tuple[np.ndarray, np.ndarray]:
-    """Piece ids of ``text`` and their classes, from words given in character offsets (as spaCy gives them)."""
-    ids, piece_begin, piece_end = encode_with_offsets(tokenizer, text)
-    to_bytes = char_to_byte_offsets(text)
+) -> np.ndarray:
+    """Classes of the pieces (byte offsets, from :func:`encode_with_offsets`) of ``text``, from words given in
+    character offsets, as spaCy gives them; ``to_bytes`` is :func:`char_to_byte_offsets` of ``text``."""
     text_bytes = np.frombuffer(text.encode("utf-8"), dtype=np.uint8)
-    classes = label_pieces(
+    return label_pieces(
         piece_begin,
         piece_end,
         to_bytes[np.asarray(word_char_begin, dtype=np.int64)],
@@ -253,4 +254,3 @@ def align_words(
         word_class,
         text_bytes,
     )
-    return ids, classes

@@ -29,7 +29,7 @@ import numpy as np
 
 from ..labels import JUDGE_CALL, JUDGE_KEEP, JUDGE_UNKNOWN, LABEL_COLUMNS, TokenClass
 from ..tokenizer import Tokenizer
-from .alignment import char_to_byte_offsets, encode_with_offsets, label_pieces, pieces_in_spans
+from .alignment import char_to_byte_offsets, encode_with_offsets, piece_classes, pieces_in_spans
 from .annotation import FactAnnotator, WordLabels
 from .documents import Document
 from .judge import judge_spans
@@ -218,10 +218,7 @@ class DocumentLabeler:
         if words is None:
             classes = np.full(len(ids), TokenClass.OTHER, dtype=np.int8)
         else:
-            text_bytes = np.frombuffer(text.encode("utf-8"), dtype=np.uint8)
-            classes = label_pieces(
-                piece_begin, piece_end, to_bytes[words.begin], to_bytes[words.end], words.classes, text_bytes
-            )
+            classes = piece_classes(text, to_bytes, piece_begin, piece_end, words.begin, words.end, words.classes)
         return {"tokens": ids, "token_class": classes, "judge": self._judge(doc, piece_begin, piece_end, to_bytes)}
 
     def _judge(

@@ -20,6 +20,7 @@ import torch
 from torch import Tensor
 
 from ..inference.loading import LacyModel
+from ..loss import logit_stats_of
 from ..model import Transformer
 from ..tokenizer import Tokenizer
 
@@ -46,12 +47,10 @@ class TokenStatistics:
 def token_statistics(model: Transformer, inputs: Tensor, targets: Tensor, *, call_id: int) -> TokenStatistics:
     """Statistics of ``targets`` [B, T] as the next tokens after each prefix of ``inputs`` [B, T]."""
     with torch.inference_mode():
-        logits = model.logits(model(inputs)).float()
-        full_normalizer = torch.logsumexp(logits, dim=-1)
-        target_logit = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
-        call_logit = logits[..., call_id].clone()
+        logits = model.logits(model(inputs))
+        no_call_normalizer, target_logit, call_logit = logit_stats_of(logits, targets, call_id)
+        full_normalizer = torch.logaddexp(no_call_normalizer, call_logit)
         logits[..., call_id] = float("-inf")
-        no_call_normalizer = torch.logsumexp(logits, dim=-1)
         top_other_logit, top_token = logits.max(dim=-1)
     return TokenStatistics(
         full_logprob=target_logit - full_normalizer,

@@ -116,11 +116,16 @@ def logit_stats(
         from .fused_kernel import logit_stats as fused_logit_stats
 
         return fused_logit_stats(hidden, weight, targets, call_id)
-    logits = F.linear(hidden, weight)
+    return logit_stats_of(F.linear(hidden, weight), targets, call_id)
+
+
+def logit_stats_of(logits: Tensor, targets: Tensor, call_id: int) -> tuple[Tensor, Tensor, Tensor]:
+    """:func:`logit_stats` of full logits ``[..., V]`` that a caller holds anyway (evaluation)."""
     logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
-    call_logit = logits[:, call_id]
-    without_call = logits.index_fill(1, torch.tensor([call_id], device=logits.device), float("-inf"))
-    return torch.logsumexp(without_call, dim=1), logits.gather(1, targets[:, None]).squeeze(1), call_logit
+    call_logit = logits[..., call_id].clone()  # not a view: callers may reuse the logits
+    without_call = logits.index_fill(-1, torch.tensor([call_id], device=logits.device), float("-inf"))
+    target_logit = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+    return torch.logsumexp(without_call, dim=-1), target_logit, call_logit
 
 
 def _use_triton(implementation: str, hidden: Tensor) -> bool:
