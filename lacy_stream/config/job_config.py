@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..loss.masks import METHODS
+from ..loss.implementation import IMPLEMENTATIONS
 from ..model import PRESETS
 
 
@@ -83,7 +84,8 @@ class LossConfig:
     call_ratio: float = 0.15
     ignore_ratio: float = 0.15
     implementation: str = "auto"
-    """``auto`` (fused Triton kernel on CUDA, plain PyTorch elsewhere), ``triton`` or ``torch``."""
+    """``auto`` (per device and dtype, see ``lacy_stream.loss.implementation.AUTO``), ``triton``, ``chunked``
+    or ``torch``."""
 
 
 @dataclass
@@ -147,7 +149,7 @@ class JobConfig:
 _CHOICES = {
     ("model", "preset"): tuple(PRESETS),
     ("loss", "method"): METHODS,
-    ("loss", "implementation"): ("auto", "triton", "torch"),
+    ("loss", "implementation"): IMPLEMENTATIONS,
     ("optimizer", "schedule"): ("constant", "cosine"),
     ("train", "dtype"): ("auto", "bf16", "fp32"),
 }

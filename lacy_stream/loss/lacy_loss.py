@@ -7,10 +7,9 @@ Per valid target token:
 The sum is divided by the number of valid tokens of the micro-batch over all ranks of the selection group,
 so the losses of the ranks add up to the loss of the whole micro-batch, whatever its split.
 
-Two implementations share the mask selection (:mod:`.masks`):
-- ``torch``: plain PyTorch on full fp32 logits; the CPU path and the test oracle;
-- ``triton``: the fused kernels of :mod:`.fused_kernel`, which never hold the ``[N, V]`` logits: one pass for
-  the per-token statistics, then the gradients recomputed tile by tile in backward.
+The implementations (:mod:`.implementation`: ``torch``, ``triton``, ``chunked``) share the mask selection
+(:mod:`.masks`). All but ``torch`` make one pass for the per-token statistics without keeping the ``[N, V]``
+logits, and recompute them in backward.
 """
 
 from __future__ import annotations
@@ -22,9 +21,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor
 
+from .implementation import choose_implementation, recomputing_kernels
 from .masks import MaskInputs, Masks, select_masks
-
-IMPLEMENTATIONS = ("auto", "torch", "triton")
 
 
 @dataclass
@@ -67,17 +65,15 @@ def lacy_loss(
         raise ValueError(f"need hidden [N, D] and weight [V, D], got {tuple(hidden.shape)} and {tuple(weight.shape)}")
     if not 0 <= call_id < weight.shape[0]:
         raise ValueError(f"call_id {call_id} outside the vocabulary of {weight.shape[0]}")
-    if implementation not in IMPLEMENTATIONS:
-        raise ValueError(f"implementation must be one of {IMPLEMENTATIONS}, got {implementation!r}")
+    implementation = choose_implementation(implementation, hidden)
     valid = valid & (targets >= 0) & (targets < weight.shape[0])
     safe_targets = torch.where(valid, targets, torch.zeros_like(targets))
 
-    fused = _use_triton(implementation, hidden)
-    if fused:
-        from .fused_kernel import logit_stats
-
+    recomputing = implementation != "torch"
+    if recomputing:
+        kernels = recomputing_kernels(implementation)
         with torch.no_grad():
-            lse_nocall, target_logit, call_logit = logit_stats(hidden, weight, safe_targets, call_id)
+            lse_nocall, target_logit, call_logit = kernels.logit_stats(hidden, weight, safe_targets, call_id)
     else:
         logits = F.linear(hidden, weight).float()
         call_logit = logits[:, call_id]
@@ -98,9 +94,9 @@ def lacy_loss(
     learned = valid & ~masks.call & ~masks.ignore
     token_weight = (learned | masks.call).float() / max(masks.valid_tokens, 1)
 
-    if fused:
-        loss = _FusedLacyLoss.apply(
-            hidden, weight, safe_targets, call_id, lse_nocall, call_logit, masks.call, token_weight,
+    if recomputing:
+        loss = _RecomputedLacyLoss.apply(
+            kernels.logit_grads, hidden, weight, safe_targets, call_id, lse_nocall, call_logit, masks.call, token_weight,
             torch.where(masks.call, call_loss, learned_loss),
         )
     else:
@@ -108,34 +104,21 @@ def lacy_loss(
     return LossOutput(loss=loss, learned_loss=learned_loss.detach(), call_loss=call_loss.detach(), masks=masks)
 
 
-def _use_triton(implementation: str, hidden: Tensor) -> bool:
-    """``auto`` takes the fused kernels on CUDA and plain PyTorch elsewhere."""
-    if implementation == "torch" or (implementation == "auto" and not hidden.is_cuda):
-        return False
-    from .fused_kernel import triton_available
-
-    if not triton_available():
-        if implementation == "triton":
-            raise RuntimeError("implementation='triton' needs triton and a CUDA device, or TRITON_INTERPRET=1")
-        return False
-    return True
-
-
-class _FusedLacyLoss(torch.autograd.Function):
-    """Sum of ``token_weight * token_loss``; backward recomputes logit tiles in the fused kernels."""
+class _RecomputedLacyLoss(torch.autograd.Function):
+    """Sum of ``token_weight * token_loss``; backward recomputes the logits in ``logit_grads``."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, targets, call_id, lse_nocall, call_logit, is_call, token_weight, token_loss):
+    def forward(ctx, logit_grads, hidden, weight, targets, call_id, lse_nocall, call_logit, is_call, token_weight,
+                token_loss):
         ctx.save_for_backward(hidden, weight, targets, lse_nocall, call_logit, is_call, token_weight)
         ctx.call_id = call_id
+        ctx.logit_grads = logit_grads
         return (token_loss * token_weight).sum()
 
     @staticmethod
     def backward(ctx, grad_output):
-        from .fused_kernel import logit_grads
-
         hidden, weight, targets, lse_nocall, call_logit, is_call, token_weight = ctx.saved_tensors
-        grad_hidden, grad_weight = logit_grads(
+        grad_hidden, grad_weight = ctx.logit_grads(
             hidden, weight, targets, ctx.call_id, lse_nocall, call_logit, is_call, token_weight * grad_output
         )
-        return grad_hidden, grad_weight, None, None, None, None, None, None, None
+        return None, grad_hidden, grad_weight, None, None, None, None, None, None, None
