@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
+from projection_reference import DEVICE, assert_close, make_inputs, reference
 
 from lacy_stream.loss.chunked import logit_grads, logit_stats
 from lacy_stream.loss.implementation import AUTO, choose_implementation
-from projection_reference import DEVICE, assert_close, make_inputs, reference
 
 # Tolerances of assert_close (relative to each tensor's largest entry). bf16 rounds the logits (as plain
 # PyTorch does) and the gradient tile to 8 significant bits.
@@ -60,7 +60,7 @@ def test_large_logits(dtype, logit_scale):
 @pytest.mark.parametrize("calls", ["all", "none"])
 def test_all_and_no_calls(calls):
     is_call = torch.full((37,), calls == "all", dtype=torch.bool, device=DEVICE)
-    grad_h, grad_w = check(37, 77, 40, 76, torch.float64, is_call=is_call)
+    _, grad_w = check(37, 77, 40, 76, torch.float64, is_call=is_call)
     if calls == "none":  # non-call tokens never push gradient into the CALL embedding
         assert (grad_w[76] == 0).all()
 

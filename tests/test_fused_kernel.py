@@ -14,6 +14,8 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+from projection_reference import DEVICE, assert_close, make_inputs, reference  # noqa: E402
+
 from lacy_stream.loss.fused_kernel import (  # noqa: E402
     FLOAT64_SUPPORTED,
     KernelConfig,
@@ -21,7 +23,6 @@ from lacy_stream.loss.fused_kernel import (  # noqa: E402
     logit_stats,
     triton_available,
 )
-from projection_reference import DEVICE, assert_close, make_inputs, reference  # noqa: E402
 
 pytestmark = [
     pytest.mark.timeout(300),

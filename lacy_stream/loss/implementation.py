@@ -39,8 +39,8 @@ def choose_implementation(implementation: str, hidden: Tensor) -> str:
         raise ValueError(f"implementation must be one of {IMPLEMENTATIONS}, got {implementation!r}")
     if implementation == "auto":
         choice = AUTO.get((hidden.device.type, hidden.dtype), "torch")
-        return "chunked" if choice == "triton" and not _triton_runs_here() else choice
-    if implementation == "triton" and not _triton_runs_here():
+        return "chunked" if choice == "triton" and not triton_runs_here() else choice
+    if implementation == "triton" and not triton_runs_here():
         raise RuntimeError("implementation='triton' needs triton and a CUDA device, or TRITON_INTERPRET=1")
     return implementation
 
@@ -58,7 +58,8 @@ def recomputing_kernels(implementation: str) -> ModuleType:
     raise ValueError(f"{implementation!r} does not recompute logits")
 
 
-def _triton_runs_here() -> bool:
+def triton_runs_here() -> bool:
+    """Whether triton is installed and its kernels can run: on CUDA, or anywhere under the interpreter."""
     try:
         from .fused_kernel import triton_available
     except ImportError:
