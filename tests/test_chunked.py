@@ -2,9 +2,18 @@
 
 from __future__ import annotations
 
+from functools import partial
+
 import pytest
 import torch
-from projection_reference import DEVICE, assert_close, make_inputs, reference
+from projection_reference import (
+    DEVICE,
+    assert_close,
+    check_against_reference,
+    check_empty_batch,
+    make_inputs,
+    reference,
+)
 
 from lacy_stream.loss.chunked import logit_grads, logit_stats
 from lacy_stream.loss.implementation import AUTO, choose_implementation
@@ -14,26 +23,10 @@ from lacy_stream.loss.implementation import AUTO, choose_implementation
 TOLERANCE = {torch.float64: 1e-10, torch.float32: 1e-4, torch.bfloat16: 3e-2}
 
 
-def check(n, v, d, call_id, dtype, *, chunk_tokens=7, logit_scale=1.0, seed=0, is_call=None, scale=None):
-    hidden, weight, targets, mixed_calls, mixed_scale = make_inputs(n, v, d, dtype, seed=seed, logit_scale=logit_scale)
-    is_call = mixed_calls if is_call is None else is_call
-    scale = mixed_scale if scale is None else scale
-    tol = TOLERANCE[dtype]
-    lse_ref, target_ref, call_ref, grad_h_ref, grad_w_ref = reference(hidden, weight, targets, call_id, is_call, scale)
-
-    lse, target_logit, call_logit = logit_stats(hidden, weight, targets, call_id, chunk_tokens=chunk_tokens)
-    assert lse.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
-    # Statistics are compared on the scale of the largest logit: bf16 logits are rounded, not their lse.
-    logit_scale_floor = max(lse_ref.abs().max().item(), 1.0)
-    for actual, expected in ((lse, lse_ref), (target_logit, target_ref), (call_logit, call_ref)):
-        assert (actual.double() - expected).abs().max() <= tol * logit_scale_floor
-
-    grad_h, grad_w = logit_grads(hidden, weight, targets, call_id, lse, call_logit, is_call, scale,
-                                 chunk_tokens=chunk_tokens)
-    assert grad_h.dtype == grad_w.dtype == dtype
-    assert_close(grad_h, grad_h_ref, tol)
-    assert_close(grad_w, grad_w_ref, tol)
-    return grad_h, grad_w
+def check(n, v, d, call_id, dtype, *, chunk_tokens=7, **inputs):
+    return check_against_reference(partial(logit_stats, chunk_tokens=chunk_tokens),
+                                   partial(logit_grads, chunk_tokens=chunk_tokens),
+                                   n, v, d, call_id, dtype, TOLERANCE[dtype], **inputs)
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
@@ -88,11 +81,7 @@ def test_ignored_tokens_with_out_of_range_targets_and_garbage_statistics():
 
 
 def test_empty_batch():
-    hidden, weight, targets, is_call, scale = make_inputs(0, 20, 16, torch.float32)
-    lse, target_logit, call_logit = logit_stats(hidden, weight, targets, 19)
-    assert lse.shape == target_logit.shape == call_logit.shape == (0,)
-    grad_h, grad_w = logit_grads(hidden, weight, targets, 19, lse, call_logit, is_call, scale)
-    assert grad_h.shape == (0, 16) and (grad_w == 0).all()
+    check_empty_batch(logit_stats, logit_grads)
 
 
 def test_auto_takes_the_table_and_plain_pytorch_elsewhere(monkeypatch):

@@ -7,6 +7,7 @@ module is imported (``triton.jit`` decides at definition time).
 from __future__ import annotations
 
 import os
+from functools import partial
 
 import pytest
 import torch
@@ -14,7 +15,14 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-from projection_reference import DEVICE, assert_close, make_inputs, reference  # noqa: E402
+from projection_reference import (  # noqa: E402
+    DEVICE,
+    assert_close,
+    check_against_reference,
+    check_empty_batch,
+    make_inputs,
+    reference,
+)
 
 from lacy_stream.loss.fused_kernel import (  # noqa: E402
     FLOAT64_SUPPORTED,
@@ -37,27 +45,9 @@ NEEDS_FLOAT64 = pytest.mark.skipif(not FLOAT64_SUPPORTED, reason="float64 needs 
 FLOAT64 = pytest.param(torch.float64, marks=NEEDS_FLOAT64)
 
 
-def check(n, v, d, call_id, dtype, *, config=SMALL_TILES, logit_scale=1.0, seed=0, is_call=None, scale=None):
-    hidden, weight, targets, mixed_calls, mixed_scale = make_inputs(n, v, d, dtype, seed=seed, logit_scale=logit_scale)
-    is_call = mixed_calls if is_call is None else is_call
-    scale = mixed_scale if scale is None else scale
-    tol = TOLERANCE[dtype]
-    lse_ref, target_ref, call_ref, grad_h_ref, grad_w_ref = reference(hidden, weight, targets, call_id, is_call, scale)
-
-    lse, target_logit, call_logit = logit_stats(hidden, weight, targets, call_id, config=config)
-    expected_dtype = torch.float64 if dtype == torch.float64 else torch.float32
-    assert lse.dtype == target_logit.dtype == call_logit.dtype == expected_dtype
-    assert lse.shape == target_logit.shape == call_logit.shape == (n,)
-    assert_close(lse, lse_ref, tol)
-    assert_close(target_logit, target_ref, tol)
-    assert_close(call_logit, call_ref, tol)
-
-    grad_h, grad_w = logit_grads(hidden, weight, targets, call_id, lse, call_logit, is_call, scale, config=config)
-    assert grad_h.shape == hidden.shape and grad_h.dtype == dtype
-    assert grad_w.shape == weight.shape and grad_w.dtype == dtype
-    assert_close(grad_h, grad_h_ref, tol)
-    assert_close(grad_w, grad_w_ref, tol)
-    return grad_h, grad_w
+def check(n, v, d, call_id, dtype, *, config=SMALL_TILES, **inputs):
+    return check_against_reference(partial(logit_stats, config=config), partial(logit_grads, config=config),
+                                   n, v, d, call_id, dtype, TOLERANCE[dtype], **inputs)
 
 
 @pytest.mark.parametrize("dtype", [FLOAT64, torch.float32])
@@ -180,11 +170,7 @@ def test_float64_on_an_older_triton_is_refused():
 
 
 def test_empty_batch():
-    hidden, weight, targets, is_call, scale = make_inputs(0, 20, 16, torch.float32)
-    lse, target_logit, call_logit = logit_stats(hidden, weight, targets, 19)
-    assert lse.shape == target_logit.shape == call_logit.shape == (0,)
-    grad_h, grad_w = logit_grads(hidden, weight, targets, 19, lse, call_logit, is_call, scale)
-    assert grad_h.shape == (0, 16) and (grad_w == 0).all()
+    check_empty_batch(logit_stats, logit_grads)
 
 
 def test_invalid_inputs_raise_value_error():

@@ -41,3 +41,15 @@ def test_a_section_past_its_share_is_cut_and_the_others_still_run(tmp_path):
     sections = json.loads((tmp_path / "gpu_check.json").read_text())["sections"]
     assert sections["kernel_speed"]["status"] == "cut" and "first case" in sections["kernel_speed"]["detail"]
     assert sections["training"]["status"] == "failed" and "ZeroDivisionError" in sections["training"]["detail"]
+
+
+def test_padded_tokenizer_encodes_as_before_with_the_papers_vocabulary(tokenizer_path, tmp_path):
+    from lacy_stream.gpu_check import PADDED_PIECES, pad_tokenizer
+    from lacy_stream.tokenizer import Tokenizer
+
+    padded = tmp_path / "padded.model"
+    padded.write_bytes(Path(tokenizer_path).read_bytes())
+    pad_tokenizer(padded, PADDED_PIECES)
+    text = "The museum was founded in 1887 by Wolfgang Amadeus Mozart."
+    assert Tokenizer(padded).vocab_size == 32001
+    assert Tokenizer(padded).encode(text) == Tokenizer(tokenizer_path).encode(text)

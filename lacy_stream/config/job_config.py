@@ -14,8 +14,8 @@ import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..loss.lacy_loss import IMPLEMENTATIONS
 from ..loss.masks import METHODS
-from ..loss.implementation import IMPLEMENTATIONS
 from ..model import PRESETS
 
 

@@ -21,6 +21,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor
 
+from .implementation import IMPLEMENTATIONS  # noqa: F401  (re-exported: the values loss.implementation takes)
 from .implementation import choose_implementation, recomputing_kernels
 from .masks import MaskInputs, Masks, select_masks
 
@@ -96,8 +97,8 @@ def lacy_loss(
 
     if recomputing:
         loss = _RecomputedLacyLoss.apply(
-            kernels.logit_grads, hidden, weight, safe_targets, call_id, lse_nocall, call_logit, masks.call, token_weight,
-            torch.where(masks.call, call_loss, learned_loss),
+            kernels.logit_grads, hidden, weight, safe_targets, call_id, lse_nocall, call_logit, masks.call,
+            token_weight, torch.where(masks.call, call_loss, learned_loss),
         )
     else:
         loss = (torch.where(masks.call, call_loss, learned_loss) * token_weight).sum()
