@@ -40,7 +40,18 @@ def bench_stream(config: JobConfig, *, batches: int) -> dict:
     }
 
 
-LOSS_CASES = ("lacy fused (triton)", "lacy eager (torch)", "F.linear_cross_entropy", "F.linear_cross_entropy chunked")
+LOSS_CASES: dict[str, int | None] = {
+    "lacy fused (triton)": 5,
+    "lacy chunked": 4,
+    "lacy eager (torch)": 3,
+    "F.linear_cross_entropy": 3,
+    "F.linear_cross_entropy chunked": None,
+}
+"""The loss variants and the ``N x V x D`` matmul passes each makes per forward + backward (the fused kernels
+recompute the logits for each gradient; the chunked path once for both; autograd keeps them). How torch
+chunks ``F.linear_cross_entropy`` is its own business: no count, no TFLOP/s."""
+
+LACY_IMPLEMENTATIONS = {"lacy fused (triton)": "triton", "lacy chunked": "chunked", "lacy eager (torch)": "torch"}
 
 
 def bench_loss(
@@ -57,37 +68,55 @@ def bench_loss(
 
     import torch
 
-    from .loss.fused_kernel import triton_available
-
     cuda = torch.cuda.is_available()
     rows = []
     for hidden in hidden_sizes:
         for case in LOSS_CASES:
-            if case.startswith("lacy fused") and not (cuda and triton_available()):
-                rows.append({"case": case, "hidden": hidden, "tokens": tokens, "skipped": "needs a CUDA GPU"})
+            skipped = loss_case_unavailable(case, interpreter_allowed=False)
+            if skipped:
+                rows.append({"case": case, "hidden": hidden, "tokens": tokens, "skipped": skipped})
                 continue
             arguments = (case, hidden, tokens, vocab, repeats)
             if cuda:
-                result = _measure_loss_case(*arguments)
+                result = measure_loss_case(*arguments)
             else:
                 with multiprocessing.get_context("spawn").Pool(1) as pool:
-                    result = pool.apply(_measure_loss_case, arguments)
+                    result = pool.apply(measure_loss_case, arguments)
             rows.append({"case": case, "hidden": hidden, "tokens": tokens, **result})
     return rows
 
 
-def _measure_loss_case(case: str, hidden_size: int, tokens: int, vocab: int, repeats: int) -> dict:
+def loss_case_unavailable(case: str, *, interpreter_allowed: bool) -> str | None:
+    """Why ``case`` cannot run here, or None. The fused kernel needs CUDA unless ``interpreter_allowed``."""
+    import torch
+    import torch.nn.functional as F
+
+    if case.startswith("F.linear_cross_entropy") and not hasattr(F, "linear_cross_entropy"):
+        return f"torch {torch.__version__} has no F.linear_cross_entropy"
+    if LACY_IMPLEMENTATIONS.get(case) == "triton":
+        from .loss.implementation import triton_runs_here
+
+        if not (torch.cuda.is_available() or interpreter_allowed) or not triton_runs_here():
+            return "needs a CUDA GPU and triton"
+    return None
+
+
+def measure_loss_case(
+    case: str, hidden_size: int, tokens: int, vocab: int, repeats: int, *, device: str | None = None
+) -> dict:
+    """One case of :func:`bench_loss`: median ms of forward + backward, peak MiB above the inputs and their
+    gradients (CUDA: allocator peak; CPU: resident-set growth, meaningful in a fresh process only) and, for
+    cases with a known pass count, the achieved TFLOP/s of their matmul passes."""
     import resource
     import statistics
 
     import torch
     import torch.nn.functional as F
-    from torch.nn.modules.linear_cross_entropy_options import LinearCrossEntropyOptions
 
     from .labels import TokenLabels
     from .loss import lacy_loss
 
-    device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     generator = torch.Generator(device).manual_seed(0)
     hidden = torch.randn(tokens, hidden_size, device=device, dtype=dtype, generator=generator, requires_grad=True)
@@ -97,12 +126,15 @@ def _measure_loss_case(case: str, hidden_size: int, tokens: int, vocab: int, rep
     token_class = torch.randint(0, 3, (tokens,), device=device, generator=generator).to(torch.int8)
 
     def step() -> None:
-        if case.startswith("lacy"):
-            implementation = "triton" if "fused" in case else "torch"
+        if case in LACY_IMPLEMENTATIONS:
             out = lacy_loss(hidden, weight, targets, valid, call_id=vocab - 1, method="lacy",
-                            labels=TokenLabels(token_class=token_class), implementation=implementation)
+                            labels=TokenLabels(token_class=token_class), implementation=LACY_IMPLEMENTATIONS[case])
             loss = out.loss
         else:
+            from torch.nn.modules.linear_cross_entropy_options import (
+                LinearCrossEntropyOptions,
+            )
+
             options = LinearCrossEntropyOptions() if case.endswith("chunked") else None
             loss = F.linear_cross_entropy(hidden, weight, targets, options=options)
         loss.backward()
@@ -130,5 +162,12 @@ def _measure_loss_case(case: str, hidden_size: int, tokens: int, vocab: int, rep
         peak = torch.cuda.max_memory_allocated() - baseline
     else:
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - cpu_baseline - hidden.nbytes - weight.nbytes
-    return {"device": device, "dtype": str(dtype).removeprefix("torch."), "ms": round(1000 * statistics.median(times), 1),
-            "peak_mib": round(max(peak, 0) / 2**20)}
+    seconds = statistics.median(times)
+    passes = LOSS_CASES[case]
+    return {
+        "device": device,
+        "dtype": str(dtype).removeprefix("torch."),
+        "ms": round(1000 * seconds, 1),
+        "peak_mib": round(max(peak, 0) / 2**20),
+        "tflops": round(passes * 2 * tokens * vocab * hidden_size / seconds / 1e12, 1) if passes else None,
+    }

@@ -11,6 +11,7 @@ from pathlib import Path
 
 from .config.job_config import RUN_CONFIGS, AnnotationConfig, ConfigError, DataConfig, TokenizerConfig, load_job_config
 from .eval.options import add_eval_arguments
+from .gpu_check import add_arguments as add_gpu_check_arguments
 from .inference.call_policy import POLICY_NAMES, policy_from_name
 
 DEMO_DIR = Path("shards/demo")
@@ -341,13 +342,20 @@ def cmd_bench_loss(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(rows))
         return 0
-    print("| case | hidden | tokens | device | ms (fwd+bwd) | peak MiB |\n|---|---|---|---|---|---|")
+    print("| case | hidden | tokens | device | ms (fwd+bwd) | peak MiB | TFLOP/s |\n|---|---|---|---|---|---|---|")
     for row in rows:
         if "skipped" in row:
-            print(f"| {row['case']} | {row['hidden']} | {row['tokens']} | skipped: {row['skipped']} | | |")
+            print(f"| {row['case']} | {row['hidden']} | {row['tokens']} | skipped: {row['skipped']} | | | |")
         else:
-            print(f"| {row['case']} | {row['hidden']} | {row['tokens']} | {row['device']} {row['dtype']} | {row['ms']} | {row['peak_mib']} |")
+            print(f"| {row['case']} | {row['hidden']} | {row['tokens']} | {row['device']} {row['dtype']} | {row['ms']} "
+                  f"| {row['peak_mib']} | {row['tflops'] or ''} |")
     return 0
+
+
+def cmd_bench_gpu(args: argparse.Namespace) -> int:
+    from .gpu_check import run_check
+
+    return run_check(Path(args.out), budget_s=args.budget_s, dry_run=args.dry_run, corpus=args.corpus)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -470,13 +478,16 @@ def build_parser() -> argparse.ArgumentParser:
     stream.add_argument("--batches", type=int, default=200)
     stream.add_argument("--json", action="store_true")
     stream.set_defaults(run=cmd_bench_stream)
-    loss = bench.add_parser("loss", help="LaCy loss: fused kernel vs eager vs F.linear_cross_entropy, time and memory")
+    loss = bench.add_parser("loss", help="LaCy loss: fused kernel vs chunked vs eager vs F.linear_cross_entropy, time and memory")
     loss.add_argument("--hidden", type=int, nargs="+", default=[1024, 2048])
     loss.add_argument("--tokens", type=int, default=8 * 1024)
     loss.add_argument("--vocab", type=int, default=32001)
     loss.add_argument("--repeats", type=int, default=3)
     loss.add_argument("--json", action="store_true")
     loss.set_defaults(run=cmd_bench_loss)
+    gpu = bench.add_parser("gpu", help="every GPU figure: kernel correctness and speed, training throughput (report)")
+    add_gpu_check_arguments(gpu)
+    gpu.set_defaults(run=cmd_bench_gpu)
     return parser
 
 

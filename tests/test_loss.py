@@ -47,7 +47,7 @@ def reference_loss(hidden, weight, targets, valid, call, ignore, call_id):
     return ((learned * learn).sum() + (delegated * call).sum()) / valid.sum()
 
 
-@pytest.mark.parametrize("implementation", ["torch", "triton"])
+@pytest.mark.parametrize("implementation", ["torch", "triton", "chunked"])
 @pytest.mark.parametrize("method", METHODS)
 def test_loss_and_gradients_match_fp64(method, implementation):
     hidden, weight, targets, valid, labels = make_batch()

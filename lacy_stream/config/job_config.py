@@ -83,7 +83,8 @@ class LossConfig:
     call_ratio: float = 0.15
     ignore_ratio: float = 0.15
     implementation: str = "auto"
-    """``auto`` (fused Triton kernel on CUDA, plain PyTorch elsewhere), ``triton`` or ``torch``."""
+    """``auto`` (per device and dtype, see ``lacy_stream.loss.implementation.AUTO``), ``triton``, ``chunked``
+    or ``torch``."""
     reference: str = ""
     """The frozen reference model of ``rho1`` and ``spacy_refloss``: a run directory, checkpoint or Hugging
     Face export of a lacy-stream model with the same tokenizer."""

@@ -16,6 +16,9 @@ one extra accumulator per split.
 
 On a CPU the kernels run under the Triton interpreter, which has to be switched on (``TRITON_INTERPRET=1``)
 before this module is imported: ``triton.jit`` picks interpreted or compiled code when a kernel is defined.
+
+Supported: triton 3.2 and newer (CI runs the kernel tests under the interpreter with 3.2.0 and with the
+newest release); float64 inputs need 3.5, the first release whose ``tl.dot`` takes float64.
 """
 
 from __future__ import annotations
@@ -27,11 +30,12 @@ import torch
 import triton
 import triton.language as tl
 from torch import Tensor
-
-_INTERPRETED: bool = triton.knobs.runtime.interpret
-"""Whether the kernels below were defined for the interpreter (decided once, at import, like ``triton.jit``)."""
+from triton.runtime.interpreter import InterpretedFunction
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+FLOAT64_SUPPORTED: bool = tuple(int(part) for part in triton.__version__.split(".")[:2]) >= (3, 5)
+"""Whether this triton's ``tl.dot`` takes float64 (3.5 and newer)."""
 
 
 def triton_available() -> bool:
@@ -90,12 +94,13 @@ def _logit_tile(
 ):
     """``hidden[rows] @ weight[cols].T`` as a [BLOCK_N, BLOCK_V] tile; masked rows and columns give 0."""
     z = tl.zeros((BLOCK_N, BLOCK_V), dtype=ACC)
+    # Every ``tl.dot`` names ``out_dtype``: its float32 default clashes with a float64 accumulator.
     for d_start in range(0, D, BLOCK_D):
         dims = d_start + tl.arange(0, BLOCK_D)
         dim_mask = dims < D
         h = tl.load(h_ptr + rows[:, None] * D + dims[None, :], mask=row_mask[:, None] & dim_mask[None, :], other=0.0)
         w = tl.load(w_ptr + cols[:, None] * D + dims[None, :], mask=col_mask[:, None] & dim_mask[None, :], other=0.0)
-        z = tl.dot(h, tl.trans(w), acc=z, input_precision=DOT_PRECISION)
+        z = tl.dot(h, tl.trans(w), acc=z, input_precision=DOT_PRECISION, out_dtype=ACC)
     return z
 
 
@@ -103,7 +108,8 @@ def _logit_tile(
 def _grad_tile(z, cols, col_mask, labels, keeps_call, norms, scales, call_id):
     """``scale * (softmax - one_hot(label))`` for one tile; the CALL column is left out of the softmax of
     tokens that don't keep it, and rows with scale 0 give exact zeros whatever their statistics."""
-    dropped = (~col_mask)[None, :] | ((cols == call_id)[None, :] & (keeps_call == 0)[:, None])
+    # ``col_mask == 0`` rather than ``~col_mask``: the interpreter of triton 3.2 and 3.3 cannot invert booleans.
+    dropped = (col_mask == 0)[None, :] | ((cols == call_id)[None, :] & (keeps_call == 0)[:, None])
     probs = tl.exp(tl.where(dropped, float("-inf"), z) - norms[:, None])
     grad = probs - tl.where(cols[None, :] == labels[:, None], 1.0, 0.0)
     return tl.where((scales != 0)[:, None], grad * scales[:, None], 0.0)
@@ -201,7 +207,7 @@ def _grad_hidden_kernel(
                 acc_ptrs = grad_rows[:, None] + dims[None, :]
                 acc_mask = row_mask[:, None] & dim_mask[None, :]
                 acc = tl.load(acc_ptrs, mask=acc_mask, other=0.0)
-                acc = tl.dot(g, w, acc=acc, input_precision=DOT_PRECISION)
+                acc = tl.dot(g, w, acc=acc, input_precision=DOT_PRECISION, out_dtype=ACC)
                 tl.store(acc_ptrs, acc, mask=acc_mask)
             # The next tile re-reads these accumulator rows, possibly from other threads of the program.
             tl.debug_barrier()
@@ -245,10 +251,15 @@ def _grad_weight_kernel(
                 acc_ptrs = grad_cols[:, None] + dims[None, :]
                 acc_mask = col_mask[:, None] & dim_mask[None, :]
                 acc = tl.load(acc_ptrs, mask=acc_mask, other=0.0)
-                acc = tl.dot(g_t, h, acc=acc, input_precision=DOT_PRECISION)
+                acc = tl.dot(g_t, h, acc=acc, input_precision=DOT_PRECISION, out_dtype=ACC)
                 tl.store(acc_ptrs, acc, mask=acc_mask)
             # The next token block re-reads these accumulator rows, possibly from other threads of the program.
             tl.debug_barrier()
+
+
+_INTERPRETED: bool = isinstance(_logit_stats_kernel, InterpretedFunction)
+"""Whether ``triton.jit`` defined the kernels above for the interpreter. Asked of a kernel rather than of
+``TRITON_INTERPRET``, whose accepted spellings differ between triton releases (3.3 takes only "1")."""
 
 
 def logit_stats(
@@ -359,6 +370,8 @@ def _check_projection(hidden: Tensor, weight: Tensor, targets: Tensor, call_id: 
         raise ValueError(f"unsupported dtype {hidden.dtype}; expected one of {_FLOAT_DTYPES}")
     if weight.device != hidden.device:
         raise ValueError(f"hidden is on {hidden.device} but weight on {weight.device}")
+    if hidden.dtype == torch.float64 and not FLOAT64_SUPPORTED:
+        raise ValueError(f"float64 inputs need triton >= 3.5, this is triton {triton.__version__}")
     if hidden.device.type == "cpu":
         if not _INTERPRETED:
             raise ValueError("CPU tensors need the Triton interpreter: set TRITON_INTERPRET=1 before importing "

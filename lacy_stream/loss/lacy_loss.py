@@ -7,10 +7,10 @@ Per valid target token:
 The sum is divided by the number of valid tokens of the micro-batch over all ranks of the selection group,
 so the losses of the ranks add up to the loss of the whole micro-batch, whatever its split.
 
-Two implementations share the mask selection (:mod:`.masks`):
-- ``torch``: plain PyTorch on full logits (fp32, fp64 for fp64 inputs); the CPU path and the test oracle;
-- ``triton``: the fused kernels of :mod:`.fused_kernel`, which never hold the ``[N, V]`` logits: one pass for
-  the per-token statistics, then the gradients recomputed tile by tile in backward.
+The implementations (:mod:`.implementation`: ``torch``, ``triton``, ``chunked``) share the mask selection
+(:mod:`.masks`). ``torch`` computes full logits (fp32, fp64 for fp64 inputs) and is the CPU path and the
+test oracle; the others make one pass for the per-token statistics without keeping the ``[N, V]`` logits,
+and recompute them in backward.
 """
 
 from __future__ import annotations
@@ -24,9 +24,9 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..labels import TokenLabels
+from .implementation import IMPLEMENTATIONS  # noqa: F401  (re-exported: the values loss.implementation takes)
+from .implementation import choose_implementation, recomputing_kernels
 from .masks import MaskInputs, Masks, select_masks
-
-IMPLEMENTATIONS = ("auto", "torch", "triton")
 
 
 @dataclass
@@ -67,15 +67,14 @@ def lacy_loss(
         raise ValueError(f"need hidden [N, D] and weight [V, D], got {tuple(hidden.shape)} and {tuple(weight.shape)}")
     if not 0 <= call_id < weight.shape[0]:
         raise ValueError(f"call_id {call_id} outside the vocabulary of {weight.shape[0]}")
-    if implementation not in IMPLEMENTATIONS:
-        raise ValueError(f"implementation must be one of {IMPLEMENTATIONS}, got {implementation!r}")
+    implementation = choose_implementation(implementation, hidden)
     valid = valid & (targets >= 0) & (targets < weight.shape[0])
     safe_targets = torch.where(valid, targets, torch.zeros_like(targets))
 
-    fused = _use_triton(implementation, hidden)
-    with torch.no_grad() if fused else nullcontext():
+    recomputing = implementation != "torch"
+    with torch.no_grad() if recomputing else nullcontext():
         lse_nocall, target_logit, call_logit = logit_stats(
-            hidden, weight, safe_targets, call_id, implementation="triton" if fused else "torch"
+            hidden, weight, safe_targets, call_id, implementation=implementation
         )
 
     learned_loss = lse_nocall - target_logit
@@ -92,10 +91,10 @@ def lacy_loss(
     learned = valid & ~masks.call & ~masks.ignore
     token_weight = (learned | masks.call).to(learned_loss.dtype) / max(masks.valid_tokens, 1)
 
-    if fused:
-        loss = _FusedLacyLoss.apply(
-            hidden, weight, safe_targets, call_id, lse_nocall, call_logit, masks.call, token_weight,
-            torch.where(masks.call, call_loss, learned_loss),
+    if recomputing:
+        loss = _RecomputedLacyLoss.apply(
+            recomputing_kernels(implementation).logit_grads, hidden, weight, safe_targets, call_id, lse_nocall, call_logit, masks.call,
+            token_weight, torch.where(masks.call, call_loss, learned_loss),
         )
     else:
         loss = (torch.where(masks.call, call_loss, learned_loss) * token_weight).sum()
@@ -109,13 +108,11 @@ def logit_stats(
     ``<CALL>`` logit), in fp32 (fp64 for fp64 inputs). Every loss of a LaCy model follows from these three:
     the learned loss is ``lse - target``, the call loss ``logaddexp(lse, call) - call``.
 
-    ``implementation``: ``torch`` holds the ``[N, V]`` logits (differentiable); ``triton`` runs the fused
-    statistics kernel, which never does (no gradient).
+    ``implementation``: ``torch`` holds the ``[N, V]`` logits (differentiable); ``triton`` and ``chunked``
+    never hold them all (no gradient; see :mod:`.implementation`).
     """
-    if implementation == "triton":
-        from .fused_kernel import logit_stats as fused_logit_stats
-
-        return fused_logit_stats(hidden, weight, targets, call_id)
+    if implementation != "torch":
+        return recomputing_kernels(implementation).logit_stats(hidden, weight, targets, call_id)
     return logit_stats_of(F.linear(hidden, weight), targets, call_id)
 
 
@@ -128,34 +125,21 @@ def logit_stats_of(logits: Tensor, targets: Tensor, call_id: int) -> tuple[Tenso
     return torch.logsumexp(without_call, dim=-1), target_logit, call_logit
 
 
-def _use_triton(implementation: str, hidden: Tensor) -> bool:
-    """``auto`` takes the fused kernels on CUDA and plain PyTorch elsewhere."""
-    if implementation == "torch" or (implementation == "auto" and not hidden.is_cuda):
-        return False
-    from .fused_kernel import triton_available
-
-    if not triton_available():
-        if implementation == "triton":
-            raise RuntimeError("implementation='triton' needs triton and a CUDA device, or TRITON_INTERPRET=1")
-        return False
-    return True
-
-
-class _FusedLacyLoss(torch.autograd.Function):
-    """Sum of ``token_weight * token_loss``; backward recomputes logit tiles in the fused kernels."""
+class _RecomputedLacyLoss(torch.autograd.Function):
+    """Sum of ``token_weight * token_loss``; backward recomputes the logits in ``logit_grads``."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, targets, call_id, lse_nocall, call_logit, is_call, token_weight, token_loss):
+    def forward(ctx, logit_grads, hidden, weight, targets, call_id, lse_nocall, call_logit, is_call, token_weight,
+                token_loss):
         ctx.save_for_backward(hidden, weight, targets, lse_nocall, call_logit, is_call, token_weight)
         ctx.call_id = call_id
+        ctx.logit_grads = logit_grads
         return (token_loss * token_weight).sum()
 
     @staticmethod
     def backward(ctx, grad_output):
-        from .fused_kernel import logit_grads
-
         hidden, weight, targets, lse_nocall, call_logit, is_call, token_weight = ctx.saved_tensors
-        grad_hidden, grad_weight = logit_grads(
+        grad_hidden, grad_weight = ctx.logit_grads(
             hidden, weight, targets, ctx.call_id, lse_nocall, call_logit, is_call, token_weight * grad_output
         )
-        return grad_hidden, grad_weight, None, None, None, None, None, None, None
+        return None, grad_hidden, grad_weight, None, None, None, None, None, None, None

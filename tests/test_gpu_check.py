@@ -1,0 +1,55 @@
+"""``scripts/gpu_check.py --dry-run``: every section rehearsed on the CPU, so the GPU check cannot rot."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from lacy_stream.gpu_check import SHARES
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.timeout(300)
+def test_dry_run_passes_every_section(tmp_path):
+    out = tmp_path / "out"
+    subprocess.run([sys.executable, str(REPO / "scripts" / "gpu_check.py"), "--dry-run", "--out", str(out)],
+                   check=True, cwd=tmp_path, timeout=280)
+    report = json.loads((out / "gpu_check.json").read_text())
+    assert {name: section["status"] for name, section in report["sections"].items()} == dict.fromkeys(SHARES, "ok")
+    sections = report["sections"]
+    assert {row["case"] for row in sections["kernel_correctness"]["rows"]} == {"odd float32", "logits ~1e4 float32"}
+    assert all("ms" in row or "skipped" in row for row in sections["kernel_speed"]["rows"])
+    assert {(row["method"], row["label_cache"]) for row in sections["training"]["rows"]} == {
+        ("lacy", "cold"), ("baseline", "cold"), ("lacy", "warm")}
+    assert all(row["tokens_per_s"] for row in sections["training"]["rows"])
+    assert sections["multi_gpu"]["ranks"] == 2
+    assert "## training: ok" in (out / "gpu_check.md").read_text()
+    assert not (out / "work").exists()
+
+
+def test_a_section_past_its_share_is_cut_and_the_others_still_run(tmp_path):
+    from lacy_stream.gpu_check import Report
+
+    report = Report(tmp_path, budget_s=0.0, dry_run=True)
+    report.run("kernel_speed", lambda section: {"ran": section.may_start("first case")})
+    report.run("training", lambda section: 1 / 0)
+    sections = json.loads((tmp_path / "gpu_check.json").read_text())["sections"]
+    assert sections["kernel_speed"]["status"] == "cut" and "first case" in sections["kernel_speed"]["detail"]
+    assert sections["training"]["status"] == "failed" and "ZeroDivisionError" in sections["training"]["detail"]
+
+
+def test_padded_tokenizer_encodes_as_before_with_the_papers_vocabulary(tokenizer_path, tmp_path):
+    from lacy_stream.gpu_check import PADDED_PIECES, pad_tokenizer
+    from lacy_stream.tokenizer import Tokenizer
+
+    padded = tmp_path / "padded.model"
+    padded.write_bytes(Path(tokenizer_path).read_bytes())
+    pad_tokenizer(padded, PADDED_PIECES)
+    text = "The museum was founded in 1887 by Wolfgang Amadeus Mozart."
+    assert Tokenizer(padded).vocab_size == 32001
+    assert Tokenizer(padded).encode(text) == Tokenizer(tokenizer_path).encode(text)
