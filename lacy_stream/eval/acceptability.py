@@ -41,6 +41,7 @@ from ..inference.loading import LacyModel
 from ..labels import TokenClass
 from ..tokenizer import Tokenizer
 from .chat_endpoint import ChatEndpoint
+from .plotting import new_figure
 from .scoring import token_statistics
 
 JUDGE_PROMPT = r"""# Task
@@ -330,9 +331,9 @@ def bucket_rows(scored: Sequence[ScoredToken], verdicts: dict[int, int], *, buck
 
 def plot_rows(rows: Sequence[BucketRow], path: Path, *, acceptability_run: bool) -> None:
     """Accuracy and acceptability against mean bucket loss, one line per group (Figure 3 of the paper)."""
-    from matplotlib.figure import Figure  # no pyplot: no global backend or figure state
-
-    figure = Figure(figsize=(10, 4), layout="constrained")
+    figure = new_figure(figsize=(10, 4), layout="constrained")
+    if figure is None:
+        return
     accuracy_axes, acceptability_axes = figure.subplots(1, 2, sharey=True)
     for group, style in ((FACT_GROUP, "o-"), (NON_FACT_GROUP, "s--")):
         mine = [row for row in rows if row.group == group]

@@ -38,6 +38,7 @@ from ..data.labeling import file_digest
 from ..data.loader import TokenLoader
 from ..inference.loading import LacyModel, load_lacy
 from ..labels import JUDGE_CALL, JUDGE_UNKNOWN, TokenClass
+from .plotting import new_figure
 from .scoring import TokenStatistics, token_statistics
 from .validation import call_mask
 
@@ -367,16 +368,16 @@ def write_comparison(comparison: Comparison, out_dir: str | Path) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     (out / COMPARISON_JSON).write_text(json.dumps(comparison.to_dict(), indent=2) + "\n")
     (out / COMPARISON_MD).write_text("# Methods compared\n\n" + comparison.markdown() + "\n")
-    plot_comparison(comparison, out / COMPARISON_PNG)
+    plot_comparison(comparison, out / COMPARISON_PNG)  # drawn when matplotlib (the eval extra) is installed
     return out
 
 
 def plot_comparison(comparison: Comparison, path: Path) -> None:
     """Left: call and non-call losses at C_M per run (light: the baseline on the same C_M). Right: each
     run's training loss from its ``metrics.jsonl``."""
-    from matplotlib.figure import Figure  # no pyplot: no global backend or figure state
-
-    figure = Figure(figsize=(13, 4.8), layout="constrained")
+    figure = new_figure(figsize=(13, 4.8), layout="constrained")
+    if figure is None:
+        return
     losses, curves = figure.subplots(1, 2, width_ratios=[3, 2])
     names = [f"{run.name}\n({run.method})" for run in comparison.runs]
     positions = range(len(names))
