@@ -195,7 +195,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
     )
     out = write_comparison(comparison, args.out)
     print(comparison.markdown())
-    print(f"\nwrote {out}/comparison.json, comparison.md and comparison.png")
+    print(f"\nwrote {', '.join(sorted(path.name for path in out.iterdir()))} to {out}")
     return 0
 
 
