@@ -136,8 +136,7 @@ class CheckpointManager:
         # optimizer state of a fresh optimizer so that its moments have somewhere to go.
         model_state, optimizer_state = get_state_dict(model, optimizer)
         optimizer_tensors, _ = _split_tensors(optimizer_state)
-        reader = SafeFileSystemReader(path)
-        reader.read_metadata()  # a refused pickle fails here, clearly, not wrapped in DCP's CheckpointException
+        reader = SafeFileSystemReader.checked(path)
         with single_process_quietly():
             dcp.load({"model": model_state, "optimizer": optimizer_tensors}, storage_reader=reader, no_dist=not distributed.is_distributed())
         optimizer_state = _merge(optimizer_tensors, _read_json(path / OPTIMIZER_FILE))
@@ -157,6 +156,10 @@ _METADATA_GLOBALS = {
     "pathlib": {"Path", "PosixPath", "WindowsPath", "PurePosixPath", "PureWindowsPath"},
     "collections": {"OrderedDict"},
 }
+
+
+class UnsafeCheckpointError(pickle.UnpicklingError, ValueError):
+    """A checkpoint whose metadata would build other objects than DCP's own (and could run code); refused."""
 
 
 class _MetadataUnpickler(pickle.Unpickler):
@@ -179,13 +182,24 @@ def single_process_quietly() -> Iterator[None]:
 class SafeFileSystemReader(dcp.FileSystemReader):
     """DCP's file reader, except that ``.metadata`` is unpickled with an allow-list of DCP's own classes."""
 
+    @classmethod
+    def checked(cls, path: str | Path) -> SafeFileSystemReader:
+        """A reader of the checkpoint at ``path`` whose metadata was read: a refused checkpoint fails here with
+        ``UnsafeCheckpointError``, not inside ``dcp.load``, which would report it as an assertion."""
+        reader = cls(path)
+        reader.read_metadata()
+        return reader
+
     def read_metadata(self, *args: Any, **kwargs: Any) -> Metadata:
         rank = kwargs.get("rank")
         path = Path(self.path) / (".metadata" if rank is None else f"__{rank}.metadata")
         with open(path, "rb") as file:
-            metadata = _MetadataUnpickler(file).load()
+            try:
+                metadata = _MetadataUnpickler(file).load()
+            except pickle.UnpicklingError as error:
+                raise UnsafeCheckpointError(f"refusing to load the checkpoint file {path}: {error}") from None
         if not isinstance(metadata, Metadata):
-            raise pickle.UnpicklingError(f"{path} holds a {type(metadata).__name__}, not DCP metadata")
+            raise UnsafeCheckpointError(f"refusing to load {path}: it holds a {type(metadata).__name__}, not DCP metadata")
         if metadata.storage_meta is None:
             metadata.storage_meta = StorageMeta()
         metadata.storage_meta.load_id = self.load_id

@@ -1,4 +1,10 @@
-"""The ``lacy-stream`` command line."""
+"""The ``lacy-stream`` command line.
+
+Exit statuses (README, "Exit statuses"): 0 done; 1 an error, named on stderr; 2 the arguments or the config
+were not understood; 65 (EX_DATAERR) no usable document was read, or more was skipped than
+``--max-skip-ratio`` allows; 75 (EX_TEMPFAIL) training stopped on SIGTERM after saving a checkpoint, so the
+same command continues it.
+"""
 
 from __future__ import annotations
 
@@ -7,9 +13,12 @@ import json
 import logging
 import os
 import sys
+import traceback
 from pathlib import Path
 
 from .config.job_config import RUN_CONFIGS, AnnotationConfig, ConfigError, DataConfig, TokenizerConfig, load_job_config
+from .data.documents import SKIP_WARNING_RATIO, TooManySkipsError
+from .data.urls import PipeNotAllowedError
 from .eval.options import add_eval_arguments
 from .gpu_check import add_arguments as add_gpu_check_arguments
 from .inference.call_policy import POLICY_NAMES, policy_from_name
@@ -17,17 +26,47 @@ from .inference.call_policy import POLICY_NAMES, policy_from_name
 DEMO_DIR = Path("shards/demo")
 DEMO_VOCAB_SIZE = 8000
 
+EXIT_ERROR = 1
+EXIT_USAGE = 2
+EXIT_TOO_MANY_SKIPS = 65
+EXIT_INTERRUPTED = 75
+
 
 def _add_stream_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--shards", required=True, help="shard URL spec (file, directory, brace range, http(s)://, ::)")
-    parser.add_argument("--allow-pipe", action="store_true", help="allow pipe: URLs (runs a shell command)")
+    _add_url_options(parser)
     parser.add_argument("--max-doc-chars", type=int, default=DataConfig.max_doc_chars)
+    _add_max_skip_ratio(parser)
+
+
+def _add_url_options(parser: argparse.ArgumentParser) -> None:
+    """The options of every command that reads shard URLs, with the trainer's defaults."""
+    parser.add_argument("--allow-pipe", action="store_true", help="allow pipe: URLs (runs a shell command)")
+    parser.add_argument("--http-timeout", type=float, default=DataConfig.http_timeout_s, metavar="SECONDS",
+                        help="connect and read timeout of http(s) shards (default: %(default)s)")
+    parser.add_argument("--http-retries", type=int, default=DataConfig.http_retries,
+                        help="retries after a failed or dropped http request (default: %(default)s)")
+
+
+def _add_max_skip_ratio(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--max-skip-ratio", type=_share, default=DataConfig.max_skip_ratio, metavar="R",
+        help=f"exit with status {EXIT_TOO_MANY_SKIPS} when more than this share of the shards or documents was "
+             f"skipped (default: %(default)s, only when nothing was read); above {SKIP_WARNING_RATIO * 100:g}%% a warning",
+    )
+
+
+def _share(text: str) -> float:
+    value = float(text)
+    if not 0 <= value <= 1:
+        raise argparse.ArgumentTypeError(f"{text} is not a share between 0 and 1")
+    return value
 
 
 def _options_from_arguments(args: argparse.Namespace):
     from .data.urls import StreamOptions
 
-    return StreamOptions(allow_pipe=args.allow_pipe)
+    return StreamOptions(timeout_s=args.http_timeout, retries=args.http_retries, allow_pipe=args.allow_pipe)
 
 
 def cmd_make_shards(args: argparse.Namespace) -> int:
@@ -44,15 +83,18 @@ def cmd_make_shards(args: argparse.Namespace) -> int:
         prefix=args.prefix or ("wiki" if args.demo else "shard"),
         text_field=args.text_field,
         id_field=args.id_field,
+        max_skip_ratio=args.max_skip_ratio,
     )
     print(
         f"wrote {len(manifest['shards'])} shards, {manifest['documents']} documents to {args.out}"
         + (f"; skipped {manifest['skipped']}" if manifest.get("skipped") else "")
+        + (f"; repaired {manifest['repaired']}" if manifest.get("repaired") else "")
     )
     return 0
 
 
-def _document_texts(urls: list[str], options, max_docs: int | None = None, max_doc_chars: int = DataConfig.max_doc_chars):
+def _document_texts(urls: list[str], options, max_docs: int | None = None, max_doc_chars: int = DataConfig.max_doc_chars,
+                    max_skip_ratio: float = DataConfig.max_skip_ratio):
     from .data.documents import ReadStats
     from .data.shard_reader import read_shard
 
@@ -62,6 +104,7 @@ def _document_texts(urls: list[str], options, max_docs: int | None = None, max_d
             if max_docs is not None and stats.docs > max_docs:
                 return
             yield doc.text
+    stats.check_skips(max_skip_ratio, "the shards")
 
 
 def cmd_train_tokenizer(args: argparse.Namespace) -> int:
@@ -70,13 +113,14 @@ def cmd_train_tokenizer(args: argparse.Namespace) -> int:
 
     options = _options_from_arguments(args)
     urls = expand_shard_spec(args.shards, options)
-    texts = _document_texts(urls, options, args.max_docs, args.max_doc_chars)
+    texts = _document_texts(urls, options, args.max_docs, args.max_doc_chars, args.max_skip_ratio)
     tokenizer = train_tokenizer(texts, args.out, args.vocab_size)
     print(f"wrote {args.out}: {tokenizer.num_pieces} pieces, <CALL> = {tokenizer.call_id}, vocab {tokenizer.vocab_size}")
     return 0
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
+    from .data.documents import ReadStats
     from .data.inspection import inspect_shards
     from .data.urls import expand_shard_spec
     from .tokenizer import Tokenizer
@@ -93,6 +137,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     else:
         for key, value in report.items():
             print(f"{key:>14}: {value}")
+    ReadStats.from_dict(report).check_skips(args.max_skip_ratio, args.shards)
     return 0
 
 
@@ -117,6 +162,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
     print(f"training the {config.model.preset} model with {config.loss.method} for {config.train.steps} steps "
           f"(spaCy annotates in {config.data.num_workers} dataloader workers)")
     summary = train(config)
+    if summary["interrupted"]:
+        return _interrupted(summary)
     run_dir = Path(summary["run_dir"])
     last = json.loads((run_dir / "metrics.jsonl").read_text().splitlines()[-1])
     print(json.dumps(summary))
@@ -165,6 +212,7 @@ def cmd_annotate(args: argparse.Namespace) -> int:
         compress=None if args.compress == "none" else args.compress,
         reference=args.reference,
         device=args.device,
+        max_skip_ratio=args.max_skip_ratio,
     )
     print(
         f"wrote {len(manifest['shards'])} annotated shards, {manifest['documents']} documents to {args.out}"
@@ -229,7 +277,13 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     summary = train(load_job_config(args.config, args.overrides))
     print(json.dumps(summary))
-    return 0
+    return _interrupted(summary) if summary["interrupted"] else 0
+
+
+def _interrupted(summary: dict) -> int:
+    print(f"lacy-stream: stopped on SIGTERM after saving the checkpoint of step {summary['checkpoint_step']}; "
+          f"run the same command to continue (exit status {EXIT_INTERRUPTED})", file=sys.stderr)
+    return EXIT_INTERRUPTED
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
@@ -372,6 +426,7 @@ def build_parser() -> argparse.ArgumentParser:
     make.add_argument("--prefix", help="shard file prefix (default: shard, or wiki with --demo)")
     make.add_argument("--text-field", default="text")
     make.add_argument("--id-field", default="id")
+    _add_max_skip_ratio(make)
     make.set_defaults(run=cmd_make_shards)
 
     tok = commands.add_parser("train-tokenizer", help="train a SentencePiece tokenizer on shards")
@@ -390,7 +445,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo = commands.add_parser(
         "demo", help="the main job on the embedded default: demo shards and tokenizer, then a tiny LaCy training run"
     )
-    demo.add_argument("--config", help="a TOML job config (default: the shipped tiny_cpu run config)")
+    demo.add_argument("--config", help="a TOML job config or a shipped run config's name (default: tiny_cpu)")
     demo.set_defaults(run=cmd_demo)
 
     train = commands.add_parser(
@@ -401,7 +456,7 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=_methods_epilog(),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    train.add_argument("--config", help="a TOML job config")
+    train.add_argument("--config", help="a TOML job config, or a shipped run config's name (tiny_cpu, 334m, ...)")
     train.set_defaults(run=cmd_train)
 
     annotate = commands.add_parser("annotate", help="label facts: --text (highlighted), --input jsonl, or --shards offline")
@@ -412,8 +467,9 @@ def build_parser() -> argparse.ArgumentParser:
     annotate.add_argument("--out", help="output directory of annotated shards")
     annotate.add_argument("--tokenizer", help="SentencePiece model the stored labels are aligned to (--shards)")
     annotate.add_argument("--compress", choices=["none", "zstd"], default="none")
-    annotate.add_argument("--allow-pipe", action="store_true", help="allow pipe: URLs (runs a shell command)")
+    _add_url_options(annotate)
     annotate.add_argument("--max-doc-chars", type=int, default=DataConfig.max_doc_chars)
+    _add_max_skip_ratio(annotate)
     annotate.add_argument("--spacy-model", default=AnnotationConfig.spacy_model)
     annotate.add_argument("--batch-size", type=int, default=AnnotationConfig.batch_size)
     annotate.add_argument("--reference", help="also store a reference model's per-token losses (rho1, spacy_refloss)")
@@ -470,7 +526,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench_annotate.add_argument("--repeats", type=int, default=3, help="alternating runs of the two main cases")
     bench_annotate.add_argument("--spacy-model", default=AnnotationConfig.spacy_model)
     bench_annotate.add_argument("--batch-size", type=int, default=AnnotationConfig.batch_size)
-    bench_annotate.add_argument("--allow-pipe", action="store_true")
+    _add_url_options(bench_annotate)
     bench_annotate.add_argument("--json", action="store_true")
     bench_annotate.set_defaults(run=cmd_bench_annotate)
     stream = bench.add_parser("stream", help="loader throughput: shards -> packed batches")
@@ -488,6 +544,8 @@ def build_parser() -> argparse.ArgumentParser:
     gpu = bench.add_parser("gpu", help="every GPU figure: kernel correctness and speed, training throughput (report)")
     add_gpu_check_arguments(gpu)
     gpu.set_defaults(run=cmd_bench_gpu)
+    for command in [*commands.choices.values(), *bench.choices.values()]:  # -v also after the command's name
+        command.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help="log at INFO level")
     return parser
 
 
@@ -513,10 +571,32 @@ def main(argv: list[str] | None = None) -> None:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
     try:
-        sys.exit(args.run(args))
+        status = args.run(args)
     except ConfigError as error:
-        raise SystemExit(f"lacy-stream: config error: {error}") from None
+        print(f"lacy-stream: config error: {error}", file=sys.stderr)
+        sys.exit(EXIT_USAGE)
+    except TooManySkipsError as error:
+        _fail(EXIT_TOO_MANY_SKIPS, str(error), verbose=args.verbose)
+    except PipeNotAllowedError as error:
+        _fail(EXIT_ERROR, f"{error}{_pipe_opt_in(args)}", verbose=args.verbose)
     except (ValueError, OSError) as error:
-        if args.verbose:
-            raise
-        raise SystemExit(f"lacy-stream: error: {error} (rerun with -v for the traceback)") from None
+        _fail(EXIT_ERROR, str(error), verbose=args.verbose)
+    sys.exit(status)
+
+
+def _pipe_opt_in(args: argparse.Namespace) -> str:
+    """How this command allows ``pipe:`` sources, if it can."""
+    if hasattr(args, "allow_pipe"):
+        return "; allow them with --allow-pipe"
+    if hasattr(args, "config"):  # commands that take a job config
+        return "; allow them with --data.allow_pipe=true"
+    return ""
+
+
+def _fail(status: int, message: str, *, verbose: bool) -> None:
+    """Exit with ``status``; the message is the last line, after the traceback when ``verbose``."""
+    if verbose:
+        traceback.print_exc()
+    hint = "" if verbose else " (rerun with -v for the traceback)"
+    print(f"lacy-stream: error: {message}{hint}", file=sys.stderr)
+    sys.exit(status)

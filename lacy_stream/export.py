@@ -51,6 +51,7 @@ from tokenizers import decoders, models, normalizers
 from torch import nn
 from transformers import AutoTokenizer, GenerationConfig, GPT2Config, PreTrainedTokenizerFast
 
+from lacy_stream.atomic import replace_directory, staging_directory
 from lacy_stream.model import ModelArgs, Transformer
 from lacy_stream.tokenizer import CALL_TOKEN, Tokenizer
 
@@ -91,6 +92,8 @@ def export_hf(
 ) -> Path:
     """Write a Hugging Face GPT-2 checkpoint of ``model`` and its tokenizer to ``out_dir``; returns the directory.
 
+    The export is written beside ``out_dir`` and replaces it whole once complete (its old content goes).
+
     ``model`` is a ``Transformer`` on any device, or its full (not sharded) state dict together with ``args``.
     Parameters are saved in ``dtype``.
     """
@@ -112,20 +115,21 @@ def export_hf(
     proto.ParseFromString(Path(tokenizer.model_path).read_bytes())
     bos_id = proto.trainer_spec.bos_id if proto.trainer_spec.bos_id >= 0 else None
 
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    save_file(gpt2_tensors(state, args.n_layers, dtype), str(out / WEIGHTS_FILE), metadata={"format": "pt"})
-    gpt2_config(args, bos_id, tokenizer.eos_id, dtype).save_pretrained(out)
-    GenerationConfig(
-        bos_token_id=bos_id,
-        eos_token_id=tokenizer.eos_id,
-        pad_token_id=tokenizer.eos_id,  # the tokenizer has no padding piece; batched generate pads with EOS
-    ).save_pretrained(out)
-    hf_tokenizer(proto, model_max_length=args.max_seq_len).save_pretrained(out)
-    _declare_tokenizer_class(out, "PreTrainedTokenizerFast")
-    _check_tokenizer(out, tokenizer)
-    shutil.copyfile(tokenizer.model_path, out / SENTENCEPIECE_FILE)
-    return out
+    final = Path(out_dir)
+    with staging_directory(final.parent, final.name) as out:
+        save_file(gpt2_tensors(state, args.n_layers, dtype), str(out / WEIGHTS_FILE), metadata={"format": "pt"})
+        gpt2_config(args, bos_id, tokenizer.eos_id, dtype).save_pretrained(out)
+        GenerationConfig(
+            bos_token_id=bos_id,
+            eos_token_id=tokenizer.eos_id,
+            pad_token_id=tokenizer.eos_id,  # the tokenizer has no padding piece; batched generate pads with EOS
+        ).save_pretrained(out)
+        hf_tokenizer(proto, model_max_length=args.max_seq_len).save_pretrained(out)
+        _declare_tokenizer_class(out, "PreTrainedTokenizerFast")
+        _check_tokenizer(out, tokenizer)
+        shutil.copyfile(tokenizer.model_path, out / SENTENCEPIECE_FILE)
+        replace_directory(out, final)
+    return final
 
 
 def gpt2_tensors(state: Mapping[str, torch.Tensor], n_layers: int, dtype: torch.dtype) -> dict[str, torch.Tensor]:

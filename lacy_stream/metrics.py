@@ -2,7 +2,9 @@
 
 The trainer logs one dict per logging step (losses, CALL/fact ratios, throughput, data skip counters, ...).
 ``MetricsLogger`` flattens nested dicts into ``a/b/c`` keys and writes each call as one JSON line to
-``run_dir/metrics.jsonl`` (appended to on resume) and every numeric value as a TensorBoard scalar.
+``run_dir/metrics.jsonl`` and every numeric value as a TensorBoard scalar. A resumed run continues both,
+after dropping what the interrupted run logged past the checkpoint it resumes from, so that every step
+appears once.
 ``StepTimer`` splits step time into time blocked on the dataloader and the rest, and ``mfu`` turns the
 measured throughput into model FLOPs utilisation using ``lacy_stream.model.flops_per_token``.
 """
@@ -11,6 +13,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import re
 import time
 from collections.abc import Callable, Iterator, Mapping
@@ -131,7 +134,8 @@ class MetricsLogger:
     """Writes metrics to ``run_dir/metrics.jsonl`` and TensorBoard (``run_dir/tensorboard``) on rank 0;
     on every other rank all methods are no-ops."""
 
-    def __init__(self, run_dir: Path, *, rank: int = 0, enabled_tensorboard: bool = True) -> None:
+    def __init__(self, run_dir: Path, *, rank: int = 0, enabled_tensorboard: bool = True, start_step: int = 0) -> None:
+        """``start_step``: the step the run starts after (its checkpoint's); records of later steps are dropped."""
         self.enabled = rank == 0
         self.jsonl_path = Path(run_dir) / "metrics.jsonl"
         self._jsonl: TextIO | None = None
@@ -139,13 +143,14 @@ class MetricsLogger:
         if not self.enabled:
             return
         self.jsonl_path.parent.mkdir(parents=True, exist_ok=True)
+        _drop_records_after(self.jsonl_path, start_step)
         # Append mode: a resumed run continues the same file.
         self._jsonl = self.jsonl_path.open("a", encoding="utf-8")
         if enabled_tensorboard:
             # Imported here so that non-zero ranks and TensorBoard-less runs don't pay for the import.
             from torch.utils.tensorboard import SummaryWriter
 
-            self._tensorboard = SummaryWriter(log_dir=str(Path(run_dir) / "tensorboard"))
+            self._tensorboard = SummaryWriter(log_dir=str(Path(run_dir) / "tensorboard"), purge_step=start_step + 1)
 
     def log(self, step: int, values: Mapping[str, Any]) -> None:
         """Record ``values`` (nested dicts allowed, None values skipped) for ``step``."""
@@ -182,6 +187,23 @@ class MetricsLogger:
         traceback: TracebackType | None,
     ) -> None:
         self.close()
+
+
+def _drop_records_after(jsonl_path: Path, step: int) -> None:
+    """Rewrites ``jsonl_path`` without the records of steps after ``step`` (and a line cut off by a crash)."""
+    if not jsonl_path.exists():
+        return
+    kept = []
+    for line in jsonl_path.read_text(encoding="utf-8").splitlines():
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue
+        if record["step"] <= step:
+            kept.append(line + "\n")
+    temporary = jsonl_path.with_name(f".{jsonl_path.name}.partial")
+    temporary.write_text("".join(kept), encoding="utf-8")
+    os.replace(temporary, jsonl_path)
 
 
 class StepTimer:

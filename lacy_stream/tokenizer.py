@@ -14,6 +14,8 @@ from typing import Iterable, Iterator
 import sentencepiece as spm
 from sentencepiece import sentencepiece_pb2
 
+from .atomic import move_files, staging_directory
+
 log = logging.getLogger(__name__)
 
 CALL_TOKEN = "<CALL>"
@@ -107,6 +109,14 @@ def _training_lines(texts: Iterable[str]) -> Iterator[str]:
                 yield data.decode("utf-8")
 
 
+def _lines_keeping_errors(texts: Iterable[str], errors: list[Exception]) -> Iterator[str]:
+    try:
+        yield from _training_lines(texts)
+    except Exception as error:
+        errors.append(error)
+        raise
+
+
 def train_tokenizer(
     texts: Iterable[str],
     out: str | Path,
@@ -117,32 +127,40 @@ def train_tokenizer(
 ) -> Tokenizer:
     """Train a Llama-style SentencePiece BPE model: byte fallback, digits split, text kept verbatim.
 
-    ``vocab_size`` counts SentencePiece pieces; the model vocabulary is one more (``<CALL>``).
+    ``vocab_size`` counts SentencePiece pieces; the model vocabulary is one more (``<CALL>``). ``out`` and its
+    ``.vocab`` appear only once training succeeded; an error raised by ``texts`` propagates as it is.
     """
     out = Path(out)
     if out.suffix != ".model":
         raise ValueError(f"--out must end in .model, got {out}")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    spm.SentencePieceTrainer.train(
-        sentence_iterator=_training_lines(texts),
-        model_prefix=str(out.with_suffix("")),
-        model_type="bpe",
-        vocab_size=vocab_size,
-        byte_fallback=True,
-        split_digits=True,
-        character_coverage=0.9999,
-        normalization_rule_name="identity",
-        remove_extra_whitespaces=False,
-        allow_whitespace_only_pieces=True,
-        unk_id=0,
-        bos_id=1,
-        eos_id=2,
-        pad_id=-1,
-        input_sentence_size=max_sentences,
-        shuffle_input_sentence=True,
-        num_threads=num_threads,
-        minloglevel=2,
-    )
+    source_errors: list[Exception] = []
+    with staging_directory(out.parent, out.name) as staging:
+        try:
+            spm.SentencePieceTrainer.train(
+                sentence_iterator=_lines_keeping_errors(texts, source_errors),
+                model_prefix=str(staging / out.stem),
+                model_type="bpe",
+                vocab_size=vocab_size,
+                byte_fallback=True,
+                split_digits=True,
+                character_coverage=0.9999,
+                normalization_rule_name="identity",
+                remove_extra_whitespaces=False,
+                allow_whitespace_only_pieces=True,
+                unk_id=0,
+                bos_id=1,
+                eos_id=2,
+                pad_id=-1,
+                input_sentence_size=max_sentences,
+                shuffle_input_sentence=True,
+                num_threads=num_threads,
+                minloglevel=2,
+            )
+        except RuntimeError:
+            if source_errors:  # SentencePiece reports an error of the texts as its own RuntimeError
+                raise source_errors[0] from None
+            raise
+        move_files(staging, out.parent, [out.with_suffix(".vocab").name, out.name])  # the model last
     tokenizer = Tokenizer(out)
     log.info("trained tokenizer %s: %d pieces + %s = %d", out, tokenizer.num_pieces, CALL_TOKEN, tokenizer.vocab_size)
     return tokenizer

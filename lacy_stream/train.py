@@ -167,7 +167,12 @@ class _Trainer:
         losses: list[float] = []
         interrupted = False
         saved_step = self.checkpoints.latest()
-        with MetricsLogger(self.run_dir, rank=self.rank) as metrics, SigtermFlag() as sigterm, self._progress() as bar:
+        progress_lines = self.rank == 0 and not sys.stderr.isatty()  # a terminal shows the progress bar instead
+        with (
+            MetricsLogger(self.run_dir, rank=self.rank, start_step=self.step) as metrics,
+            SigtermFlag() as sigterm,
+            self._progress() as bar,
+        ):
             while self.step < config.train.steps:
                 loss, grad_norm = self._train_step(batches, timer, totals)
                 lr = self.scheduler.get_last_lr()[0]
@@ -185,6 +190,9 @@ class _Trainer:
                     record["val"] = self._validate()
                 if record:
                     metrics.log(self.step, record)
+                if progress_lines and "loss" in record:
+                    print(_progress_line(self.step, config.train.steps, record, self.tokens_per_step), file=sys.stderr,
+                          flush=True)
                 bar.update(1)
                 if on_step is not None:
                     on_step(self.step)
@@ -347,6 +355,23 @@ class _Trainer:
 class _NoProgress:
     def update(self, steps: int) -> None:
         pass
+
+
+def _progress_line(step: int, steps: int, record: dict[str, Any], tokens_per_step: int) -> str:
+    """One log line: the step, its loss, the throughput and the time left at that throughput."""
+    tokens_per_s = record["tokens_per_s"]
+    eta = _duration((steps - step) * tokens_per_step / tokens_per_s) if tokens_per_s else "unknown"
+    throughput = f"{tokens_per_s:,.0f}" if tokens_per_s else "-"
+    return f"step {step}/{steps}  loss {record['loss']:.4f}  {throughput} tokens/s  ETA {eta}"
+
+
+def _duration(seconds: float) -> str:
+    """``42s``, ``3m05s`` or ``2h07m``."""
+    minutes, seconds = divmod(round(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    if hours:
+        return f"{hours}h{minutes:02d}m"
+    return f"{minutes}m{seconds:02d}s" if minutes else f"{seconds}s"
 
 
 def _micro_batch_counts(batch: dict[str, Any], output: LossOutput, rank: int) -> torch.Tensor:

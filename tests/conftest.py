@@ -70,6 +70,14 @@ def label_cache_in_tmp(tmp_path, monkeypatch):
     monkeypatch.setenv("LACY_CACHE_DIR", str(tmp_path / "lacy-cache"))
 
 
+@pytest.fixture(autouse=True)
+def hosts_up_again(monkeypatch):
+    """A host one test found down is not down for the next one (the OS reuses loopback ports)."""
+    from lacy_stream.data import urls
+
+    monkeypatch.setattr(urls, "_HOSTS", urls._HostCircuitBreaker())
+
+
 @pytest.fixture
 def one_torch_thread():
     """For tests that run tiny models a token at a time: more threads only wait for each other on a busy machine."""

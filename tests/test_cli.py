@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -13,11 +14,13 @@ import pytest
 from conftest import SHARED_DIR, tar_bytes
 from lacy_stream.tokenizer import Tokenizer
 
+REPO = Path(__file__).resolve().parents[1]
+
 
 def run(*args: str, cwd: Path | None = None, check: bool = True) -> subprocess.CompletedProcess:
     result = subprocess.run(
         [sys.executable, "-m", "lacy_stream", *args], cwd=cwd, capture_output=True, text=True, timeout=300,
-        env={**os.environ, "HF_DATASETS_OFFLINE": "1"},
+        env={**os.environ, "HF_DATASETS_OFFLINE": "1", "PYTHONPATH": str(REPO)},  # this checkout, from any cwd
     )
     if check and result.returncode != 0:
         raise AssertionError(f"lacy-stream {' '.join(args)} failed:\n{result.stdout}\n{result.stderr}")
@@ -40,7 +43,7 @@ def test_make_shards_train_tokenizer_inspect(tmp_path, dwiki_jsonl):
     out = tmp_path / "dwiki"
     made = run("make-shards", str(dwiki_jsonl), "--out", str(out), "--docs-per-shard", "64", "--compress", "zstd", "--prefix", "dwiki")
     assert "wrote 4 shards, 200 documents" in made.stdout
-    assert "invalid_json" in made.stdout and "empty_text" in made.stdout
+    assert "invalid_json" in made.stdout and "empty_document" in made.stdout
 
     run("train-tokenizer", "--shards", str(out), "--vocab-size", "2000", "--out", str(out / "tok.model"))
     tokenizer = Tokenizer(out / "tok.model")
@@ -68,7 +71,7 @@ def test_inspect_counts_skips_by_reason(tmp_path):
     "args, message",
     [
         (["inspect", "--shards", "/nonexistent-dir/"], "manifest"),
-        (["inspect", "--shards", "pipe:cat x.tar"], "allow_pipe"),
+        (["inspect", "--shards", "pipe:cat x.tar"], "allow them with --allow-pipe"),
         (["make-shards", "nothing.txt", "--out", "x"], "unsupported input"),
         (["demo", "--data.seq_len=abc"], "expected int"),
         (["demo", "--data.sequence=3"], "unknown key"),
@@ -96,6 +99,8 @@ def test_demo_main_job(tmp_path):
     assert list((run_dir / "tensorboard").iterdir())
     assert (run_dir / "hf" / "model.safetensors").is_file()
     assert "model:" in result.stdout and "last logged step 4" in result.stdout
+    # No terminal: a plain progress line every train.log_every steps
+    assert re.findall(r"^step (\d)/4  loss [\d.]+  [\d,]+ tokens/s  ETA \w+$", result.stderr, flags=re.M) == ["2", "4"]
 
 
 def test_annotate_text_brackets_facts_when_not_a_terminal():

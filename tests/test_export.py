@@ -97,3 +97,19 @@ def test_state_dict_export_in_bfloat16(model: Transformer, tokenizer_path: str, 
 def test_state_dict_needs_args(model: Transformer, tokenizer_path: str, tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="ModelArgs"):
         export_hf(model.state_dict(), tokenizer_path, tmp_path)
+
+
+def test_a_failed_export_leaves_the_previous_one(model: Transformer, tokenizer_path: str, tmp_path: Path, monkeypatch) -> None:
+    import lacy_stream.export as export_module
+
+    export_hf(model, tokenizer_path, tmp_path / "hf")
+    before = {path.name: path.read_bytes() for path in (tmp_path / "hf").iterdir()}
+
+    def broken_check(*args) -> None:
+        raise ValueError("the exported tokenizer encodes differently")
+
+    monkeypatch.setattr(export_module, "_check_tokenizer", broken_check)
+    with pytest.raises(ValueError, match="encodes differently"):
+        export_hf(model, tokenizer_path, tmp_path / "hf", dtype=torch.bfloat16)
+    assert {path.name: path.read_bytes() for path in (tmp_path / "hf").iterdir()} == before
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["hf"]  # no staging directory left behind

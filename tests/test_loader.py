@@ -14,6 +14,7 @@ import torch
 
 from conftest import make_corpus
 from lacy_stream.config.job_config import AnnotationConfig
+from lacy_stream.data.documents import TooManySkipsError
 from lacy_stream.data.loader import ResumeMismatchError, TokenLoader, assign_shards
 from lacy_stream.data.packing import split_doc_uid
 from lacy_stream.data.urls import expand_shard_spec
@@ -155,8 +156,18 @@ def test_resume_with_another_layout_is_refused(tmp_path, tokenizer_path):
 def test_a_worker_without_documents_fails_clearly_instead_of_hanging(tmp_path, tokenizer_path):
     make_corpus(tmp_path, shards=1, docs_per_shard=2)
     loader = build_loader(tmp_path, tokenizer_path, rank=0, world=1, workers=3)
-    with pytest.raises(RuntimeError, match="read no document"):
+    with pytest.raises(TooManySkipsError, match="read no document"):
         for _ in loader:
+            pass
+
+
+def test_a_worker_that_skips_more_than_max_skip_ratio_fails_at_the_end_of_its_epoch(tmp_path, tokenizer_path):
+    make_corpus(tmp_path, shards=2, docs_per_shard=3)
+    spec = f"{tmp_path}::{tmp_path / 'missing-000000.tar'}"
+    loader = TokenLoader(expand_shard_spec(spec), tokenizer_path, seq_len=SEQ_LEN, batch_size=BATCH, num_workers=0,
+                         annotation=UNLABELED, max_skip_ratio=0.25)
+    with pytest.raises(TooManySkipsError, match=r"after epoch 0: .* 33.3% of the shards were skipped"):
+        for _ in zip(range(500), loader):
             pass
 
 

@@ -18,6 +18,7 @@ import webdataset
 import zstandard
 
 from lacy_stream.data.demo_corpus import wikitext_to_plain
+from lacy_stream.data.documents import TooManySkipsError
 from lacy_stream.data.make_shards import ShardInputError, make_shards, parse_hf_spec
 
 SHARED_DIR = Path(os.environ.get("LACY_SHARED_DIR", Path(__file__).resolve().parents[1].parent / "shared"))
@@ -160,8 +161,14 @@ def test_truncated_jsonl_zst_input_is_a_clear_error(tmp_path: Path) -> None:
 
     with pytest.raises(ShardInputError, match=r"cut\.jsonl\.zst.*truncated"):
         make_shards([str(source)], out_dir, docs_per_shard=100)
-    assert not (out_dir / "manifest.json").exists()
-    assert not [path.name for path in out_dir.iterdir() if path.name.endswith(".partial")]
+    assert not out_dir.exists()
+
+    previous = make_shards([str(write_jsonl(tmp_path / "docs.jsonl", RECORDS))], out_dir, docs_per_shard=2)
+    before = sorted(path.name for path in out_dir.iterdir())
+    with pytest.raises(ShardInputError, match="truncated"):
+        make_shards([str(source)], out_dir, docs_per_shard=100)
+    assert sorted(path.name for path in out_dir.iterdir()) == before  # the previous build, whole
+    assert json.loads((out_dir / "manifest.json").read_text()) == previous
 
 
 def test_parquet_input(tmp_path: Path) -> None:
@@ -222,7 +229,8 @@ def test_every_kind_of_bad_record_is_counted_and_logged(tmp_path: Path, caplog: 
         b'{"id": "number", "text": 42}',
         b'{"id": "empty", "text": ""}',
         b'{"id": "blank", "text": " \\n\\t "}',
-        b'{"id": "surrogate", "text": "lone \\ud800 surrogate"}',
+        b'{"id": "surrogate", "text": "lone \\ud800 surrogate", "title": "T\\udfff"}',
+        b'{"id": "surrogates", "text": "\\udc00\\udc01\\udc02 a"}',
         b'{"id": "bad-annotation", "text": "t", "annotated_text": ["x"]}',
         b'{"id": "latin1", "text": "caf\xe9"}',
         b"",
@@ -234,22 +242,26 @@ def test_every_kind_of_bad_record_is_counted_and_logged(tmp_path: Path, caplog: 
     with caplog.at_level(logging.WARNING, logger="lacy_stream.data.make_shards"):
         manifest = make_shards([str(source)], tmp_path / "out")
 
-    assert manifest["documents"] == 2
+    assert manifest["documents"] == 3
     assert manifest["skipped"] == {
-        "empty_text": 2,
+        "empty_document": 2,
         "invalid_json": 1,
-        "invalid_utf8": 1,
-        "lone_surrogate": 1,
+        "invalid_utf8": 2,
         "missing_text": 2,
         "non_string_annotated_text": 1,
         "non_string_text": 1,
         "not_an_object": 1,
     }
-    assert read_shards(tmp_path / "out", manifest) == expected_documents(good)
+    # One lone surrogate costs a character, not the document; text that is mostly surrogates is skipped.
+    assert manifest["repaired"] == {"lone_surrogate": 1}
+    repaired = {"id": "surrogate", "title": "T\ufffd", "text": "lone \ufffd surrogate"}
+    assert read_shards(tmp_path / "out", manifest) == expected_documents([good[0], repaired, good[1]])
     warnings = [record.getMessage() for record in caplog.records if record.levelno == logging.WARNING]
-    assert len(warnings) == 10
+    assert len(warnings) == 11  # one per skip, then the share skipped, above the warning threshold
+    assert warnings[-1].endswith("76.9% of the documents were skipped")
     assert any(f"{source}:2 (invalid_json)" in message for message in warnings)
-    assert any(f"{source}:11 (invalid_utf8)" in message for message in warnings)
+    assert any(f"{source}:10 (invalid_utf8): mostly lone surrogates" in message for message in warnings)
+    assert any(f"{source}:12 (invalid_utf8)" in message for message in warnings)
 
 
 def test_missing_ids_become_global_ordinals(tmp_path: Path) -> None:
@@ -290,7 +302,7 @@ def test_input_errors_are_clear(tmp_path: Path) -> None:
         make_shards([], tmp_path / "out")
     with pytest.raises(ValueError, match="compress"):
         make_shards([str(write_jsonl(tmp_path / "docs.jsonl", RECORDS))], tmp_path / "out", compress="gzip")
-    with pytest.raises(ShardInputError, match="no usable document"):
+    with pytest.raises(TooManySkipsError, match="no usable document"):
         make_shards([str(write_jsonl(tmp_path / "empty.jsonl", [{"text": " "}]))], tmp_path / "out")
 
 

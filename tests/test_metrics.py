@@ -70,9 +70,25 @@ def test_non_zero_rank_writes_nothing(tmp_path: Path) -> None:
 def test_reopening_appends_to_the_same_jsonl(tmp_path: Path) -> None:
     with MetricsLogger(tmp_path, enabled_tensorboard=False) as logger:
         logger.log(1, {"loss": 4.0})
-    with MetricsLogger(tmp_path, enabled_tensorboard=False) as logger:
+    with MetricsLogger(tmp_path, enabled_tensorboard=False, start_step=1) as logger:
         logger.log(2, {"loss": 3.0})
     assert [record["step"] for record in read_jsonl(tmp_path / "metrics.jsonl")] == [1, 2]
+
+
+def test_a_resumed_run_drops_what_was_logged_after_its_checkpoint(tmp_path: Path) -> None:
+    with MetricsLogger(tmp_path) as logger:
+        for step in (1, 2, 3):
+            logger.log(step, {"loss": 4.0 - step})
+    with (tmp_path / "metrics.jsonl").open("a") as jsonl:
+        jsonl.write('{"step": 4, "lo')  # killed while writing
+    with MetricsLogger(tmp_path, start_step=2) as logger:  # resumed from the checkpoint of step 2
+        logger.log(3, {"loss": 0.5})
+    assert [(record["step"], record["loss"]) for record in read_jsonl(tmp_path / "metrics.jsonl")] == [
+        (1, 3.0), (2, 2.0), (3, 0.5)
+    ]
+    events = EventAccumulator(str(tmp_path / "tensorboard"))
+    events.Reload()
+    assert [(event.step, event.value) for event in events.Scalars("loss")] == [(1, 3.0), (2, 2.0), (3, 0.5)]
 
 
 @pytest.mark.parametrize(

@@ -16,6 +16,7 @@ import pytest
 import zstandard
 
 from lacy_stream.data.urls import (
+    PipeNotAllowedError,
     ShardOpenError,
     StreamOptions,
     TruncatedStreamError,
@@ -414,9 +415,9 @@ def test_http_silent_server_times_out() -> None:
 
 def test_pipe_is_refused_by_default(tmp_path: Path) -> None:
     url = f"pipe:cat {tmp_path / 'a.tar'}"
-    with pytest.raises(ShardOpenError, match="allow_pipe=true"):
+    with pytest.raises(PipeNotAllowedError, match="off by default"):
         expand_shard_spec(url)
-    with pytest.raises(ShardOpenError, match="allow_pipe=true"):
+    with pytest.raises(PipeNotAllowedError, match="off by default"):
         open_shard(url)
 
 

@@ -2,7 +2,8 @@
 
 Loading is strict: an unknown section or key, or a value of the wrong type, is an error naming it.
 Override values are parsed as TOML values (``--data.seq_len=128``, ``--data.allow_pipe=true``); a value
-that is not valid TOML is taken as a string (``--data.shards=shards/demo``).
+that is not valid TOML is taken as a string (``--data.shards=shards/demo``). ``--config`` takes a TOML file
+or the name of a shipped run config (``tiny_cpu``), from any directory.
 """
 
 from __future__ import annotations
@@ -14,6 +15,8 @@ import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..data.documents import MAX_SKIP_RATIO
+from ..data.urls import StreamOptions
 from ..loss.lacy_loss import IMPLEMENTATIONS
 from ..loss.masks import METHODS
 from ..model import PRESETS
@@ -43,8 +46,13 @@ class DataConfig:
     """Longer documents are split into parts (spaCy's limit) at paragraph or sentence boundaries."""
     allow_pipe: bool = False
     """Allow ``pipe:`` shard URLs, which run a shell command."""
-    http_timeout_s: float = 30.0
-    http_retries: int = 3
+    http_timeout_s: float = StreamOptions.timeout_s
+    """Connect and read timeout of http(s) shards, in seconds."""
+    http_retries: int = StreamOptions.retries
+    """Retries after a failed or dropped http request."""
+    max_skip_ratio: float = MAX_SKIP_RATIO
+    """A dataloader worker fails when, at the end of an epoch, it skipped more than this share of its shards
+    or documents (1.0: only when it read nothing); above 5% it warns."""
     prefetch_factor: int = 2
 
 
@@ -161,7 +169,7 @@ _POSITIVE = {("data", "seq_len"), ("data", "batch_size"), ("data", "max_doc_char
 _NON_NEGATIVE = {("data", "num_workers"), ("model", "max_seq_len"), ("optimizer", "weight_decay"),
                  ("optimizer", "grad_clip"), ("optimizer", "warmup_steps"), ("train", "global_batch_tokens")}
 _FRACTIONS = {("optimizer", "beta1"), ("optimizer", "beta2"), ("optimizer", "min_lr_ratio")}
-_CLOSED_FRACTIONS = {("loss", "call_ratio"), ("loss", "ignore_ratio")}
+_CLOSED_FRACTIONS = {("loss", "call_ratio"), ("loss", "ignore_ratio"), ("data", "max_skip_ratio")}  # may be 1
 
 
 def validate(config: JobConfig) -> None:
@@ -204,9 +212,9 @@ def load_job_config(path: str | Path | None = None, overrides: list[str] = ()) -
     raw: dict = {}
     if path is not None:
         try:
-            raw = tomllib.loads(Path(path).read_text())
+            raw = tomllib.loads(resolve_config_path(path).read_text())
         except FileNotFoundError:
-            raise ConfigError(f"config file {path} not found") from None
+            raise ConfigError(f"config file {path} not found; shipped run configs: {', '.join(run_config_names())}") from None
         except tomllib.TOMLDecodeError as error:
             raise ConfigError(f"config file {path} is not valid TOML: {error}") from None
     for section, key, text in parse_overrides(overrides):
@@ -214,6 +222,18 @@ def load_job_config(path: str | Path | None = None, overrides: list[str] = ()) -
     config = build_dataclass(JobConfig, raw, "")
     validate(config)
     return config
+
+
+def resolve_config_path(path: str | Path) -> Path:
+    """``path`` itself when it exists, else the shipped run config it names (``tiny_cpu`` or ``tiny_cpu.toml``)."""
+    path = Path(path)
+    if path.exists() or len(path.parts) != 1:
+        return path
+    return RUN_CONFIGS / path.with_suffix(".toml").name
+
+
+def run_config_names() -> list[str]:
+    return sorted(config.stem for config in RUN_CONFIGS.glob("*.toml"))
 
 
 def parse_overrides(arguments: list[str]) -> list[tuple[str, str, str]]:

@@ -3,7 +3,8 @@
 Each input shard becomes one output shard whose samples keep their text and metadata and gain a
 ``labels.npz`` member (token ids, fact classes and judge labels of every part of the document, plus the
 labeler identity). The loader reads these labels instead of running spaCy when they were made by the same
-labeler and split; otherwise it annotates online. Samples the reader skips are counted in the manifest.
+labeler and split; otherwise it annotates online. Samples the reader skips are counted in the manifest. As
+``make-shards`` does, the shards are written into a staging directory and published when all are done.
 
 With a reference model, the member also holds each token's reference loss and the reference's identity
 (Rho-1 and spaCy + RefLoss; the paper's offline cost of Table 2), so training skips the reference forward.
@@ -11,18 +12,18 @@ With a reference model, the member also holds each token's reference loss and th
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 from typing import Iterator
 
 from ..tokenizer import Tokenizer
 from .annotation import FactAnnotator
-from .documents import Document, ReadStats
+from ..atomic import staging_directory
+from .documents import MAX_SKIP_RATIO, Document, ReadStats
 from .labeling import DocumentLabeler, Labels, stored_labels_bytes
-from .make_shards import ShardFile, shard_name, write_atomically
+from .make_shards import ShardFile, publish_shards, shard_name
 from .shard_reader import read_shard
-from .urls import MANIFEST_FORMAT, MANIFEST_NAME, MANIFEST_VERSION, StreamOptions
+from .urls import MANIFEST_FORMAT, MANIFEST_VERSION, StreamOptions
 
 
 def annotate_shards(
@@ -38,11 +39,14 @@ def annotate_shards(
     prefix: str = "annotated",
     reference: str | None = None,
     device: str = "cpu",
+    max_skip_ratio: float = MAX_SKIP_RATIO,
 ) -> dict:
-    """Write one annotated shard per input shard plus ``manifest.json``; returns the manifest."""
+    """Write one annotated shard per input shard plus ``manifest.json``; returns the manifest.
+
+    Raises ``TooManySkipsError`` (and publishes nothing) when no document was read or more than
+    ``max_skip_ratio`` of the shards or documents were skipped.
+    """
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / MANIFEST_NAME).unlink(missing_ok=True)
     compression = compress or "none"
     labeler = DocumentLabeler(
         Tokenizer(tokenizer_path), FactAnnotator(spacy_model, batch_size=batch_size), batch_size=batch_size
@@ -54,38 +58,40 @@ def annotate_shards(
     reference_identity = labeler.reference.identity if labeler.reference else None
     stats = ReadStats()
     shards = []
-    for number, url in enumerate(urls):
-        shard = ShardFile(out_dir / shard_name(prefix, number, compression), compression)
-        try:
-            documents = read_shard(url, number, stats, options=options, max_doc_chars=max_doc_chars)
-            for ordinal, (doc, parts) in enumerate(_whole_documents(labeler.label((None, d) for d in documents))):
-                record = {
-                    "id": doc.meta.get("id", doc.key),
-                    "title": doc.meta.get("title"),
-                    "text": "".join(part_text for part_text, _ in parts),
-                    "labels": stored_labels_bytes(
-                        labeler.identity, [labels for _, labels in parts], reference_identity
-                    ),
-                }
-                if "annotated_text" in doc.meta:
-                    record["annotated_text"] = doc.meta["annotated_text"]
-                shard.write(ordinal, record)
-            shards.append(shard.finish())
-        except BaseException:
-            shard.abort()
-            raise
-        logging.getLogger(__name__).info("annotated %s -> %s", url, shards[-1]["name"])
-    manifest = {
-        "format": MANIFEST_FORMAT,
-        "version": MANIFEST_VERSION,
-        "documents": sum(shard["documents"] for shard in shards),
-        "skipped": dict(sorted(stats.skipped.items())),
-        "sources": list(urls),
-        "labeler": labeler.identity,
-        "reference": reference_identity,
-        "shards": shards,
-    }
-    write_atomically(out_dir / MANIFEST_NAME, json.dumps(manifest, indent=2, ensure_ascii=False) + "\n")
+    with staging_directory(out_dir, prefix) as staging:
+        for number, url in enumerate(urls):
+            shard = ShardFile(staging / shard_name(prefix, number, compression), compression)
+            try:
+                documents = read_shard(url, number, stats, options=options, max_doc_chars=max_doc_chars)
+                for ordinal, (doc, parts) in enumerate(_whole_documents(labeler.label((None, d) for d in documents))):
+                    record = {
+                        "id": doc.meta.get("id", doc.key),
+                        "title": doc.meta.get("title"),
+                        "text": "".join(part_text for part_text, _ in parts),
+                        "labels": stored_labels_bytes(
+                            labeler.identity, [labels for _, labels in parts], reference_identity
+                        ),
+                    }
+                    if "annotated_text" in doc.meta:
+                        record["annotated_text"] = doc.meta["annotated_text"]
+                    shard.write(ordinal, record)
+                shards.append(shard.finish())
+            except BaseException:
+                shard.abort()
+                raise
+            logging.getLogger(__name__).info("annotated %s -> %s", url, shards[-1]["name"])
+        stats.check_skips(max_skip_ratio, "the input shards")
+        manifest = {
+            "format": MANIFEST_FORMAT,
+            "version": MANIFEST_VERSION,
+            "documents": sum(shard["documents"] for shard in shards),
+            "skipped": dict(sorted(stats.skipped.items())),
+            "sources": list(urls),
+            "labeler": labeler.identity,
+            "reference": reference_identity,
+            "shards": shards,
+        }
+        publish_shards(staging, out_dir, prefix, manifest)
     return manifest
 
 

@@ -24,6 +24,26 @@ _SPLIT_BOUNDARIES = (
     re.compile(r"\s+"),  # word
 )
 
+# The one vocabulary of skip reasons (README, "Bad input"). A shard skip costs a shard, or its rest after a
+# break; a document skip costs one document (a sample of a shard, a record of a make-shards input).
+SHARD_SKIP_REASONS = ("unreachable_shard", "host_unreachable", "corrupt_tar", "truncated_stream", "read_error")
+DOCUMENT_SKIP_REASONS = (
+    "missing_text", "invalid_utf8", "empty_document", "invalid_metadata",
+    "invalid_json", "not_an_object", "non_string_text", "non_string_annotated_text",
+)
+REPAIR_REASONS = ("lone_surrogate",)
+"""Repairs: the document is kept, the repair counted."""
+_NEVER_OPENED = ("unreachable_shard", "host_unreachable")
+
+MAX_SKIP_RATIO = 1.0
+"""Default of ``max_skip_ratio``: a read fails only when it skipped everything."""
+SKIP_WARNING_RATIO = 0.05
+"""A read that skipped more than this share of its shards or documents ends with a warning."""
+
+
+class TooManySkipsError(ValueError):
+    """A read that yielded no document, or skipped a larger share of its shards or documents than allowed."""
+
 
 @dataclass(frozen=True)
 class Document:
@@ -53,7 +73,8 @@ class ReadStats:
     """Counts what a reader saw: documents, bytes, split documents and skips by reason.
 
     Every skip is logged once with the URL, the tar member and the reason. ``skipped`` is the
-    reason -> count map that ``inspect --json`` prints and the trainer's metrics report.
+    reason -> count map that ``inspect --json`` prints and the trainer's metrics report; ``repaired``
+    counts the documents kept after a repair.
     """
 
     def __init__(self) -> None:
@@ -62,11 +83,46 @@ class ReadStats:
         self.shards = 0
         self.split_docs = 0
         self.skipped: Counter[str] = Counter()
+        self.repaired: Counter[str] = Counter()
 
     def skip(self, reason: str, url: str, member: str | None = None, detail: str = "") -> None:
+        if reason not in SHARD_SKIP_REASONS + DOCUMENT_SKIP_REASONS:
+            raise ValueError(f"unknown skip reason {reason!r}: add it to the vocabulary in documents.py and the README")
         self.skipped[reason] += 1
         where = f"{url}:{member}" if member else url
         log.warning("skipped %s (%s)%s", where, reason, f": {detail}" if detail else "")
+
+    def repair(self, reason: str, where: str) -> None:
+        if reason not in REPAIR_REASONS:
+            raise ValueError(f"unknown repair {reason!r}: add it to the vocabulary in documents.py and the README")
+        self.repaired[reason] += 1
+        log.info("repaired %s (%s)", where, reason)
+
+    def skipped_shares(self) -> dict[str, float]:
+        """The shares of shards and of documents that were skipped (0 when there were none)."""
+        shard_skips = sum(self.skipped[reason] for reason in SHARD_SKIP_REASONS)
+        shards_tried = self.shards + sum(self.skipped[reason] for reason in _NEVER_OPENED)
+        document_skips = sum(self.skipped[reason] for reason in DOCUMENT_SKIP_REASONS)
+        documents_seen = self.docs + document_skips
+        return {
+            "shards": shard_skips / shards_tried if shards_tried else 0.0,
+            "documents": document_skips / documents_seen if documents_seen else 0.0,
+        }
+
+    def check_skips(self, max_skip_ratio: float, source: str) -> None:
+        """Raise ``TooManySkipsError`` when no document was read or a skipped share passes ``max_skip_ratio``;
+        warn when one passes ``SKIP_WARNING_RATIO``."""
+        summary = f"{source}: {self.docs} documents read, skipped {dict(sorted(self.skipped.items()))}"
+        if self.docs == 0:
+            raise TooManySkipsError(f"{summary}: no usable document")
+        kind, share = max(self.skipped_shares().items(), key=lambda item: item[1])
+        if share > max_skip_ratio:
+            raise TooManySkipsError(
+                f"{summary}: {share:.1%} of the {kind} were skipped, more than the allowed {max_skip_ratio:.1%} "
+                "(max_skip_ratio)"
+            )
+        if share > SKIP_WARNING_RATIO:
+            log.warning("%s: %.1f%% of the %s were skipped", summary, 100 * share, kind)
 
     def as_dict(self) -> dict:
         return {
@@ -75,6 +131,7 @@ class ReadStats:
             "shards": self.shards,
             "split_docs": self.split_docs,
             "skipped": dict(sorted(self.skipped.items())),
+            "repaired": dict(sorted(self.repaired.items())),
         }
 
     @classmethod
@@ -90,6 +147,7 @@ class ReadStats:
         self.shards += state["shards"]
         self.split_docs += state["split_docs"]
         self.skipped.update(state["skipped"])
+        self.repaired.update(state.get("repaired", {}))  # absent from states saved before repairs were counted
 
 
 def split_text(text: str, max_chars: int) -> list[str]:

@@ -29,7 +29,7 @@ from ..config.job_config import AnnotationConfig, DataConfig
 from ..tokenizer import Tokenizer
 from .alignment import warm_up as warm_up_alignment
 from .annotation import FactAnnotator
-from .documents import Document, ReadStats
+from .documents import MAX_SKIP_RATIO, Document, ReadStats, TooManySkipsError
 from .label_cache import REFERENCE_CACHE_COLUMNS, LabelCache, default_cache_dir
 from .labeling import DocumentLabeler, file_digest
 from .spacy_pipeline import resolve_model
@@ -104,6 +104,7 @@ class PackedShardDataset(IterableDataset):
         max_doc_chars: int = 1_000_000,
         annotation: AnnotationConfig = AnnotationConfig(),
         reference: str = "",
+        max_skip_ratio: float = MAX_SKIP_RATIO,
     ) -> None:
         if not urls:
             raise ValueError("no shards to read")
@@ -119,6 +120,7 @@ class PackedShardDataset(IterableDataset):
         self.max_doc_chars = max_doc_chars
         self.annotation = annotation
         self.reference = reference
+        self.max_skip_ratio = max_skip_ratio
         self.cursor = Cursor()
         self.stats = ReadStats()
         self._stats_at_cursor = self.stats.as_dict()
@@ -197,12 +199,14 @@ class PackedShardDataset(IterableDataset):
                         continue
                     yield _StreamPosition(epoch, number, self.stats.as_dict()), doc
                 resume = None
+            worker = f"rank {self.rank} worker {slot % (num_slots // self.world_size)}"
             if not documents_this_epoch:
-                raise RuntimeError(
-                    f"rank {self.rank} worker {slot % (num_slots // self.world_size)} read no document in epoch "
-                    f"{epoch}: its share of the {len(self.urls)} shards is empty or every sample was skipped "
+                raise TooManySkipsError(
+                    f"{worker} read no document in epoch {epoch}: "
+                    f"its share of the {len(self.urls)} shards is empty or every sample was skipped "
                     f"({dict(self.stats.skipped)}); use fewer workers or ranks, or more data"
                 )
+            self.stats.check_skips(self.max_skip_ratio, f"{worker} after epoch {epoch}")
             epoch, first_assignment = epoch + 1, 0
 
 
@@ -291,6 +295,7 @@ class TokenLoader:
         prefetch_factor: int = 2,
         annotation: AnnotationConfig = AnnotationConfig(),
         reference: str = "",
+        max_skip_ratio: float = MAX_SKIP_RATIO,
     ) -> None:
         check_annotation_config(annotation)
         if reference:
@@ -309,6 +314,7 @@ class TokenLoader:
             max_doc_chars=max_doc_chars,
             annotation=annotation,
             reference=reference,
+            max_skip_ratio=max_skip_ratio,
         )
         self.num_workers = num_workers
         self.loader = StatefulDataLoader(
@@ -347,6 +353,7 @@ class TokenLoader:
             prefetch_factor=data.prefetch_factor,
             annotation=annotation,
             reference=reference,
+            max_skip_ratio=data.max_skip_ratio,
         )
 
     def _layout(self) -> dict:
@@ -356,9 +363,17 @@ class TokenLoader:
         return layout
 
     def __iter__(self) -> Iterator[dict]:
-        for batch in self.loader:
-            self._slot_stats[batch.pop("slot")] = batch.pop("read_stats")
-            yield batch
+        try:
+            for batch in self.loader:
+                self._slot_stats[batch.pop("slot")] = batch.pop("read_stats")
+                yield batch
+        except TooManySkipsError as error:
+            # From a worker process, the error's message is the worker's whole traceback; its own message,
+            # the traceback's last line, is what the user needs.
+            message = str(error).rpartition(f"{TooManySkipsError.__name__}: ")[2].strip()
+            if message == str(error):
+                raise
+            raise TooManySkipsError(message) from None
 
     def read_stats(self) -> dict:
         total = ReadStats()

@@ -3,7 +3,9 @@
 Inputs are ``.jsonl`` / ``.jsonl.zst`` files, ``.parquet`` files, Hugging Face datasets (``hf:NAME``,
 ``hf:NAME:SPLIT`` or ``hf:LOCAL_DIR``) and the embedded demo corpus. Every input is read as a stream of
 records ``{"id", "title", "text", "annotated_text"?}``; a record that cannot become a document is counted
-and logged under a reason, never dropped silently and never fatal.
+and logged under a reason, never dropped silently; the build fails when more than ``max_skip_ratio`` of
+the records (by default: all of them) are skipped. Lone surrogates (a JSON ``"\ud800"`` escape, which
+UTF-8 cannot hold) are replaced by U+FFFD and the repair counted.
 
 Each document becomes one tar sample: ``{key}.txt`` holds the UTF-8 text and ``{key}.json`` holds
 ``{"id", "title", "annotated_text"?}``, where the key is the 9-digit zero-padded global document ordinal.
@@ -19,14 +21,16 @@ import json
 import logging
 import os
 import re
+from contextlib import suppress
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Iterable, Iterator
 
 import zstandard
 
+from ..atomic import move_files, staging_directory
 from .demo_corpus import DEMO_SOURCE, iter_demo_documents
-from .documents import ReadStats
+from .documents import MAX_SKIP_RATIO, ReadStats
 from .shard_reader import LABELS_MEMBER
 from .urls import MANIFEST_FORMAT, MANIFEST_NAME, MANIFEST_VERSION, ShardOpenError, TruncatedStreamError, open_shard
 
@@ -41,6 +45,7 @@ _PARQUET_BATCH_ROWS = 1024
 _KEY_DIGITS = 9
 _HF_DEFAULT_SPLIT = "train"
 _UTF8_BOM = b"\xef\xbb\xbf"
+_LONE_SURROGATE = re.compile("[\ud800-\udfff]")  # json.loads joins valid pairs, so any left is unpaired
 
 
 class ShardInputError(ValueError):
@@ -65,12 +70,14 @@ def make_shards(
     prefix: str = "shard",
     text_field: str = "text",
     id_field: str = "id",
+    max_skip_ratio: float = MAX_SKIP_RATIO,
 ) -> dict:
     """Builds shards + manifest.json in out_dir; returns the manifest dict.
 
-    ``inputs`` are read in order, then the demo corpus when ``demo`` is set. Existing shards named
-    ``{prefix}-NNNNNN.tar[.zst]`` in ``out_dir`` are replaced, and those beyond this build's count are removed.
-    The manifest is removed first and written last, so a directory without one holds no finished build.
+    ``inputs`` are read in order, then the demo corpus when ``demo`` is set. Shards are written into a
+    staging directory and published only when the build succeeds (see ``publish_shards``); a failed build
+    leaves ``out_dir`` as it was. Raises ``TooManySkipsError`` when more than ``max_skip_ratio`` of the
+    records were skipped or none is usable.
     """
     if docs_per_shard < 1:
         raise ValueError(f"docs_per_shard must be at least 1, got {docs_per_shard}")
@@ -85,27 +92,23 @@ def make_shards(
         check_source(source)
 
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / MANIFEST_NAME).unlink(missing_ok=True)
-
     fields = FieldNames(text=text_field, id=id_field)
     skips = ReadStats()
-    records = _iter_all_records(inputs, demo, fields, skips)
-    shards = _write_shards(records, out_dir, prefix, compression, docs_per_shard)
-    documents = sum(shard["documents"] for shard in shards)
-    if documents == 0:
-        raise ShardInputError(f"the inputs hold no usable document (skipped: {dict(sorted(skips.skipped.items()))})")
-    _remove_stale_shards(out_dir, prefix, keep={shard["name"] for shard in shards})
-
-    manifest = {
-        "format": MANIFEST_FORMAT,
-        "version": MANIFEST_VERSION,
-        "documents": documents,
-        "skipped": dict(sorted(skips.skipped.items())),
-        "sources": [*inputs, *([DEMO_SOURCE] if demo else [])],
-        "shards": shards,
-    }
-    write_atomically(out_dir / MANIFEST_NAME, json.dumps(manifest, indent=2, ensure_ascii=False) + "\n")
+    with staging_directory(out_dir, prefix) as staging:
+        records = _iter_all_records(inputs, demo, fields, skips)
+        shards = _write_shards(records, staging, prefix, compression, docs_per_shard)
+        documents = skips.docs = sum(shard["documents"] for shard in shards)
+        skips.check_skips(max_skip_ratio, "the inputs")
+        manifest = {
+            "format": MANIFEST_FORMAT,
+            "version": MANIFEST_VERSION,
+            "documents": documents,
+            "skipped": dict(sorted(skips.skipped.items())),
+            "repaired": dict(sorted(skips.repaired.items())),
+            "sources": [*inputs, *([DEMO_SOURCE] if demo else [])],
+            "shards": shards,
+        }
+        publish_shards(staging, out_dir, prefix, manifest)
     log.info("wrote %d documents in %d shards to %s (skipped: %s)", documents, len(shards), out_dir, manifest["skipped"])
     return manifest
 
@@ -243,7 +246,10 @@ def record_from_object(obj: object, where: str, fields: FieldNames, skips: ReadS
         skips.skip("non_string_text", where, detail=type(text).__name__)
         return None
     if not text.strip():
-        skips.skip("empty_text", where)
+        skips.skip("empty_document", where)
+        return None
+    if len(_LONE_SURROGATE.findall(text)) > len(text) / 2:
+        skips.skip("invalid_utf8", where, detail="mostly lone surrogates")
         return None
     annotated_text = obj.get("annotated_text")
     if annotated_text is not None and not isinstance(annotated_text, str):
@@ -255,23 +261,16 @@ def record_from_object(obj: object, where: str, fields: FieldNames, skips: ReadS
     doc_id = obj.get(fields.id)
     if doc_id is not None and not isinstance(doc_id, (str, int, float)):
         doc_id = str(doc_id)
-    for value in (text, title, annotated_text, doc_id):
-        if isinstance(value, str) and not _is_utf8_encodable(value):
-            # A JSON "\ud800" escape decodes to a lone surrogate, which no UTF-8 text can hold.
-            skips.skip("lone_surrogate", where)
-            return None
+    if any(isinstance(value, str) and _LONE_SURROGATE.search(value) for value in (text, title, annotated_text, doc_id)):
+        text, title, annotated_text, doc_id = (
+            _LONE_SURROGATE.sub("\ufffd", value) if isinstance(value, str) else value
+            for value in (text, title, annotated_text, doc_id)
+        )
+        skips.repair("lone_surrogate", where)
     record = {"id": doc_id, "title": title, "text": text}
     if annotated_text is not None:
         record["annotated_text"] = annotated_text
     return record
-
-
-def _is_utf8_encodable(text: str) -> bool:
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
-        return False
-    return True
 
 
 def shard_name(prefix: str, index: int, compression: str) -> str:
@@ -364,8 +363,26 @@ class ShardFile:
         }
 
     def abort(self) -> None:
+        # The writers are closed before the file, or their finalizers would write to a closed file.
+        for writer in (self._tar, self._zstd):
+            if writer is not None:
+                with suppress(Exception):
+                    writer.close()
         self._file.close()
         self.temp_path.unlink(missing_ok=True)
+
+
+def publish_shards(staging: Path, out_dir: Path, prefix: str, manifest: dict) -> None:
+    """Moves the manifest's shards from ``staging`` into ``out_dir`` and writes the manifest last.
+
+    The old manifest goes first and shards of ``prefix`` that the new build did not write are removed,
+    so a directory without ``manifest.json`` holds no finished build. Other files are kept.
+    """
+    names = [shard["name"] for shard in manifest["shards"]]
+    (out_dir / MANIFEST_NAME).unlink(missing_ok=True)
+    move_files(staging, out_dir, names)
+    _remove_stale_shards(out_dir, prefix, keep=set(names))
+    write_atomically(out_dir / MANIFEST_NAME, json.dumps(manifest, indent=2, ensure_ascii=False) + "\n")
 
 
 def _remove_stale_shards(out_dir: Path, prefix: str, keep: set[str]) -> None:

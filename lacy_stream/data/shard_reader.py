@@ -14,7 +14,7 @@ import tarfile
 from typing import BinaryIO, Iterator
 
 from .documents import Document, ReadStats, split_document
-from .urls import ShardOpenError, StreamOptions, TruncatedStreamError, open_shard
+from .urls import HostUnreachableError, ShardOpenError, StreamOptions, TruncatedStreamError, open_shard
 
 TEXT_MEMBER = "txt"
 META_MEMBER = "json"
@@ -99,7 +99,8 @@ def read_shard(
     try:
         stream = open_shard(url, options)
     except ShardOpenError as error:
-        stats.skip("unreachable_shard", url, detail=str(error))
+        reason = "host_unreachable" if isinstance(error, HostUnreachableError) else "unreachable_shard"
+        stats.skip(reason, url, detail=str(error))
         return
     if not resumed:
         stats.shards += 1

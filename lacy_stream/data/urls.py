@@ -10,7 +10,10 @@ Errors, by where they come from:
 * ``expand_shard_spec`` raises ``ValueError`` for a malformed spec or manifest and for a shard listed twice,
   and ``ShardOpenError`` for what it cannot read or is not allowed to run (a directory without manifest, an
   unreachable manifest URL, a ``pipe:`` source without ``allow_pipe``, an unsupported URL scheme).
-* ``open_shard`` raises ``ShardOpenError`` when the shard cannot be opened at all (nothing was read).
+* ``open_shard`` raises ``ShardOpenError`` when the shard cannot be opened at all (nothing was read), and
+  its subclass ``HostUnreachableError`` without trying when the shard's host is considered down: after
+  ``host_failure_limit`` shards in a row on one host could not connect (each after its retries), the
+  host's remaining shards fail at once for ``HOST_RETRY_AFTER_S`` seconds, then one shard tries again.
 * Reading the returned stream raises ``TruncatedStreamError`` when the shard ends early: a zstd stream that
   ends inside a frame, an http body that stays short after the allowed resumes, a pipe command that exits
   with a non-zero status. Corrupt zstd data is reported the same way: the bytes delivered before the error
@@ -57,6 +60,9 @@ _CONTENT_RANGE = re.compile(r"bytes (\d+)-\d+/(\d+|\*)")
 # 408 and 429 are the 4xx answers that mean "try again later" rather than "this will never work".
 _RETRYABLE_CLIENT_ERRORS = frozenset({408, 429})
 
+HOST_RETRY_AFTER_S = 60.0
+"""How long the shards of a host that stopped connecting fail without a try."""
+
 _CHUNK_SIZE = 1 << 17
 _BUFFER_SIZE = 1 << 20
 
@@ -72,15 +78,28 @@ class StreamOptions:
     """The n-th retry waits ``retry_backoff_s * 2 ** (n - 1)`` seconds."""
     allow_pipe: bool = False
     """Whether ``pipe:COMMAND`` sources, which run shell commands, may be used."""
+    host_failure_limit: int = 2
+    """After this many shards in a row on one host failed to connect, the host's other shards fail at once."""
 
     def __post_init__(self) -> None:
-        if self.timeout_s <= 0 or self.retries < 0 or self.retry_backoff_s < 0:
-            raise ValueError(f"invalid stream options {self}: need timeout_s > 0, retries >= 0, retry_backoff_s >= 0")
+        if self.timeout_s <= 0 or self.retries < 0 or self.retry_backoff_s < 0 or self.host_failure_limit < 1:
+            raise ValueError(
+                f"invalid stream options {self}: need timeout_s > 0, retries >= 0, retry_backoff_s >= 0, "
+                "host_failure_limit >= 1"
+            )
 
 
 class ShardOpenError(OSError):
     """A shard (or a manifest) cannot be opened: missing file, http 4xx, unreachable after retries,
     ``pipe:`` not allowed, unsupported URL scheme."""
+
+
+class HostUnreachableError(ShardOpenError):
+    """A shard not even tried: its host failed to connect for the last ``host_failure_limit`` shards."""
+
+
+class PipeNotAllowedError(ShardOpenError):
+    """A ``pipe:`` source while ``allow_pipe`` is off; the command line names the flag that allows it."""
 
 
 class TruncatedStreamError(OSError):
@@ -241,9 +260,8 @@ def _shard_identity(url: str) -> str:
 
 def _require_pipe_allowed(url: str, options: StreamOptions) -> None:
     if not options.allow_pipe:
-        raise ShardOpenError(
-            f"refusing to run shard source {url!r}: pipe: sources run shell commands and are off by default; "
-            f"allow them with --data.allow_pipe=true (StreamOptions(allow_pipe=True))"
+        raise PipeNotAllowedError(
+            f"refusing to run shard source {url!r}: pipe: sources run shell commands and are off by default"
         )
 
 
@@ -470,12 +488,14 @@ class _HttpBody(_ChunkReader):
 
     def _get(self, start: int) -> requests.Response:
         """GETs the URL from byte ``start`` on, retrying connection errors, timeouts and 5xx answers."""
+        _HOSTS.check(self._url, self._options)
         headers = {"Accept-Encoding": "identity"}
         if start:
             headers["Range"] = f"bytes={start}-"
         timeout = (self._options.timeout_s, self._options.timeout_s)
         attempts = self._options.retries + 1
         failure = ""
+        reached_host = False
         for attempt in range(attempts):
             if attempt:
                 log.warning("%s: attempt %d of %d failed: %s", self._url, attempt, attempts, failure)
@@ -484,9 +504,12 @@ class _HttpBody(_ChunkReader):
                 response = self._session.get(self._url, headers=headers, stream=True, timeout=timeout)
             except (requests.ConnectionError, requests.Timeout) as error:
                 failure = str(error)
+                reached_host = False
                 continue
             except requests.RequestException as error:
                 raise ShardOpenError(f"cannot open {self._url}: {error}") from error
+            _HOSTS.connected(self._url)
+            reached_host = True
             status = response.status_code
             if status >= 500 or status in _RETRYABLE_CLIENT_ERRORS:
                 failure = f"HTTP {status} {response.reason}"
@@ -496,6 +519,8 @@ class _HttpBody(_ChunkReader):
                 response.close()
                 raise ShardOpenError(f"cannot open {self._url}: HTTP {status} {response.reason}")
             return response
+        if not reached_host:
+            _HOSTS.failed_to_connect(self._url, self._options)
         raise ShardOpenError(f"cannot open {self._url}: {failure} (gave up after {attempts} attempts)")
 
     def _close_response(self) -> None:
@@ -506,6 +531,44 @@ class _HttpBody(_ChunkReader):
     def _release(self) -> None:
         self._close_response()
         self._session.close()
+
+
+class _HostCircuitBreaker:
+    """Per host (scheme://host:port) of this process: how many shards in a row failed to connect, and
+    since when the host is considered down. After ``HOST_RETRY_AFTER_S`` the next shard is tried again;
+    if it fails too, the host is down for another pause."""
+
+    def __init__(self) -> None:
+        self._failed_shards: dict[str, int] = {}
+        self._down_since: dict[str, float] = {}
+
+    def check(self, url: str, options: StreamOptions) -> None:
+        host = _host(url)
+        down_since = self._down_since.get(host)
+        if down_since is not None and time.monotonic() - down_since < HOST_RETRY_AFTER_S:
+            raise HostUnreachableError(
+                f"cannot open {url}: {host} failed to connect for {self._failed_shards[host]} shards in a row "
+                f"(host_failure_limit {options.host_failure_limit}); not trying it for {HOST_RETRY_AFTER_S:.0f} s"
+            )
+
+    def failed_to_connect(self, url: str, options: StreamOptions) -> None:
+        host = _host(url)
+        self._failed_shards[host] = self._failed_shards.get(host, 0) + 1
+        if self._failed_shards[host] >= options.host_failure_limit:
+            self._down_since[host] = time.monotonic()
+
+    def connected(self, url: str) -> None:
+        host = _host(url)
+        self._failed_shards.pop(host, None)
+        self._down_since.pop(host, None)
+
+
+def _host(url: str) -> str:
+    parts = urlsplit(url)
+    return f"{parts.scheme}://{parts.netloc}"
+
+
+_HOSTS = _HostCircuitBreaker()
 
 
 def _full_length(response: requests.Response) -> int | None:

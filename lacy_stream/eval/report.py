@@ -282,7 +282,8 @@ def _run_section(name: str, runner: Callable[[], SectionResult], config: EvalCon
     except SectionSkipped as skipped:
         return SectionOutcome(name, "skipped", reason=str(skipped))
     except Exception as error:  # one broken section must not cost the others their results
-        log.exception("eval: section %s failed", name)
+        # One line each; the traceback only for -v (INFO), as the summary repeats the reason anyway.
+        log.error("eval: section %s failed: %s: %s", name, type(error).__name__, error, exc_info=log.isEnabledFor(logging.INFO))
         return SectionOutcome(
             name, "failed", reason=f"{type(error).__name__}: {error}", seconds=time.perf_counter() - started
         )

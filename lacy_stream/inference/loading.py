@@ -128,7 +128,7 @@ def _from_checkpoint(checkpoint: Path, *, run_dir: Path) -> tuple[Transformer, T
     # place, into the state dict's tensors, which share their storage with the parameters.
     state = {f"model.{name}": tensor for name, tensor in model.state_dict().items()}
     with single_process_quietly():
-        dcp.load({"model": state}, storage_reader=SafeFileSystemReader(checkpoint), no_dist=True)
+        dcp.load({"model": state}, storage_reader=SafeFileSystemReader.checked(checkpoint), no_dist=True)
     return model, _matching_tokenizer(Path(config["tokenizer"]["path"]), args)
 
 
