@@ -97,7 +97,7 @@ def test_rho1_calls_the_tokens_the_reference_finds_easier(tmp_path, judged_corpu
     assert last["call_excess_loss"] < last["excess_loss"]
 
 
-def test_reference_settings_are_checked_at_start_up(tmp_path, judged_corpus, tokenizer_path, reference_run):
+def test_reference_settings_are_checked_at_start_up(tmp_path, judged_corpus, tokenizer_path, reference_run, capsys):
     with pytest.raises(ConfigError, match="set loss.reference"):
         load_job_config(None, ["--loss.method=spacy_refloss"])
     with pytest.raises(ConfigError, match="unused by loss.method 'lacy'"):
@@ -107,12 +107,14 @@ def test_reference_settings_are_checked_at_start_up(tmp_path, judged_corpus, tok
     train_tokenizer([synthetic_text(random.Random(9), 20) for _ in range(200)], other_tokenizer, vocab_size=400)
     args = overrides(judged_corpus, str(other_tokenizer), tmp_path / "run", "--train.steps=1", "--loss.method=rho1",
                      f"--loss.reference={reference_run}")
-    with pytest.raises(SystemExit, match="differs from this run's"):
+    with pytest.raises(SystemExit) as exit_info:
         cli_main(["train", *args])
+    assert exit_info.value.code == 1 and "differs from this run's" in capsys.readouterr().err
     args = overrides(judged_corpus, tokenizer_path, tmp_path / "run", "--train.steps=1", "--loss.method=rho1",
                      f"--loss.reference={tmp_path / 'nothing-here'}")
-    with pytest.raises(SystemExit, match="not a readable lacy-stream model"):
+    with pytest.raises(SystemExit) as exit_info:
         cli_main(["train", *args])
+    assert exit_info.value.code == 1 and "not a readable lacy-stream model" in capsys.readouterr().err
 
 
 @pytest.mark.timeout(120)
