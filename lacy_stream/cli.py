@@ -283,6 +283,26 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_distill_labeler(args: argparse.Namespace) -> int:
+    from .data.distill import distill
+    from .data.label_cache import default_cache_dir
+
+    report = distill(
+        args.shards,
+        args.tokenizer,
+        args.out,
+        max_docs=args.max_docs,
+        max_pieces=args.tokens,
+        spacy_model=args.spacy_model,
+        cache_dir=None if args.no_cache else (args.cache_dir or default_cache_dir()),
+        workers=args.workers,
+        epochs=args.epochs,
+    )
+    print(json.dumps(report))
+    print(f"wrote {args.out}; use it with --annotation.labeler=student:{args.out}", file=sys.stderr)
+    return 0
+
+
 def cmd_eval(args: argparse.Namespace) -> int:
     from .eval.report import run_eval
 
@@ -419,6 +439,19 @@ def build_parser() -> argparse.ArgumentParser:
     annotate.add_argument("--reference", help="also store a reference model's per-token losses (rho1, spacy_refloss)")
     annotate.add_argument("--device", default="cpu", help="torch device of the --reference model")
     annotate.set_defaults(run=cmd_annotate)
+
+    distill = commands.add_parser("distill-labeler", help="train a student fact labeler on spaCy's labels (10x faster)")
+    distill.add_argument("--shards", action="append", required=True, help="shard URL spec or jsonl file; repeatable")
+    distill.add_argument("--tokenizer", required=True, help="the SentencePiece model the student labels pieces of")
+    distill.add_argument("--out", required=True, help="the student file to write (student.pt)")
+    distill.add_argument("--tokens", type=int, help="train on at most this many pieces (default: all)")
+    distill.add_argument("--max-docs", type=int, default=1_000_000, help="documents per --shards source")
+    distill.add_argument("--epochs", type=int, default=6)
+    distill.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="spaCy processes for new targets")
+    distill.add_argument("--spacy-model", default=AnnotationConfig.spacy_model)
+    distill.add_argument("--cache-dir", help="where spaCy's targets are kept for the next run (default: the label cache)")
+    distill.add_argument("--no-cache", action="store_true")
+    distill.set_defaults(run=cmd_distill_labeler)
 
     gen = commands.add_parser("generate", help="greedy generation, calls answered by a cascade partner (partner tokens highlighted)")
     gen.add_argument("--ckpt", required=True, help="the small model: a run, Hugging Face export or checkpoint directory")

@@ -46,7 +46,7 @@ from contextlib import ExitStack
 from dataclasses import dataclass
 from itertools import islice
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import Callable, Iterable, Iterator, TypeVar
 
 import numba
 import numpy as np
@@ -60,6 +60,7 @@ from .spacy_pipeline import load_pipeline, pipeline_identity
 log = logging.getLogger(__name__)
 
 RULES_VERSION = "lacy-rules-1"
+T = TypeVar("T")
 
 GRAMMAR_POS = ("DET", "ADP", "CCONJ", "SCONJ", "AUX", "PUNCT", "SPACE")
 PERSON_ROLES = {"nsubj", "nsubjpass", "appos"}
@@ -371,8 +372,9 @@ class FactAnnotator:
         self._zone = ExitStack()
         self._batches_in_zone = 0
 
-    def annotate(self, texts: Iterable[str]) -> Iterator[WordLabels]:
-        """Labels for each text, in order, parsed in batches of ``batch_size``.
+    def annotate(self, texts: Iterable[str], rules: Callable[[Doc], T] = label_words) -> Iterator[T]:
+        """Labels for each text, in order, parsed in batches of ``batch_size``; ``rules`` makes them from the
+        parse (:func:`local_labels`: what a distilled student learns).
 
         spaCy's strings and lexemes are freed every ``ZONE_BATCHES`` batches (a memory zone that stays open
         across calls), so memory stays flat over an endless stream while the words of recent batches are
@@ -385,7 +387,7 @@ class FactAnnotator:
             if self._batches_in_zone == 0:
                 self._zone.enter_context(self.nlp.memory_zone())
             self._batches_in_zone += 1
-            yield from [label_words(doc) for doc in self.nlp.pipe(batch, batch_size=self.batch_size)]
+            yield from [rules(doc) for doc in self.nlp.pipe(batch, batch_size=self.batch_size)]
 
     def release_memory(self) -> None:
         """Free the strings and lexemes spaCy added since the current memory zone opened."""
