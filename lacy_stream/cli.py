@@ -323,6 +323,7 @@ def cmd_bench_annotate(args: argparse.Namespace) -> int:
         spacy_model=args.spacy_model,
         batch_size=args.batch_size,
         options=_options_from_arguments(args),
+        labeler=args.labeler,
     )
     if args.json:
         print(json.dumps(report))
@@ -332,6 +333,9 @@ def cmd_bench_annotate(args: argparse.Namespace) -> int:
     print("| case | cores | tokens/s | vs raw spaCy |\n|---|---|---|---|")
     print(f"| raw en_core_web_sm, full pipeline ({raw['words_per_s']} words/s) | 1 | {raw['tokens_per_s']} | 1.00 |")
     print(f"| full path: read, annotate, align, pack | 1 | {path['tokens_per_s']} | {report['full_path_vs_spacy_full']} |")
+    student = report["student"]
+    if student:
+        print(f"| full path with the student ({student['identity']}) | 1 | {student['full_path']['tokens_per_s']} | x{student['vs_spacy_path']} vs the spaCy path |")
     print(f"| first epoch with cache writes | 1 | {report['cache_write']['tokens_per_s']} | |")
     print(f"| cached epoch | 1 | {report['cached_epoch']['tokens_per_s']} | x{report['cached_vs_first_epoch']} vs first epoch |")
     for row in report["workers"]:
@@ -343,6 +347,13 @@ def cmd_bench_annotate(args: argparse.Namespace) -> int:
         f"judge calls: {labels['judge_call_fraction']:.1%} of tokens, "
         + (f"{labels['judge_calls_labeled_fact']:.1%} of them labeled fact" if labels["judge_calls_labeled_fact"] is not None else "none in this text")
     )
+    if student:
+        agreement, recall = student["agreement"], student["labels"]["judge_calls_labeled_fact"]
+        print(
+            f"student vs spaCy on {agreement['pieces']} held-out pieces: {agreement['agreement']:.1%} agree (3 classes), "
+            f"fact precision {agreement['fact_precision']:.1%}, recall {agreement['fact_recall']:.1%}; "
+            + (f"judge calls labeled fact: {recall:.1%} (spaCy {labels['judge_calls_labeled_fact']:.1%})" if recall is not None else "no judge markup")
+        )
     return 0
 
 
@@ -504,6 +515,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench_annotate.add_argument("--spacy-model", default=AnnotationConfig.spacy_model)
     bench_annotate.add_argument("--batch-size", type=int, default=AnnotationConfig.batch_size)
     bench_annotate.add_argument("--allow-pipe", action="store_true")
+    bench_annotate.add_argument("--labeler", default="spacy", help="student:PATH: also the student's path and agreement")
     bench_annotate.add_argument("--json", action="store_true")
     bench_annotate.set_defaults(run=cmd_bench_annotate)
     stream = bench.add_parser("stream", help="loader throughput: shards -> packed batches")

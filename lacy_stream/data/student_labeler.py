@@ -202,7 +202,7 @@ class StudentAnnotator:
     @classmethod
     def load(cls, path: str | Path, tokenizer: Tokenizer) -> StudentAnnotator:
         network, saved = load_student(path, tokenizer)
-        return cls(network, tokenizer, f"student:{file_digest(path)}+teacher:{saved['teacher']}+{RULES_VERSION}")
+        return cls(network, tokenizer, f"student:{file_digest(path)}+teacher:{saved['teacher']}")
 
     def annotate(self, texts: Iterable[str]) -> Iterator[PieceLabels]:
         for text in texts:
