@@ -6,7 +6,10 @@ Cases:
   labeler without its rules: a lower bound of its cost);
 - ``full_path``: our path on one core: read shards -> pruned spaCy + rules -> alignment -> packing;
 - ``cache_write`` / ``cached_epoch``: the same path with the label cache, first writing, then reading;
-- ``workers``: the dataloader with 1..N worker processes over all cores (scaling), in steady state.
+- ``workers``: the dataloader with 1..N worker processes over all cores (scaling), in steady state;
+- ``student_path`` (with ``labeler="student:PATH"``): the full path with the distilled student instead of
+  spaCy, alternating with ``full_path``, and its agreement with spaCy's labels. The documents are then only
+  those the student held out from its training (one in ten, by content hash).
 
 Tokens are SentencePiece tokens of the text (plus one EOS per document on the full path). Single-core cases
 pin the process to one CPU and count tokens per CPU-second of it (on a shared VM, wall time also counts
@@ -27,19 +30,22 @@ from pathlib import Path
 from typing import Iterator
 
 import numpy as np
+import torch
 from spacy.language import Language
 
 from .config.job_config import AnnotationConfig
 from .data.alignment import warm_up as warm_up_alignment
 from .data.annotation import FactAnnotator
+from .data.distill import agreement, split_held_out
 from .data.documents import ReadStats
 from .data.label_cache import LabelCache
 from .data.labeling import DocumentLabeler
-from .data.loader import TokenLoader
+from .data.loader import TokenLoader, student_path
 from .data.make_shards import make_shards
 from .data.packing import WindowPacker, document_columns, split_doc_uid
 from .data.shard_reader import read_shard
 from .data.spacy_pipeline import load_pipeline
+from .data.student_labeler import StudentAnnotator
 from .data.urls import StreamOptions, expand_shard_spec
 from .labels import JUDGE_CALL, TokenClass
 from .tokenizer import Tokenizer
@@ -47,12 +53,14 @@ from .tokenizer import Tokenizer
 
 @contextmanager
 def one_core() -> Iterator[None]:
-    allowed = os.sched_getaffinity(0)
+    allowed, threads = os.sched_getaffinity(0), torch.get_num_threads()
     os.sched_setaffinity(0, {min(allowed)})
+    torch.set_num_threads(1)
     try:
         yield
     finally:
         os.sched_setaffinity(0, allowed)
+        torch.set_num_threads(threads)
 
 
 def collect_documents(source: str, max_docs: int, options: StreamOptions) -> list[dict]:
@@ -89,8 +97,13 @@ def bench_annotate(
     batch_size: int = 64,
     seq_len: int = 1024,
     options: StreamOptions = StreamOptions(),
+    labeler: str = "spacy",
 ) -> dict:
     documents = collect_documents(source, max_docs, options)
+    student = None
+    if student_path(labeler):
+        student = StudentAnnotator.load(student_path(labeler), Tokenizer(tokenizer_path))
+        documents = [documents[i] for i in split_held_out([document["text"] for document in documents])[1]]
     if not documents:
         raise ValueError(f"{source}: no documents to benchmark")
     texts = [document["text"] for document in documents]
@@ -114,14 +127,17 @@ def bench_annotate(
             list(annotator.annotate(texts[:4]))
             warm_up_alignment()
             # The two main cases alternate, so that a noisy machine slows both alike; medians are reported.
-            raw_runs, path_runs = [], []
+            raw_runs, path_runs, student_runs = [], [], []
             # Both start each run with spaCy's vocabulary as loaded: words first seen in the run cost both alike.
             for _ in range(repeats):
                 with full_pipeline.memory_zone():
                     raw_runs.append(_raw_spacy(texts, tokenizer, full_pipeline))
                 annotator.release_memory()
                 path_runs.append(_full_path(urls, steady_labeler(), seq_len))
+                if student is not None:
+                    student_runs.append(_full_path(urls, DocumentLabeler(tokenizer, student), seq_len))
             raw, path = _median_run(raw_runs), _median_run(path_runs)
+            comparison = _student_report(urls, steady_labeler(), student, student_runs, path_runs) if student else None
             word_classes = np.concatenate([labels.classes for labels in annotator.annotate(texts)])
             cached_labeler = steady_labeler()
             cached_labeler.cache = LabelCache(scratch / "cache", cached_labeler.identity)
@@ -150,6 +166,27 @@ def bench_annotate(
         "cached_vs_first_epoch": round(cached["tokens_per_s"] / path["tokens_per_s"], 1),
         "workers": scaling,
         "labels": {**path["labels"], "word_fact_fraction": round(float((word_classes == TokenClass.FACT).mean()), 4)},
+        "student": comparison,
+    }
+
+
+def _student_report(
+    urls: list[str], spacy_labeler: DocumentLabeler, student: StudentAnnotator, student_runs: list[dict], path_runs: list[dict]
+) -> dict:
+    """The student's full path next to spaCy's, and its labels against spaCy's on the same documents."""
+    student_labeler = DocumentLabeler(spacy_labeler.tokenizer, student)
+    documents = [doc for shard, url in enumerate(urls) for doc in read_shard(url, shard, ReadStats())]
+    teacher = [spacy_labeler.label_document(doc)["token_class"] for doc in documents]
+    predicted = [student_labeler.label_document(doc)["token_class"] for doc in documents]
+    path = _median_run(student_runs)
+    return {
+        "identity": student.identity,
+        "full_path": {key: value for key, value in path.items() if key != "labels"},
+        "vs_spacy_path": round(statistics.median(
+            ours["tokens_per_s"] / theirs["tokens_per_s"] for ours, theirs in zip(student_runs, path_runs)
+        ), 2),
+        "labels": path["labels"],
+        "agreement": agreement(teacher, predicted),
     }
 
 

@@ -337,6 +337,26 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_distill_labeler(args: argparse.Namespace) -> int:
+    from .data.distill import distill
+    from .data.label_cache import default_cache_dir
+
+    report = distill(
+        args.shards,
+        args.tokenizer,
+        args.out,
+        max_docs=args.max_docs,
+        max_pieces=args.tokens,
+        spacy_model=args.spacy_model,
+        cache_dir=None if args.no_cache else (args.cache_dir or default_cache_dir()),
+        workers=args.workers,
+        epochs=args.epochs,
+    )
+    print(json.dumps(report))
+    print(f"wrote {args.out}; use it with --annotation.labeler=student:{args.out}", file=sys.stderr)
+    return 0
+
+
 def cmd_eval(args: argparse.Namespace) -> int:
     from .eval.report import run_eval
 
@@ -357,6 +377,7 @@ def cmd_bench_annotate(args: argparse.Namespace) -> int:
         spacy_model=args.spacy_model,
         batch_size=args.batch_size,
         options=_options_from_arguments(args),
+        labeler=args.labeler,
     )
     if args.json:
         print(json.dumps(report))
@@ -366,6 +387,9 @@ def cmd_bench_annotate(args: argparse.Namespace) -> int:
     print("| case | cores | tokens/s | vs raw spaCy |\n|---|---|---|---|")
     print(f"| raw en_core_web_sm, full pipeline ({raw['words_per_s']} words/s) | 1 | {raw['tokens_per_s']} | 1.00 |")
     print(f"| full path: read, annotate, align, pack | 1 | {path['tokens_per_s']} | {report['full_path_vs_spacy_full']} |")
+    student = report["student"]
+    if student:
+        print(f"| full path with the student ({student['identity']}) | 1 | {student['full_path']['tokens_per_s']} | x{student['vs_spacy_path']} vs the spaCy path |")
     print(f"| first epoch with cache writes | 1 | {report['cache_write']['tokens_per_s']} | |")
     print(f"| cached epoch | 1 | {report['cached_epoch']['tokens_per_s']} | x{report['cached_vs_first_epoch']} vs first epoch |")
     for row in report["workers"]:
@@ -377,6 +401,13 @@ def cmd_bench_annotate(args: argparse.Namespace) -> int:
         f"judge calls: {labels['judge_call_fraction']:.1%} of tokens, "
         + (f"{labels['judge_calls_labeled_fact']:.1%} of them labeled fact" if labels["judge_calls_labeled_fact"] is not None else "none in this text")
     )
+    if student:
+        agreement, recall = student["agreement"], student["labels"]["judge_calls_labeled_fact"]
+        print(
+            f"student vs spaCy on {agreement['pieces']} held-out pieces: {agreement['agreement']:.1%} agree (3 classes), "
+            f"fact precision {agreement['fact_precision']:.1%}, recall {agreement['fact_recall']:.1%}; "
+            + (f"judge calls labeled fact: {recall:.1%} (spaCy {labels['judge_calls_labeled_fact']:.1%})" if recall is not None else "no judge markup")
+        )
     return 0
 
 
@@ -476,6 +507,19 @@ def build_parser() -> argparse.ArgumentParser:
     annotate.add_argument("--device", default="cpu", help="torch device of the --reference model")
     annotate.set_defaults(run=cmd_annotate)
 
+    distill = commands.add_parser("distill-labeler", help="train a student fact labeler on spaCy's labels (see docs/benchmarks.md)")
+    distill.add_argument("--shards", action="append", required=True, help="shard URL spec or jsonl file; repeatable")
+    distill.add_argument("--tokenizer", required=True, help="the SentencePiece model the student labels pieces of")
+    distill.add_argument("--out", required=True, help="the student file to write (student.pt)")
+    distill.add_argument("--tokens", type=int, help="train on at most this many pieces (default: all)")
+    distill.add_argument("--max-docs", type=int, default=1_000_000, help="documents per --shards source")
+    distill.add_argument("--epochs", type=int, default=6)
+    distill.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="spaCy processes for new targets")
+    distill.add_argument("--spacy-model", default=AnnotationConfig.spacy_model)
+    distill.add_argument("--cache-dir", help="where spaCy's targets are kept for the next run (default: the label cache)")
+    distill.add_argument("--no-cache", action="store_true")
+    distill.set_defaults(run=cmd_distill_labeler)
+
     gen = commands.add_parser("generate", help="greedy generation, calls answered by a cascade partner (partner tokens highlighted)")
     gen.add_argument("--ckpt", required=True, help="the small model: a run, Hugging Face export or checkpoint directory")
     gen.add_argument("--cascade", help="partner: hf:DIR, openai:URL#MODEL (key from OPENAI_API_KEY) or lacy:PATH")
@@ -527,6 +571,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench_annotate.add_argument("--spacy-model", default=AnnotationConfig.spacy_model)
     bench_annotate.add_argument("--batch-size", type=int, default=AnnotationConfig.batch_size)
     _add_url_options(bench_annotate)
+    bench_annotate.add_argument("--labeler", default="spacy", help="student:PATH: also the student's path and agreement")
     bench_annotate.add_argument("--json", action="store_true")
     bench_annotate.set_defaults(run=cmd_bench_annotate)
     stream = bench.add_parser("stream", help="loader throughput: shards -> packed batches")

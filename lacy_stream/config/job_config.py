@@ -60,6 +60,8 @@ class DataConfig:
 class AnnotationConfig:
     enabled: bool = True
     """Label facts with spaCy and the paper's rules; off: every token is "other" (runs that need no facts)."""
+    labeler: str = "spacy"
+    """``spacy``, or ``student:PATH``: a student distilled from spaCy's labels (``lacy-stream distill-labeler``)."""
     spacy_model: str = "en_core_web_sm"
     """A spaCy package name or model directory."""
     batch_size: int = 64

@@ -24,6 +24,7 @@ words and bytes. The loops run under numba; :func:`warm_up` compiles them before
 from __future__ import annotations
 
 import functools
+from dataclasses import dataclass
 
 import numba
 import numpy as np
@@ -36,6 +37,17 @@ _FACT = int(TokenClass.FACT)
 _GRAMMAR = int(TokenClass.GRAMMAR)
 _UNOWNED = -128  # byte class of a byte that belongs to no word; outside the TokenClass range
 _SPACE = 0x20
+
+
+@dataclass
+class PieceLabels:
+    """A document labeled piece by piece (by a labeler that works on pieces): ids, ``[begin, end)`` byte
+    offsets as :func:`encode_with_offsets` gives them, and the class of each piece."""
+
+    ids: np.ndarray
+    begin: np.ndarray
+    end: np.ndarray
+    classes: np.ndarray
 
 
 def encode_with_offsets(tokenizer: Tokenizer, text: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

@@ -46,7 +46,7 @@ from contextlib import ExitStack
 from dataclasses import dataclass
 from itertools import islice
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import Callable, Iterable, Iterator, TypeVar
 
 import numba
 import numpy as np
@@ -60,6 +60,7 @@ from .spacy_pipeline import load_pipeline, pipeline_identity
 log = logging.getLogger(__name__)
 
 RULES_VERSION = "lacy-rules-1"
+T = TypeVar("T")
 
 GRAMMAR_POS = ("DET", "ADP", "CCONJ", "SCONJ", "AUX", "PUNCT", "SPACE")
 PERSON_ROLES = {"nsubj", "nsubjpass", "appos"}
@@ -118,7 +119,13 @@ class _Mentions:
         return first
 
 
-def _normalize(words: Iterable[str]) -> str:
+def person_name_parts(words: Iterable[str]) -> list[str]:
+    """The (lower-case) words of a PERSON mention that name the person: "Wolfgang" of "Dr Wolfgang Mozart"."""
+    return [w for w in words if w.isalpha() and w.rstrip(".") not in PERSON_TITLES and len(w) > 1]
+
+
+def mention_key(words: Iterable[str]) -> str:
+    """What a mention of these (lower-case) words must equal to repeat another one."""
     key = " ".join(words)
     for article in _ARTICLES:
         if key.startswith(article):
@@ -144,7 +151,6 @@ class _Document:
         self.grammar = np.isin(self.pos, [int(getattr(symbols, name)) for name in GRAMMAR_POS])
         manner = np.isin(self._lower_ids, [self._strings[word] for word in MANNER_PREPOSITIONS])
         self.has_manner_preposition = set(self.head[manner & (self.dep == self._strings["prep"])].tolist())
-        self.fact = np.zeros(self.size, dtype=bool)
         self.covered = np.zeros(self.size, dtype=bool)
 
     def lower(self, i: int) -> str:
@@ -153,32 +159,29 @@ class _Document:
     def dep_is(self, i: int, labels: set[str]) -> bool:
         return self._strings[int(self.dep[i])] in labels
 
-    def mark_fact(self, indices: list[int]) -> None:
-        """Mark a fact span, without its punctuation, whitespace and leading determiners."""
+    def fact_words(self, indices: list[int]) -> list[int]:
+        """The words of a fact span that are facts: not its punctuation, whitespace and leading determiners."""
+        facts = []
         leading = True
         for i in indices:
             pos = self.pos[i]
             if pos == symbols.PUNCT or pos == symbols.SPACE or (leading and pos == symbols.DET):
                 continue
             leading = False
-            self.fact[i] = True
+            facts.append(i)
+        return facts
 
     def words(self, indices: Iterable[int]) -> list[str]:
         return [self.lower(i) for i in indices if not self.is_space[i]]
 
 
-def _entity(document: _Document, mentions: _Mentions, start: int, end: int, label: str) -> None:
+def _entity(document: _Document, start: int, end: int, label: str) -> Mention:
     indices = list(range(start, end))
     document.covered[start:end] = True
     words = document.words(indices)
-    key = _normalize(words)
-    if label == "PERSON":
-        parts = [w for w in words if w.isalpha() and w.rstrip(".") not in PERSON_TITLES and len(w) > 1]
-        first = mentions.first_person(key, parts)
-    else:
-        first = mentions.first(key)
-    if first:
-        document.mark_fact(indices)
+    parts = person_name_parts(words) if label == "PERSON" else None
+    key_words = [i for i in indices if not document.is_space[i]]
+    return Mention(mention_key(words), parts, key_words, document.fact_words(indices))
 
 
 def _chunk_qualifies(document: _Document, indices: list[int], content: list[int], root: int) -> bool:
@@ -283,10 +286,35 @@ def _noun_chunk_bounds(pos, dep, head, roles, conj):
 _NOUN, _PROPN, _PRON = int(symbols.NOUN), int(symbols.PROPN), int(symbols.PRON)
 
 
-def label_words(doc: Doc) -> WordLabels:
-    """The class of every token of a parsed document (see the module docstring for the rules)."""
+@dataclass
+class Mention:
+    """A named entity, noun chunk or number of a document, as the document-level rules see it.
+
+    ``key`` is what a later mention must equal to repeat it; a PERSON has ``person_parts`` (the parts of its
+    name). ``words`` are the indices of the words the key was made of, ``facts`` the words that become facts
+    when this is the first mention (empty for a chunk that does not qualify: it still counts as seen).
+    """
+
+    key: str
+    person_parts: list[str] | None
+    words: list[int]
+    facts: list[int]
+
+
+def first_mentions(mentions: Iterable[Mention]) -> list[bool]:
+    """Whether each mention, in document order, is the first of its kind: the document-level rules."""
+    seen = _Mentions()
+    return [
+        seen.first(mention.key) if mention.person_parts is None else seen.first_person(mention.key, mention.person_parts)
+        for mention in mentions
+    ]
+
+
+def local_labels(doc: Doc) -> tuple[WordLabels, list[Mention]]:
+    """Everything the rules decide from a word and its sentence: each word's class when no mention makes it a
+    fact (grammar or other), and the document's mentions in order. :func:`first_mentions` does the rest."""
     document = _Document(doc)
-    mentions = _Mentions()
+    mentions: list[Mention] = []
     events: list[tuple[int, int, tuple]] = [(ent.start, 0, ("entity", ent.end, ent.label_)) for ent in doc.ents]
     events += [(indices[0], 1, ("chunk", indices, root)) for indices, root in _chunks(document)]
     events += [(i, 2, ("number",)) for i in np.flatnonzero(document.like_num).tolist()]
@@ -295,10 +323,10 @@ def label_words(doc: Doc) -> WordLabels:
     for start, _, event in events:
         kind = event[0]
         if kind == "entity":
-            _entity(document, mentions, start, event[1], event[2])
+            mentions.append(_entity(document, start, event[1], event[2]))
         elif kind == "number":
-            if not document.covered[start] and mentions.first(document.lower(start)):
-                document.fact[start] = True
+            if not document.covered[start]:
+                mentions.append(Mention(document.lower(start), None, [start], [start]))
         else:
             indices, root = event[1], event[2]
             if document.pos[root] == symbols.PRON:
@@ -310,12 +338,20 @@ def label_words(doc: Doc) -> WordLabels:
             ]
             if not content:
                 continue
-            if mentions.first(_normalize(document.words(content))) and _chunk_qualifies(document, indices, content, root):
-                document.mark_fact(content)
+            facts = content if _chunk_qualifies(document, indices, content, root) else []
+            mentions.append(Mention(mention_key(document.words(content)), None, content, facts))
     classes = np.full(document.size, TokenClass.OTHER, dtype=np.int8)
     classes[document.grammar] = TokenClass.GRAMMAR
-    classes[document.fact] = TokenClass.FACT
-    return WordLabels(document.begin, document.begin + document.length, classes)
+    return WordLabels(document.begin, document.begin + document.length, classes), mentions
+
+
+def label_words(doc: Doc) -> WordLabels:
+    """The class of every token of a parsed document (see the module docstring for the rules)."""
+    words, mentions = local_labels(doc)
+    for mention, first in zip(mentions, first_mentions(mentions)):
+        if first:
+            words.classes[mention.facts] = TokenClass.FACT
+    return words
 
 
 ZONE_BATCHES = 16
@@ -336,8 +372,9 @@ class FactAnnotator:
         self._zone = ExitStack()
         self._batches_in_zone = 0
 
-    def annotate(self, texts: Iterable[str]) -> Iterator[WordLabels]:
-        """Labels for each text, in order, parsed in batches of ``batch_size``.
+    def annotate(self, texts: Iterable[str], rules: Callable[[Doc], T] = label_words) -> Iterator[T]:
+        """Labels for each text, in order, parsed in batches of ``batch_size``; ``rules`` makes them from the
+        parse (:func:`local_labels`: what a distilled student learns).
 
         spaCy's strings and lexemes are freed every ``ZONE_BATCHES`` batches (a memory zone that stays open
         across calls), so memory stays flat over an endless stream while the words of recent batches are
@@ -350,7 +387,7 @@ class FactAnnotator:
             if self._batches_in_zone == 0:
                 self._zone.enter_context(self.nlp.memory_zone())
             self._batches_in_zone += 1
-            yield from [label_words(doc) for doc in self.nlp.pipe(batch, batch_size=self.batch_size)]
+            yield from [rules(doc) for doc in self.nlp.pipe(batch, batch_size=self.batch_size)]
 
     def release_memory(self) -> None:
         """Free the strings and lexemes spaCy added since the current memory zone opened."""

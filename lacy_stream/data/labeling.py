@@ -6,7 +6,8 @@ first source that has them:
 1. labels stored in the shard by ``lacy-stream annotate --shards`` (offline mode), when they were made by
    the same labeler (same spaCy model, rules and tokenizer) and for the same document split;
 2. the label cache, written by earlier epochs;
-3. the annotator: spaCy over a batch of documents, the rules, then alignment to SentencePiece pieces.
+3. the annotator: spaCy over a batch of documents, the rules, then alignment to SentencePiece pieces; or a
+   distilled student (:mod:`.student_labeler`) that labels the pieces directly.
 
 Judge labels come from the document's ``annotated_text`` markup (see :mod:`.judge`), when it has one.
 
@@ -29,7 +30,7 @@ import numpy as np
 
 from ..labels import JUDGE_CALL, JUDGE_KEEP, JUDGE_UNKNOWN, LABEL_COLUMNS, TokenClass
 from ..tokenizer import Tokenizer
-from .alignment import char_to_byte_offsets, encode_with_offsets, piece_classes, pieces_in_spans
+from .alignment import PieceLabels, char_to_byte_offsets, encode_with_offsets, piece_classes, pieces_in_spans
 from .annotation import FactAnnotator, WordLabels
 from .documents import Document
 from .judge import judge_spans
@@ -37,6 +38,7 @@ from .label_cache import LabelCache, ShardLabelCache, document_key
 
 if TYPE_CHECKING:
     from .reference_loss import ReferenceScorer
+    from .student_labeler import StudentAnnotator
 
 log = logging.getLogger(__name__)
 
@@ -61,7 +63,7 @@ class DocumentLabeler:
     def __init__(
         self,
         tokenizer: Tokenizer,
-        annotator: FactAnnotator | None,
+        annotator: FactAnnotator | StudentAnnotator | None,
         *,
         cache: LabelCache | None = None,
         batch_size: int = 64,
@@ -169,7 +171,7 @@ class DocumentLabeler:
 
     def _complete(self, waiting: list) -> Iterator[tuple[Item, Document, Labels]]:
         missing = [doc for _, doc, _, _, labels in waiting if labels is None]
-        words: Iterator[WordLabels | None]
+        words: Iterator[WordLabels | PieceLabels | None]
         if self.annotator is not None:
             words = self.annotator.annotate(doc.text for doc in missing)
         else:
@@ -204,8 +206,11 @@ class DocumentLabeler:
             shard_cache.put(key, {"ref_loss": losses})
         return losses
 
-    def _annotate(self, doc: Document, words: WordLabels | None) -> Labels:
+    def _annotate(self, doc: Document, words: WordLabels | PieceLabels | None) -> Labels:
         text = doc.text
+        if isinstance(words, PieceLabels):
+            judge = self._judge(doc, words.begin, words.end, char_to_byte_offsets(text))
+            return {"tokens": words.ids, "token_class": words.classes, "judge": judge}
         if words is None and _judge_markup(doc) is None:
             ids = np.array(self.tokenizer.encode(text), dtype=np.int64)
             return {

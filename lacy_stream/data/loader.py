@@ -219,20 +219,38 @@ class _StreamPosition:
     read_stats: dict
 
 
-def check_annotation_config(annotation: AnnotationConfig) -> None:
+def check_annotation_config(annotation: AnnotationConfig, tokenizer: Tokenizer) -> None:
     """Fail in the calling process, before any worker starts, on settings a worker would trip over."""
     if annotation.batch_size < 1:
         raise ValueError(f"annotation.batch_size must be at least 1, got {annotation.batch_size}")
-    if annotation.enabled:
+    if annotation.enabled and student_path(annotation.labeler):
+        from .student_labeler import load_student
+
+        load_student(student_path(annotation.labeler), tokenizer)
+    elif annotation.enabled:
         resolve_model(annotation.spacy_model)
+
+
+def student_path(labeler: str) -> str | None:
+    """The student file of ``annotation.labeler`` (``student:PATH``); None for ``spacy``."""
+    if labeler == "spacy":
+        return None
+    if labeler.startswith("student:") and labeler[len("student:") :]:
+        return labeler[len("student:") :]
+    raise ValueError(f"annotation.labeler must be 'spacy' or 'student:PATH', got {labeler!r}")
 
 
 def build_labeler(
     tokenizer: Tokenizer, annotation: AnnotationConfig, max_doc_chars: int, reference: str = ""
 ) -> DocumentLabeler:
-    """The labeler of one worker: spaCy as ``annotation`` says, a reference model's losses with ``reference``."""
+    """The labeler of one worker: spaCy or a student as ``annotation`` says, a reference model's losses with
+    ``reference``."""
     annotator = None
-    if annotation.enabled:
+    if annotation.enabled and student_path(annotation.labeler):
+        from .student_labeler import StudentAnnotator  # torch: only when needed
+
+        annotator = StudentAnnotator.load(student_path(annotation.labeler), tokenizer)
+    elif annotation.enabled:
         annotator = FactAnnotator(annotation.spacy_model, batch_size=annotation.batch_size)
         # Documents are split to max_doc_chars before spaCy sees them; spaCy's own guard would stop a worker.
         annotator.nlp.max_length = max(annotator.nlp.max_length, max_doc_chars)
@@ -297,7 +315,7 @@ class TokenLoader:
         reference: str = "",
         max_skip_ratio: float = MAX_SKIP_RATIO,
     ) -> None:
-        check_annotation_config(annotation)
+        check_annotation_config(annotation, Tokenizer(tokenizer_path))
         if reference:
             from .reference_loss import check_reference
 

@@ -1,0 +1,297 @@
+"""Distillation of a student fact labeler (:mod:`.student_labeler`) from spaCy and the rules.
+
+1. **Targets.** spaCy parses each document and :func:`.annotation.local_labels` gives what the rules decide
+   locally; aligned to SentencePiece pieces these are the student's targets (span tag, base class, "fact if
+   first"), next to the teacher's final class of each piece (the referee). Targets are written through to
+   the label cache under their own identity (teacher + rules + tokenizer), so a second distillation over the
+   same documents skips spaCy; the missing ones are parsed in worker processes, with progress on the log.
+2. **Training.** The network learns the three targets on windows of pieces; one document in ten (by content
+   hash) is held out.
+3. **Agreement.** On the held-out documents the student labels as it will in the loader (network, then the
+   document-level rules) and is compared with the teacher: 3-class agreement, fact precision and recall.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import multiprocessing
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ..labels import TokenClass
+from ..tokenizer import Tokenizer
+from .alignment import char_to_byte_offsets, encode_with_offsets, piece_classes
+from .annotation import FactAnnotator, Mention, WordLabels, first_mentions, local_labels
+from .label_cache import LabelCache, document_key
+from .labeling import file_digest
+from .student_labeler import (
+    BASE_CLASSES,
+    BEGIN,
+    BEGIN_PERSON,
+    INSIDE,
+    INSIDE_PERSON,
+    StudentAnnotator,
+    StudentConfig,
+    StudentNetwork,
+    piece_shapes,
+    resolve_pieces,
+    save_student,
+)
+
+log = logging.getLogger(__name__)
+
+TARGET_COLUMNS = {
+    "tokens": np.dtype(np.int32),
+    "token_class": np.dtype(np.int8),
+    "span_tag": np.dtype(np.int8),
+    "base_class": np.dtype(np.int8),
+    "fact_if_first": np.dtype(np.int8),
+}
+"""Per piece: the teacher's final class and the student's three targets."""
+HELD_OUT_EVERY = 10
+WINDOW = 512
+IGNORED = -100
+
+
+def piece_targets(tokenizer: Tokenizer, text: str, words: WordLabels, mentions: list[Mention]) -> dict[str, np.ndarray]:
+    """The student's targets and the teacher's classes for the pieces of ``text``, from the rules' local labels."""
+    ids, begin, end = encode_with_offsets(tokenizer, text)
+    to_bytes = char_to_byte_offsets(text)
+
+    def classes_with_facts(facts: list[int]) -> np.ndarray:
+        word_classes = words.classes.copy()
+        word_classes[facts] = TokenClass.FACT
+        return piece_classes(text, to_bytes, begin, end, words.begin, words.end, word_classes)
+
+    first_facts = [i for m, first in zip(mentions, first_mentions(mentions)) if first for i in m.facts]
+    span_tag = np.zeros(len(ids), dtype=np.int8)
+    text_bytes = text.encode("utf-8")
+    for mention in mentions:
+        if not mention.words:
+            continue
+        span_begin = int(to_bytes[words.begin[min(mention.words)]])
+        span_end = int(to_bytes[words.end[max(mention.words)]])
+        # SentencePiece carries the space before a word on the word's first piece ("▁" before digits too).
+        while span_begin > 0 and text_bytes[span_begin - 1] == 0x20:
+            span_begin -= 1
+        first = int(np.searchsorted(end, span_begin, side="right"))
+        last = int(np.searchsorted(begin, span_end, side="left")) - 1
+        if first <= last:
+            person = mention.person_parts is not None
+            span_tag[first] = BEGIN_PERSON if person else BEGIN
+            span_tag[first + 1 : last + 1] = INSIDE_PERSON if person else INSIDE
+    return {
+        "tokens": ids,
+        "token_class": classes_with_facts(first_facts),
+        "span_tag": span_tag,
+        "base_class": classes_with_facts([]),
+        "fact_if_first": classes_with_facts([i for m in mentions for i in m.facts]) == TokenClass.FACT,
+    }
+
+
+_worker: tuple[FactAnnotator, Tokenizer] | None = None
+
+
+def _start_worker(spacy_model: str, tokenizer_path: str) -> None:
+    global _worker
+    torch.set_num_threads(1)
+    _worker = (FactAnnotator(spacy_model), Tokenizer(tokenizer_path))
+
+
+def _targets_of(texts: list[str]) -> list[dict[str, np.ndarray]]:
+    annotator, tokenizer = _worker
+    return [
+        piece_targets(tokenizer, text, words, mentions)
+        for text, (words, mentions) in zip(texts, annotator.annotate(texts, rules=local_labels))
+    ]
+
+
+def teacher_identity(spacy_model: str) -> str:
+    """The teacher's identity (spaCy model and rules), as the spaCy labeler names itself."""
+    return FactAnnotator(spacy_model).identity
+
+
+def gather_targets(
+    texts: list[str],
+    tokenizer_path: str,
+    *,
+    spacy_model: str,
+    cache: LabelCache | None,
+    source: str,
+    workers: int,
+) -> list[dict[str, np.ndarray]]:
+    """Targets of every text: from the cache, else spaCy in ``workers`` processes (progress on the log)."""
+    shard_cache = cache.shard(source) if cache is not None else None
+    keys = [document_key(text, None) for text in texts]
+    targets: list[dict | None] = [shard_cache.get(key) if shard_cache else None for key in keys]
+    missing = [i for i, found in enumerate(targets) if found is None]
+    log.info("%s: %d documents, %d from the cache, %d for spaCy", source, len(texts), len(texts) - len(missing), len(missing))
+    if missing:
+        chunks = [missing[i : i + 8] for i in range(0, len(missing), 8)]
+        started, pieces, done = time.monotonic(), 0, 0
+        context = multiprocessing.get_context("spawn")
+        with context.Pool(workers, _start_worker, (spacy_model, tokenizer_path)) as pool:
+            for chunk, results in zip(chunks, pool.imap(_targets_of, [[texts[i] for i in c] for c in chunks])):
+                for i, result in zip(chunk, results):
+                    targets[i] = result
+                    pieces += len(result["tokens"])
+                    if shard_cache is not None:
+                        shard_cache.put(keys[i], result)
+                done += len(chunk)
+                elapsed = time.monotonic() - started
+                log.info("spaCy: %d/%d documents, %d pieces, %.0f pieces/s", done, len(missing), pieces, pieces / elapsed)
+        if shard_cache is not None:
+            shard_cache.flush()
+    return targets
+
+
+def split_held_out(texts: list[str]) -> tuple[list[int], list[int]]:
+    """Indices of training and held-out documents; held out: one in ``HELD_OUT_EVERY`` by content hash."""
+    held_out = [i for i, text in enumerate(texts) if document_key(text, None)[0] % HELD_OUT_EVERY == 0]
+    chosen = set(held_out)
+    return [i for i in range(len(texts)) if i not in chosen], held_out
+
+
+def _windows(targets: list[dict[str, np.ndarray]], max_pieces: int | None) -> list[dict[str, np.ndarray]]:
+    windows, total = [], 0
+    for document in targets:
+        for start in range(0, len(document["tokens"]), WINDOW):
+            window = {name: column[start : start + WINDOW] for name, column in document.items()}
+            if max_pieces is not None and total + len(window["tokens"]) > max_pieces:
+                return windows
+            windows.append(window)
+            total += len(window["tokens"])
+    return windows
+
+
+def _batch(windows: list[dict[str, np.ndarray]], shapes: torch.Tensor, device: torch.device) -> dict[str, torch.Tensor]:
+    length = max(len(w["tokens"]) for w in windows)
+
+    def padded(name: str, fill: int, convert=lambda column: column) -> torch.Tensor:
+        out = np.full((len(windows), length), fill, dtype=np.int64)
+        for row, window in enumerate(windows):
+            out[row, : len(window[name])] = convert(window[name])
+        return torch.from_numpy(out).to(device)
+
+    pieces = padded("tokens", 0)
+    return {
+        "pieces": pieces,
+        "shapes": shapes[pieces],
+        "span_tag": padded("span_tag", IGNORED),
+        "base_class": padded("base_class", IGNORED, lambda column: column == BASE_CLASSES[1]),
+        "fact_if_first": padded("fact_if_first", IGNORED),
+    }
+
+
+def train_student(
+    targets: list[dict[str, np.ndarray]],
+    tokenizer: Tokenizer,
+    *,
+    max_pieces: int | None = None,
+    epochs: int = 6,
+    batch_windows: int = 16,
+    learning_rate: float = 3e-3,
+    seed: int = 0,
+    device: str | None = None,
+) -> StudentNetwork:
+    """The network trained on the targets' windows (at most ``max_pieces`` pieces), on the GPU when there is one."""
+    torch.manual_seed(seed)
+    target_device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    network = StudentNetwork(StudentConfig(num_pieces=tokenizer.num_pieces)).to(target_device)
+    shapes = torch.from_numpy(piece_shapes(tokenizer)).to(target_device)
+    windows = _windows(targets, max_pieces)
+    if not windows:
+        raise ValueError("no training pieces: give more documents")
+    steps = epochs * math.ceil(len(windows) / batch_windows)
+    optimizer = torch.optim.AdamW(network.parameters(), lr=learning_rate, weight_decay=0.01)
+    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=learning_rate, total_steps=steps, pct_start=0.1)
+    random = np.random.default_rng(seed)
+    network.train()
+    for epoch in range(epochs):
+        losses = []
+        order = random.permutation(len(windows))
+        for start in range(0, len(windows), batch_windows):
+            batch = _batch([windows[i] for i in order[start : start + batch_windows]], shapes, target_device)
+            tags, base, fact = network(batch["pieces"], batch["shapes"])
+            loss = (
+                F.cross_entropy(tags.flatten(0, 1), batch["span_tag"].flatten(), ignore_index=IGNORED)
+                + F.cross_entropy(base.flatten(0, 1), batch["base_class"].flatten(), ignore_index=IGNORED)
+                + F.cross_entropy(fact.flatten(0, 1), batch["fact_if_first"].flatten(), ignore_index=IGNORED)
+            )
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            schedule.step()
+            losses.append(loss.item())
+        log.info("epoch %d/%d: loss %.4f over %d windows", epoch + 1, epochs, float(np.mean(losses)), len(windows))
+    return network.cpu().eval()
+
+
+def agreement(teacher: list[np.ndarray], student: list[np.ndarray]) -> dict:
+    """3-class agreement and fact precision / recall of the student's piece classes against the teacher's."""
+    expected, predicted = np.concatenate(teacher), np.concatenate(student)
+    true_facts = int(((expected == TokenClass.FACT) & (predicted == TokenClass.FACT)).sum())
+    return {
+        "pieces": int(expected.size),
+        "agreement": round(float((expected == predicted).mean()), 4),
+        "fact_precision": round(true_facts / max(int((predicted == TokenClass.FACT).sum()), 1), 4),
+        "fact_recall": round(true_facts / max(int((expected == TokenClass.FACT).sum()), 1), 4),
+    }
+
+
+def rules_on_targets(text: str, targets: dict[str, np.ndarray], tokenizer: Tokenizer) -> np.ndarray:
+    """The document-level rules over the targets themselves: what a perfect student would label."""
+    _, begin, end = encode_with_offsets(tokenizer, text)
+    return resolve_pieces(
+        text.encode("utf-8"), begin, end, targets["span_tag"], targets["base_class"], targets["fact_if_first"].astype(bool)
+    )
+
+
+def distill(
+    sources: list[str],
+    tokenizer_path: str,
+    out: str | Path,
+    *,
+    max_docs: int,
+    max_pieces: int | None,
+    spacy_model: str = "en_core_web_sm",
+    cache_dir: str | Path | None,
+    workers: int = 1,
+    epochs: int = 6,
+) -> dict:
+    """Targets, training and held-out agreement; writes the student to ``out`` and returns its report."""
+    from ..bench_annotation import collect_documents
+    from .urls import StreamOptions
+
+    tokenizer = Tokenizer(tokenizer_path)
+    teacher = teacher_identity(spacy_model)
+    cache = None
+    if cache_dir is not None:
+        cache = LabelCache(cache_dir, f"distill-targets|{teacher}|tokenizer:{file_digest(tokenizer_path)}", TARGET_COLUMNS)
+    texts, targets = [], []
+    for source in sources:
+        source_texts = [d["text"] for d in collect_documents(source, max_docs, StreamOptions())]
+        texts += source_texts
+        targets += gather_targets(
+            source_texts, tokenizer_path, spacy_model=spacy_model, cache=cache, source=source, workers=workers
+        )
+    training, held_out = split_held_out(texts)
+    started = time.monotonic()
+    network = train_student([targets[i] for i in training], tokenizer, max_pieces=max_pieces, epochs=epochs)
+    student = StudentAnnotator(network, tokenizer, identity="distilling")
+    teacher_classes = [targets[i]["token_class"] for i in held_out]
+    available = sum(len(targets[i]["tokens"]) for i in training)
+    report = {
+        "documents": len(texts),
+        "training_pieces": min(available, max_pieces or available),
+        "training_s": round(time.monotonic() - started, 1),
+        "held_out": agreement(teacher_classes, [student.label_text(texts[i]).classes for i in held_out]),
+        "perfect_student": agreement(teacher_classes, [rules_on_targets(texts[i], targets[i], tokenizer) for i in held_out]),
+    }
+    save_student(out, network, tokenizer=file_digest(tokenizer_path), teacher=teacher, report=report)
+    return report

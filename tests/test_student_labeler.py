@@ -1,0 +1,115 @@
+"""The distilled student labeler: the document pass over pieces, distillation, the loader with a student,
+exact resume, and refusal of a student made for another tokenizer or rules version."""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import make_corpus, synthetic_text
+from lacy_stream.config.job_config import AnnotationConfig
+from lacy_stream.data import student_labeler
+from lacy_stream.data.distill import distill
+from lacy_stream.data.loader import TokenLoader, check_annotation_config
+from lacy_stream.data.student_labeler import BEGIN, BEGIN_PERSON, INSIDE, OUTSIDE, StudentError, resolve_pieces
+from lacy_stream.data.urls import expand_shard_spec
+from lacy_stream.labels import TokenClass
+from lacy_stream.tokenizer import Tokenizer, train_tokenizer
+
+FACT, OTHER, GRAMMAR = TokenClass.FACT, TokenClass.OTHER, TokenClass.GRAMMAR
+
+
+def test_the_document_pass_keeps_first_mentions_and_person_name_parts():
+    text = "Ada Lovelace met Babbage. Lovelace met Babbage."
+    words = [(0, 3), (3, 12), (12, 16), (16, 24), (24, 25), (25, 34), (34, 38), (38, 46), (46, 47)]
+    begin, end = (np.array(column) for column in zip(*words))
+    tags = np.array([BEGIN_PERSON, INSIDE, OUTSIDE, BEGIN, OUTSIDE, BEGIN_PERSON, OUTSIDE, BEGIN, OUTSIDE])
+    base = np.array([OTHER, OTHER, OTHER, OTHER, GRAMMAR, OTHER, OTHER, OTHER, GRAMMAR])
+    fact_if_first = tags != OUTSIDE
+    classes = resolve_pieces(text.encode(), begin, end, tags, base, fact_if_first)
+    # "Lovelace" repeats a part of "Ada Lovelace"; the second "Babbage" repeats the first.
+    assert classes.tolist() == [FACT, FACT, OTHER, FACT, GRAMMAR, OTHER, OTHER, OTHER, GRAMMAR]
+
+
+@pytest.fixture(scope="module")
+def student(tmp_path_factory, tokenizer_path) -> tuple[str, dict]:
+    """A student distilled from spaCy on 40 synthetic documents (seconds)."""
+    directory = tmp_path_factory.mktemp("student")
+    rng = random.Random(5)
+    source = directory / "docs.jsonl"
+    source.write_text("".join(json.dumps({"id": i, "text": synthetic_text(rng, 8)}) + "\n" for i in range(40)))
+    path = directory / "student.pt"
+    report = distill([str(source)], tokenizer_path, path, max_docs=40, max_pieces=None, cache_dir=None, epochs=3)
+    return str(path), report
+
+
+def test_distillation_reports_agreement_with_the_teacher(student):
+    _, report = student
+    assert report["documents"] == 40 and report["training_pieces"] > 1000
+    # The rules over perfect targets reproduce the teacher: the split loses (almost) nothing.
+    assert report["perfect_student"]["agreement"] >= 0.98
+    assert report["held_out"]["pieces"] > 0 and report["held_out"]["agreement"] > 0.4
+
+
+def student_loader(directory: Path, tokenizer_path: str, student_path: str, workers: int) -> TokenLoader:
+    return TokenLoader(
+        expand_shard_spec(str(directory)),
+        tokenizer_path,
+        seq_len=32,
+        batch_size=2,
+        num_workers=workers,
+        seed=1,
+        annotation=AnnotationConfig(labeler=f"student:{student_path}"),
+    )
+
+
+def test_a_student_labels_batches_through_the_loader_and_its_own_cache_namespace(tmp_path, tokenizer_path, student):
+    make_corpus(tmp_path / "shards", shards=2, docs_per_shard=3)
+    batches = []
+    for batch in student_loader(tmp_path / "shards", tokenizer_path, student[0], workers=1):
+        batches.append(batch)
+        if len(batches) == 6:
+            break
+    classes = torch.cat([batch["token_class"] for batch in batches])
+    assert set(classes.unique().tolist()) <= {-1, 0, 1, 2} and (classes == FACT).any()
+    identities = [path.read_text() for path in (tmp_path / "lacy-cache" / "labels").glob("*/identity.txt")]
+    assert len(identities) == 1 and identities[0].startswith("student:")
+
+
+def test_exact_resume_with_a_student(tmp_path, tokenizer_path, student):
+    make_corpus(tmp_path / "shards", shards=2, docs_per_shard=[4, 3])
+    loader = student_loader(tmp_path / "shards", tokenizer_path, student[0], workers=1)
+    iterator = iter(loader)
+    for _ in range(3):
+        next(iterator)
+    state = loader.state_dict()
+    expected = [next(iterator) for _ in range(8)]
+    resumed = student_loader(tmp_path / "shards", tokenizer_path, student[0], workers=1)
+    resumed.load_state_dict(state)
+    for want, got in zip(expected, resumed):
+        for name in want:
+            torch.testing.assert_close(want[name], got[name], rtol=0, atol=0, equal_nan=True, msg=name)
+
+
+def test_a_student_for_another_tokenizer_is_refused(tmp_path, student):
+    rng = random.Random(2)
+    other = tmp_path / "other.model"
+    train_tokenizer([synthetic_text(rng, 10) for _ in range(100)], other, vocab_size=360)
+    with pytest.raises(StudentError, match="trained for tokenizer .* distill a student for this tokenizer"):
+        check_annotation_config(AnnotationConfig(labeler=f"student:{student[0]}"), Tokenizer(other))
+
+
+def test_a_student_of_other_rules_is_refused(tokenizer_path, student, monkeypatch):
+    monkeypatch.setattr(student_labeler, "RULES_VERSION", "lacy-rules-99")
+    with pytest.raises(StudentError, match="distilled from rules lacy-rules-1, this code runs lacy-rules-99"):
+        check_annotation_config(AnnotationConfig(labeler=f"student:{student[0]}"), Tokenizer(tokenizer_path))
+
+
+def test_an_unknown_labeler_is_refused(tokenizer_path):
+    with pytest.raises(ValueError, match="'spacy' or 'student:PATH'"):
+        check_annotation_config(AnnotationConfig(labeler="bert"), Tokenizer(tokenizer_path))
