@@ -33,21 +33,21 @@ import numpy as np
 import torch
 from spacy.language import Language
 
+from .annotate.alignment import warm_up as warm_up_alignment
+from .annotate.annotation import FactAnnotator
+from .annotate.distill import agreement, split_held_out
+from .annotate.label_cache import LabelCache
+from .annotate.labeling import DocumentLabeler
+from .annotate.spacy_pipeline import load_pipeline
+from .annotate.student_labeler import StudentAnnotator
 from .config.job_config import AnnotationConfig
-from .data.alignment import warm_up as warm_up_alignment
-from .data.annotation import FactAnnotator
-from .data.distill import agreement, split_held_out
-from .data.documents import ReadStats
-from .data.label_cache import LabelCache
-from .data.labeling import DocumentLabeler
 from .data.loader import TokenLoader, student_path
-from .data.make_shards import make_shards
 from .data.packing import WindowPacker, document_columns, split_doc_uid
-from .data.shard_reader import read_shard
-from .data.spacy_pipeline import load_pipeline
-from .data.student_labeler import StudentAnnotator
-from .data.urls import StreamOptions, expand_shard_spec
 from .labels import JUDGE_CALL, TokenClass
+from .shards.documents import ReadStats
+from .shards.make_shards import make_shards
+from .shards.shard_reader import read_shard
+from .shards.urls import StreamOptions, expand_shard_spec
 from .tokenizer import Tokenizer
 
 

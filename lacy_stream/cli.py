@@ -16,12 +16,19 @@ import sys
 import traceback
 from pathlib import Path
 
-from .config.job_config import RUN_CONFIGS, AnnotationConfig, ConfigError, DataConfig, TokenizerConfig, load_job_config
-from .data.documents import SKIP_WARNING_RATIO, TooManySkipsError
-from .data.urls import PipeNotAllowedError
+from .config.job_config import (
+    RUN_CONFIGS,
+    AnnotationConfig,
+    ConfigError,
+    DataConfig,
+    TokenizerConfig,
+    load_job_config,
+)
 from .eval.options import add_eval_arguments
 from .gpu_check import add_arguments as add_gpu_check_arguments
 from .inference.call_policy import POLICY_NAMES, policy_from_name
+from .shards.documents import SKIP_WARNING_RATIO, TooManySkipsError
+from .shards.urls import PipeNotAllowedError
 
 DEMO_DIR = Path("shards/demo")
 DEMO_VOCAB_SIZE = 8000
@@ -64,13 +71,13 @@ def _share(text: str) -> float:
 
 
 def _options_from_arguments(args: argparse.Namespace):
-    from .data.urls import StreamOptions
+    from .shards.urls import StreamOptions
 
     return StreamOptions(timeout_s=args.http_timeout, retries=args.http_retries, allow_pipe=args.allow_pipe)
 
 
 def cmd_make_shards(args: argparse.Namespace) -> int:
-    from .data.make_shards import make_shards
+    from .shards.make_shards import make_shards
 
     if not args.inputs and not args.demo:
         raise SystemExit("make-shards: give INPUT files or --demo")
@@ -95,8 +102,8 @@ def cmd_make_shards(args: argparse.Namespace) -> int:
 
 def _document_texts(urls: list[str], options, max_docs: int | None = None, max_doc_chars: int = DataConfig.max_doc_chars,
                     max_skip_ratio: float = DataConfig.max_skip_ratio):
-    from .data.documents import ReadStats
-    from .data.shard_reader import read_shard
+    from .shards.documents import ReadStats
+    from .shards.shard_reader import read_shard
 
     stats = ReadStats()
     for shard, url in enumerate(urls):
@@ -108,7 +115,7 @@ def _document_texts(urls: list[str], options, max_docs: int | None = None, max_d
 
 
 def cmd_train_tokenizer(args: argparse.Namespace) -> int:
-    from .data.urls import expand_shard_spec
+    from .shards.urls import expand_shard_spec
     from .tokenizer import train_tokenizer
 
     options = _options_from_arguments(args)
@@ -120,9 +127,9 @@ def cmd_train_tokenizer(args: argparse.Namespace) -> int:
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
-    from .data.documents import ReadStats
-    from .data.inspection import inspect_shards
-    from .data.urls import expand_shard_spec
+    from .shards.documents import ReadStats
+    from .shards.inspection import inspect_shards
+    from .shards.urls import expand_shard_spec
     from .tokenizer import Tokenizer
 
     options = _options_from_arguments(args)
@@ -143,8 +150,8 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
 def cmd_demo(args: argparse.Namespace) -> int:
     from .data.loader import stream_options
-    from .data.make_shards import make_shards
-    from .data.urls import expand_shard_spec
+    from .shards.make_shards import make_shards
+    from .shards.urls import expand_shard_spec
     from .tokenizer import train_tokenizer
     from .train import train
 
@@ -182,7 +189,7 @@ def cmd_annotate(args: argparse.Namespace) -> int:
     if sum(modes) != 1:
         raise SystemExit("annotate: give exactly one of --text, --input (with --output) or --shards (with --out)")
     if args.text is not None:
-        from .data.annotation import FactAnnotator
+        from .annotate.annotation import FactAnnotator
 
         labels = FactAnnotator(args.spacy_model).annotate_text(args.text)
         print(highlight_facts(args.text, labels.spans(args.text), color=sys.stdout.isatty()))
@@ -190,17 +197,22 @@ def cmd_annotate(args: argparse.Namespace) -> int:
     if args.input is not None:
         if not args.output:
             raise SystemExit("annotate: --input needs --output")
-        from .data.annotation import annotate_jsonl
+        from .annotate.annotation import annotate_jsonl
 
         counts = annotate_jsonl(Path(args.input), Path(args.output), args.spacy_model, batch_size=args.batch_size)
         print(f"annotated {counts['documents']} documents -> {args.output}" + (f"; skipped {counts['skipped']}" if counts["skipped"] else ""), file=sys.stderr)
         return 0
     if not args.out or not args.tokenizer:
         raise SystemExit("annotate: --shards needs --out and --tokenizer")
-    from .data.annotate_shards import annotate_shards
-    from .data.urls import expand_shard_spec
+    from .annotate.annotate_shards import annotate_shards
+    from .shards.urls import expand_shard_spec
 
     options = _options_from_arguments(args)
+    reference = None
+    if args.reference:
+        from .inference.reference_loss import ReferenceScorer
+
+        reference = ReferenceScorer(args.reference, args.tokenizer, device=args.device)
     manifest = annotate_shards(
         expand_shard_spec(args.shards, options),
         args.out,
@@ -210,8 +222,7 @@ def cmd_annotate(args: argparse.Namespace) -> int:
         max_doc_chars=args.max_doc_chars,
         options=options,
         compress=None if args.compress == "none" else args.compress,
-        reference=args.reference,
-        device=args.device,
+        reference=reference,
         max_skip_ratio=args.max_skip_ratio,
     )
     print(
@@ -289,7 +300,13 @@ def _interrupted(summary: dict) -> int:
 def cmd_generate(args: argparse.Namespace) -> int:
     from .inference.generate import generate, render
     from .inference.loading import load_lacy
-    from .inference.partners import Cascade, RagPartner, RagPrompt, partner_from_spec, person_from_prompt
+    from .inference.partners import (
+        Cascade,
+        RagPartner,
+        RagPrompt,
+        partner_from_spec,
+        person_from_prompt,
+    )
 
     prompts = list(args.prompt)
     if args.prompts_file:
@@ -338,8 +355,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 def cmd_distill_labeler(args: argparse.Namespace) -> int:
-    from .data.distill import distill
-    from .data.label_cache import default_cache_dir
+    from .annotate.distill import distill
+    from .annotate.label_cache import default_cache_dir
 
     report = distill(
         args.shards,
@@ -358,9 +375,10 @@ def cmd_distill_labeler(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
+    from .eval.options import config_from_arguments
     from .eval.report import run_eval
 
-    return run_eval(args)
+    return run_eval(config_from_arguments(args))
 
 
 def cmd_bench_annotate(args: argparse.Namespace) -> int:

@@ -533,7 +533,7 @@ def _fastest_recomputing(rows: list[dict[str, Any]], implementations: dict[str, 
 def _training_data(work: Path, scale: Scale, corpus: str | None) -> tuple[Path, Path]:
     """Shards and a tokenizer in ``work`` (built once): from ``corpus`` or generated text; the tokenizer is
     padded to ``PADDED_PIECES`` pieces on the GPU."""
-    from .data.make_shards import make_shards
+    from .shards.make_shards import make_shards
     from .tokenizer import train_tokenizer
 
     shards, tokenizer = work / "shards", work / "tokenizer.model"

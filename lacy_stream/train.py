@@ -35,18 +35,22 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+)
 from torch.distributed.tensor import DTensor
 
 from .checkpoint import CheckpointManager, capture_rng_state, restore_rng_state
 from .config.job_config import ConfigError, JobConfig, OptimizerConfig
 from .data.loader import TokenLoader
+from .distributed import SigtermFlag, init_distributed, rank, world_size
 from .export import export_hf
+from .inference.reference_loss import reference_scorer_factory
 from .labels import TokenClass, TokenLabels
 from .loss.lacy_loss import LossOutput
 from .metrics import MetricsLogger, StepTimer, mfu, peak_flops
 from .model import Transformer, flops_per_token, model_args
-from .distributed import SigtermFlag, init_distributed, rank, world_size
 from .parallelize import TrainingModule, parallelize
 from .tokenizer import Tokenizer
 
@@ -142,8 +146,9 @@ class _Trainer:
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lambda step: lr_factor(step, config.optimizer, config.train.steps)
         )
+        self.reference = reference_scorer_factory(config.loss.reference, config.tokenizer.path)
         self.loader = TokenLoader.from_config(
-            config.data, config.tokenizer.path, config.annotation, reference=config.loss.reference,
+            config.data, config.tokenizer.path, config.annotation, reference=self.reference,
             rank=self.rank, world_size=self.ranks,
         )
         self.checkpoints = CheckpointManager(self.run_dir, keep=config.checkpoint.keep)
@@ -241,7 +246,7 @@ class _Trainer:
         if self.val_batches is None:
             loader = TokenLoader.from_config(
                 dataclasses.replace(self.config.data, shards=self.config.train.val_shards, num_workers=0),
-                self.config.tokenizer.path, self.config.annotation, reference=self.config.loss.reference,
+                self.config.tokenizer.path, self.config.annotation, reference=self.reference,
                 rank=self.rank, world_size=self.ranks,
             )
             self.val_batches = [self._prepare(batch) for batch in itertools.islice(loader, self.config.train.val_batches)]
@@ -321,7 +326,7 @@ class _Trainer:
             "tokens_seen": self.tokens_seen,
             "scheduler": self.scheduler.state_dict(),
             "rng": capture_rng_state(),
-            "dataloader": _loader_state_to_json(self.loader.state_dict()),
+            "dataloader": self.loader.state_dict(),
         }
         self.checkpoints.save(self.step, model=self.module, optimizer=self.optimizer, extra=extra)
 
@@ -331,7 +336,7 @@ class _Trainer:
         self.tokens_seen = extra["tokens_seen"]
         self.scheduler.load_state_dict(extra["scheduler"])
         restore_rng_state(extra["rng"])
-        self.loader.load_state_dict(_loader_state_from_json(extra["dataloader"]))
+        self.loader.load_state_dict(extra["dataloader"])
         log.info("resumed from the checkpoint of step %d", self.step)
 
     def _export(self) -> Path | None:
@@ -406,12 +411,3 @@ def _loss_breakdown(counts: dict[str, float]) -> dict[str, float | None]:
         breakdown["excess_loss"] = counts["excess_loss_sum"] / counts["ref_scored"]
         breakdown["call_excess_loss"] = counts["call_excess_loss_sum"] / counts["calls"] if counts["calls"] else None
     return breakdown
-
-
-def _loader_state_to_json(state: dict) -> dict:
-    """The loader's state keys its read counters by slot number; checkpoint JSON needs string keys."""
-    return {**state, "slot_stats": {str(slot): stats for slot, stats in state["slot_stats"].items()}}
-
-
-def _loader_state_from_json(state: dict) -> dict:
-    return {**state, "slot_stats": {int(slot): stats for slot, stats in state["slot_stats"].items()}}

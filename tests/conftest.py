@@ -73,7 +73,7 @@ def label_cache_in_tmp(tmp_path, monkeypatch):
 @pytest.fixture(autouse=True)
 def hosts_up_again(monkeypatch):
     """A host one test found down is not down for the next one (the OS reuses loopback ports)."""
-    from lacy_stream.data import urls
+    from lacy_stream.shards import urls
 
     monkeypatch.setattr(urls, "_HOSTS", urls._HostCircuitBreaker())
 

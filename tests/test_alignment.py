@@ -5,8 +5,8 @@ import random
 import numpy as np
 import pytest
 
-from lacy_stream.data import alignment
-from lacy_stream.data.alignment import (
+from lacy_stream.annotate import alignment
+from lacy_stream.annotate.alignment import (
     char_to_byte_offsets,
     encode_with_offsets,
     label_pieces,
@@ -304,7 +304,7 @@ def test_one_compiled_version_serves_every_input_layout():
 
 
 def test_fast_offsets_equal_sentencepiece_offsets(tokenizer_path):
-    from lacy_stream.data.alignment import _encode_with_proto_offsets
+    from lacy_stream.annotate.alignment import _encode_with_proto_offsets
 
     tokenizer = Tokenizer(tokenizer_path)
     rng = random.Random(7)

@@ -8,7 +8,12 @@ import pytest
 import spacy
 from spacy.tokens import Doc
 
-from lacy_stream.data.annotation import RULES_VERSION, FactAnnotator, annotate_jsonl, label_words
+from lacy_stream.annotate.annotation import (
+    RULES_VERSION,
+    FactAnnotator,
+    annotate_jsonl,
+    label_words,
+)
 from lacy_stream.labels import TokenClass
 
 FACT, OTHER, GRAMMAR = TokenClass.FACT, TokenClass.OTHER, TokenClass.GRAMMAR
@@ -115,7 +120,7 @@ def test_noun_chunks_are_split_at_newlines():
         House PROPN dobj 1
         """
     )
-    from lacy_stream.data.annotation import _chunks, _Document
+    from lacy_stream.annotate.annotation import _chunks, _Document
 
     pieces = [indices for indices, _ in _chunks(_Document(doc))]
     assert pieces == [[0], [2, 3], [5, 6]]
@@ -364,7 +369,7 @@ def test_pruned_pipeline_gives_the_labels_of_the_full_pipeline(annotator):
 
 
 def test_memory_zones_keep_spacy_memory_flat():
-    from lacy_stream.data.annotation import ZONE_BATCHES
+    from lacy_stream.annotate.annotation import ZONE_BATCHES
 
     annotator = FactAnnotator(batch_size=1)
     strings = annotator.nlp.vocab.strings

@@ -20,19 +20,23 @@ from pathlib import Path
 
 import pytest
 import zstandard
-
 from conftest import make_corpus
+from test_cli import REPO, run
+from test_train import logged, overrides
+
 from lacy_stream.checkpoint import CheckpointManager, SafeFileSystemReader
 from lacy_stream.cli import EXIT_INTERRUPTED, EXIT_TOO_MANY_SKIPS, EXIT_USAGE, main
 from lacy_stream.config.job_config import load_job_config
-from lacy_stream.data.documents import DOCUMENT_SKIP_REASONS, REPAIR_REASONS, SHARD_SKIP_REASONS
-from lacy_stream.data.make_shards import make_shards
 from lacy_stream.model import Transformer, model_args
 from lacy_stream.parallelize import TrainingModule
+from lacy_stream.shards.documents import (
+    DOCUMENT_SKIP_REASONS,
+    REPAIR_REASONS,
+    SHARD_SKIP_REASONS,
+)
+from lacy_stream.shards.make_shards import make_shards
 from lacy_stream.tokenizer import Tokenizer
 from lacy_stream.train import build_optimizer
-from test_cli import REPO, run
-from test_train import logged, overrides
 
 
 def cli(*args: str) -> int:

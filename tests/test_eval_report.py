@@ -6,13 +6,13 @@ import argparse
 import json
 
 import pytest
-
 from conftest import SHARED_DIR, needs_shared
+from test_eval_helpers import RuleBasedJudge, one_token_partner, tiny_lacy
+
 from lacy_stream.cli import main
 from lacy_stream.eval.factscore import read_entities
-from lacy_stream.eval.options import SECTIONS, add_eval_arguments
-from lacy_stream.eval.report import config_from_arguments, run_eval
-from test_eval_helpers import RuleBasedJudge, one_token_partner, tiny_lacy
+from lacy_stream.eval.options import SECTIONS, add_eval_arguments, config_from_arguments
+from lacy_stream.eval.report import run_eval
 
 pytest.importorskip("transformers")  # export_hf, the partner server
 
@@ -113,7 +113,7 @@ def test_failures_are_reported_and_generation_runs_without_a_partner(tokenizer_p
         "--sections", "nlu,factscore,generation_throughput", "--arc-easy", str(missing), "--limit", "1",
         "--max-new-tokens", "6", "--device", "cpu",
     )  # fmt: skip
-    assert run_eval(args) == 1  # nlu failed: its ARC file does not exist
+    assert run_eval(config_from_arguments(args)) == 1  # nlu failed: its ARC file does not exist
 
     out = tmp_path / "out"
     sections = json.loads((out / "report.json").read_text())["sections"]

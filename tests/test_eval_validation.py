@@ -8,11 +8,11 @@ import random
 import pytest
 import torch
 import torch.nn.functional as F
-
 from conftest import synthetic_text
+from test_eval_helpers import TINY_CONTEXT, tiny_lacy
+
 from lacy_stream.eval.heldout import pack_windows, read_heldout_texts
 from lacy_stream.eval.validation import call_mask, evaluate_validation
-from test_eval_helpers import TINY_CONTEXT, tiny_lacy
 
 pytest.importorskip("transformers")  # export_hf
 
@@ -126,7 +126,7 @@ def test_pack_windows_marks_document_ends_and_padding_invalid():
 
 
 def test_read_heldout_texts_from_jsonl_and_shards(tmp_path):
-    from lacy_stream.data.make_shards import make_shards
+    from lacy_stream.shards.make_shards import make_shards
 
     records = [{"id": str(i), "text": f"Document number {i}."} for i in range(5)]
     source = tmp_path / "heldout.jsonl"

@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from lacy_stream.annotate.annotation import FactAnnotator
 from lacy_stream.cli import main
-from lacy_stream.data.annotation import FactAnnotator
 from lacy_stream.export import export_hf
 from lacy_stream.inference.call_policy import (
     ArgmaxCall,
@@ -23,7 +23,12 @@ from lacy_stream.inference.call_policy import (
     negative_top_logprob,
     top_k_entropy,
 )
-from lacy_stream.inference.generate import TokenSource, generate, penalize_repetition, render
+from lacy_stream.inference.generate import (
+    TokenSource,
+    generate,
+    penalize_repetition,
+    render,
+)
 from lacy_stream.model import Transformer, model_args
 from lacy_stream.tokenizer import Tokenizer
 

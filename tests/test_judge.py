@@ -5,9 +5,9 @@ import json
 import re
 
 import pytest
-
 from conftest import SHARED_DIR
-from lacy_stream.data.judge import JudgeStats, judge_spans, strip_markup
+
+from lacy_stream.annotate.judge import JudgeStats, judge_spans, strip_markup
 
 DWIKI = SHARED_DIR / "data" / "dwiki-dev.jsonl"
 needs_dwiki = pytest.mark.skipif(not DWIKI.exists(), reason=f"{DWIKI} not found (set LACY_SHARED_DIR)")

@@ -7,20 +7,20 @@ import random
 
 import numpy as np
 import pytest
-
 from conftest import SHARED_DIR, synthetic_text
+
+from lacy_stream.annotate import annotation
+from lacy_stream.annotate.annotate_shards import annotate_shards
+from lacy_stream.annotate.annotation import FactAnnotator
+from lacy_stream.annotate.label_cache import LabelCache
+from lacy_stream.annotate.labeling import DocumentLabeler
 from lacy_stream.config.job_config import AnnotationConfig
-from lacy_stream.data import annotation
-from lacy_stream.data.annotate_shards import annotate_shards
-from lacy_stream.data.annotation import FactAnnotator
-from lacy_stream.data.documents import Document, ReadStats
-from lacy_stream.data.label_cache import LabelCache
-from lacy_stream.data.labeling import DocumentLabeler
 from lacy_stream.data.loader import TokenLoader
-from lacy_stream.data.make_shards import make_shards
-from lacy_stream.data.shard_reader import read_shard
-from lacy_stream.data.urls import expand_shard_spec
 from lacy_stream.labels import JUDGE_CALL, JUDGE_UNKNOWN, TokenClass
+from lacy_stream.shards.documents import Document, ReadStats
+from lacy_stream.shards.make_shards import make_shards
+from lacy_stream.shards.shard_reader import read_shard
+from lacy_stream.shards.urls import expand_shard_spec
 from lacy_stream.tokenizer import Tokenizer, train_tokenizer
 
 DWIKI = SHARED_DIR / "data" / "dwiki-dev.jsonl"

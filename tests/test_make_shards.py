@@ -17,9 +17,9 @@ import pytest
 import webdataset
 import zstandard
 
-from lacy_stream.data.demo_corpus import wikitext_to_plain
-from lacy_stream.data.documents import TooManySkipsError
-from lacy_stream.data.make_shards import ShardInputError, make_shards, parse_hf_spec
+from lacy_stream.shards.demo_corpus import wikitext_to_plain
+from lacy_stream.shards.documents import TooManySkipsError
+from lacy_stream.shards.make_shards import ShardInputError, make_shards, parse_hf_spec
 
 SHARED_DIR = Path(os.environ.get("LACY_SHARED_DIR", Path(__file__).resolve().parents[1].parent / "shared"))
 DWIKI_DEV = SHARED_DIR / "data" / "dwiki-dev.jsonl"
@@ -239,7 +239,7 @@ def test_every_kind_of_bad_record_is_counted_and_logged(tmp_path: Path, caplog: 
     source = tmp_path / "mixed.jsonl"
     source.write_bytes(b"\n".join(lines) + b"\n")
 
-    with caplog.at_level(logging.WARNING, logger="lacy_stream.data.make_shards"):
+    with caplog.at_level(logging.WARNING, logger="lacy_stream.shards.make_shards"):
         manifest = make_shards([str(source)], tmp_path / "out")
 
     assert manifest["documents"] == 3

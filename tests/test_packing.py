@@ -3,9 +3,15 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from lacy_stream.data.documents import Document, split_document, split_text
-from lacy_stream.data.packing import COLUMNS, WindowPacker, doc_uid, document_columns, split_doc_uid
+from lacy_stream.data.packing import (
+    COLUMNS,
+    WindowPacker,
+    doc_uid,
+    document_columns,
+    split_doc_uid,
+)
 from lacy_stream.labels import JUDGE_UNKNOWN, TokenClass
+from lacy_stream.shards.documents import Document, split_document, split_text
 from lacy_stream.tokenizer import Tokenizer
 
 

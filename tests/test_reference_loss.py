@@ -8,17 +8,21 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-
 from conftest import make_corpus, synthetic_text
-from lacy_stream.data.annotate_shards import annotate_shards
-from lacy_stream.data.documents import Document, ReadStats
-from lacy_stream.data.label_cache import REFERENCE_CACHE_COLUMNS, LabelCache
-from lacy_stream.data.labeling import DocumentLabeler
-from lacy_stream.data.reference_loss import ReferenceMismatchError, ReferenceScorer, check_reference
-from lacy_stream.data.shard_reader import read_shard
-from lacy_stream.data.urls import expand_shard_spec
+
+from lacy_stream.annotate.annotate_shards import annotate_shards
+from lacy_stream.annotate.label_cache import REFERENCE_CACHE_COLUMNS, LabelCache
+from lacy_stream.annotate.labeling import DocumentLabeler
 from lacy_stream.export import export_hf
+from lacy_stream.inference.reference_loss import (
+    ReferenceMismatchError,
+    ReferenceScorer,
+    check_reference,
+)
 from lacy_stream.model import Transformer, model_args
+from lacy_stream.shards.documents import Document, ReadStats
+from lacy_stream.shards.shard_reader import read_shard
+from lacy_stream.shards.urls import expand_shard_spec
 from lacy_stream.tokenizer import Tokenizer, train_tokenizer
 
 CONTEXT = 32
@@ -110,8 +114,8 @@ def test_reference_cache_hits_misses_on_another_reference_and_survives_corruptio
 def test_offline_shards_store_reference_losses(references, tokenizer_path, tmp_path):
     make_corpus(tmp_path / "corpus", shards=1, docs_per_shard=4)
     urls = expand_shard_spec(str(tmp_path / "corpus"))
-    manifest = annotate_shards(urls, tmp_path / "annotated", tokenizer_path, reference=str(references[0]))
     scorer = ReferenceScorer(references[0], tokenizer_path)
+    manifest = annotate_shards(urls, tmp_path / "annotated", tokenizer_path, reference=scorer)
     assert manifest["reference"] == scorer.identity
 
     stored_docs = list(read_shard(expand_shard_spec(str(tmp_path / "annotated"))[0], 0, ReadStats()))

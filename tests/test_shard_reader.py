@@ -7,10 +7,10 @@ import logging
 
 import pytest
 import zstandard
-
 from conftest import tar_bytes
-from lacy_stream.data.documents import ReadStats
-from lacy_stream.data.shard_reader import read_shard
+
+from lacy_stream.shards.documents import ReadStats
+from lacy_stream.shards.shard_reader import read_shard
 
 
 def sample(key: str, text: bytes | None, meta: bytes | None = b'{"id": 1}') -> tuple[str, dict[str, bytes]]:

@@ -7,12 +7,17 @@ from itertools import islice
 
 import pytest
 import spacy
+from conftest import SHARED_DIR
 from spacy.language import Language
 from spacy.pipeline import AttributeRuler
 from spacy.tokens import Doc
 
-from conftest import SHARED_DIR
-from lacy_stream.data.spacy_pipeline import POS_RULES_FACTORY, PosRules, load_pipeline, pipeline_identity
+from lacy_stream.annotate.spacy_pipeline import (
+    POS_RULES_FACTORY,
+    PosRules,
+    load_pipeline,
+    pipeline_identity,
+)
 
 DWIKI = SHARED_DIR / "data" / "dwiki-dev.jsonl"
 REAL_DOCUMENTS = 40

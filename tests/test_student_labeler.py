@@ -10,15 +10,22 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-
 from conftest import make_corpus, synthetic_text
+
+from lacy_stream.annotate import student_labeler
+from lacy_stream.annotate.distill import distill
+from lacy_stream.annotate.student_labeler import (
+    BEGIN,
+    BEGIN_PERSON,
+    INSIDE,
+    OUTSIDE,
+    StudentError,
+    resolve_pieces,
+)
 from lacy_stream.config.job_config import AnnotationConfig
-from lacy_stream.data import student_labeler
-from lacy_stream.data.distill import distill
 from lacy_stream.data.loader import TokenLoader, check_annotation_config
-from lacy_stream.data.student_labeler import BEGIN, BEGIN_PERSON, INSIDE, OUTSIDE, StudentError, resolve_pieces
-from lacy_stream.data.urls import expand_shard_spec
 from lacy_stream.labels import TokenClass
+from lacy_stream.shards.urls import expand_shard_spec
 from lacy_stream.tokenizer import Tokenizer, train_tokenizer
 
 FACT, OTHER, GRAMMAR = TokenClass.FACT, TokenClass.OTHER, TokenClass.GRAMMAR

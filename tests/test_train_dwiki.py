@@ -15,13 +15,13 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import SHARED_DIR
+
 from lacy_stream.config.job_config import AnnotationConfig, DataConfig, load_job_config
 from lacy_stream.data.loader import TokenLoader
-from lacy_stream.data.make_shards import make_shards
 from lacy_stream.inference.loading import load_lacy
 from lacy_stream.labels import TokenClass
+from lacy_stream.shards.make_shards import make_shards
 from lacy_stream.tokenizer import train_tokenizer
 from lacy_stream.train import train
 

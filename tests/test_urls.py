@@ -15,7 +15,7 @@ from urllib.parse import urlsplit
 import pytest
 import zstandard
 
-from lacy_stream.data.urls import (
+from lacy_stream.shards.urls import (
     PipeNotAllowedError,
     ShardOpenError,
     StreamOptions,

@@ -15,11 +15,11 @@ import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..data.documents import MAX_SKIP_RATIO
-from ..data.urls import StreamOptions
 from ..loss.lacy_loss import IMPLEMENTATIONS
 from ..loss.masks import METHODS
 from ..model import PRESETS
+from ..shards.documents import MAX_SKIP_RATIO
+from ..shards.urls import StreamOptions
 
 
 class ConfigError(ValueError):

@@ -6,41 +6,53 @@ a shard read every k-th sample of it, so every document of an epoch is read by e
 slot is left without data. Streams cycle epochs forever: every rank yields as many batches as the trainer
 asks for (training ends by steps or tokens), and a rank never waits on a rank that ran out.
 
-Resume: each worker's state is its cursor (epoch, shard, sample, part, tokens consumed) plus its read
-counters; :class:`TokenLoader` wraps torchdata's ``StatefulDataLoader``, which snapshots those states in
-step with the batches it hands out. Resuming with another world size, worker count, seed or shard list is
-refused with a clear error, never silently re-split.
+Each worker runs three stages, composable iterators over one another:
+
+1. :func:`slot_documents`: this slot's documents, epoch after epoch, from a :class:`DocumentSource`
+   (:func:`~lacy_stream.shards.shard_reader.read_shard` for tar shards);
+2. the labeler (:meth:`~lacy_stream.annotate.labeling.DocumentLabeler.label`): token ids and labels;
+3. :func:`packed_windows`: documents -> windows of ``seq_len + 1`` tokens, each with the cursor right after it.
+
+Resume: each worker's state is its :class:`Cursor` (epoch, shard, sample, part, tokens consumed), the one
+resume object both ends of the pipeline read (the source starts at its sample, the packer at its token),
+plus its read counters; :class:`TokenLoader` wraps torchdata's ``StatefulDataLoader``, which snapshots the
+workers' states in step with the batches it hands out, and reads the counters from those snapshots.
+Resuming with another world size, worker count, seed or shard list is refused with a clear error, never
+silently re-split.
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
 import warnings
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
-from typing import Iterator
+from typing import Protocol
 
 import numpy as np
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 from torchdata.stateful_dataloader import StatefulDataLoader
 
+from ..annotate.alignment import warm_up as warm_up_alignment
+from ..annotate.annotation import FactAnnotator
+from ..annotate.label_cache import (
+    REFERENCE_CACHE_COLUMNS,
+    LabelCache,
+    default_cache_dir,
+)
+from ..annotate.labeling import DocumentLabeler, Labels, TokenScorer, file_digest
+from ..annotate.spacy_pipeline import resolve_model
 from ..config.job_config import AnnotationConfig, DataConfig
+from ..shards.documents import MAX_SKIP_RATIO, Document, ReadStats, TooManySkipsError
+from ..shards.shard_reader import read_shard
+from ..shards.urls import StreamOptions, expand_shard_spec
 from ..tokenizer import Tokenizer
-from .alignment import warm_up as warm_up_alignment
-from .annotation import FactAnnotator
-from .documents import MAX_SKIP_RATIO, Document, ReadStats, TooManySkipsError
-from .label_cache import REFERENCE_CACHE_COLUMNS, LabelCache, default_cache_dir
-from .labeling import DocumentLabeler, file_digest
-from .spacy_pipeline import resolve_model
 from .packing import COLUMNS, WindowPacker, document_columns
-from .shard_reader import read_shard
-from .urls import StreamOptions, expand_shard_spec
 
 log = logging.getLogger(__name__)
-
-# torchdata 0.11 calls a torch function that torch has since deprecated, on every loader.
-warnings.filterwarnings("ignore", message="'set_vital' is deprecated")
 
 
 class ResumeMismatchError(ValueError):
@@ -83,6 +95,97 @@ class Cursor:
     token_offset: int = 0
     position_base: int = 0
 
+    @property
+    def started(self) -> bool:
+        """Whether the stream was stopped inside an assignment (else it starts at the assignment's beginning)."""
+        return self.sample >= 0
+
+    def consumed(self, doc: Document) -> bool:
+        """Whether ``doc`` (a part of the sample being consumed) was fully packed before the stop."""
+        return doc.index == self.sample and doc.part < self.part
+
+
+class DocumentSource(Protocol):
+    """The documents of one shard (``read_shard`` bound to its options): samples ``i >= start`` with
+    ``i % stride == offset``, counted in ``stats`` (``resumed``: the shard was already counted)."""
+
+    def __call__(
+        self, url: str, shard: int, stats: ReadStats, *, start: int, stride: int, offset: int, resumed: bool
+    ) -> Iterator[Document]: ...
+
+
+@dataclass(frozen=True)
+class SlotPlan:
+    """Which documents one slot reads: its share of ``urls`` under the layout of ``num_slots`` slots."""
+
+    urls: list[str]
+    slot: int
+    num_slots: int
+    seed: int
+    name: str
+    """For messages: ``rank R worker W``."""
+
+
+@dataclass(frozen=True)
+class StreamPosition:
+    """Where a document came from, and the read counters right after it was read."""
+
+    epoch: int
+    assignment: int
+    read_stats: dict
+
+
+def slot_documents(
+    plan: SlotPlan, source: DocumentSource, stats: ReadStats, resume: Cursor, max_skip_ratio: float
+) -> Iterator[tuple[StreamPosition, Document]]:
+    """Every document of the slot, epoch after epoch, from ``resume`` on (its document first)."""
+    started = resume.started
+    epoch, first_assignment = resume.epoch, resume.assignment
+    while True:
+        assignments = assign_shards(len(plan.urls), plan.num_slots, plan.slot, epoch, plan.seed)
+        documents_this_epoch = started
+        for number in range(first_assignment, len(assignments)):
+            assignment = assignments[number]
+            documents = source(
+                plan.urls[assignment.shard], assignment.shard, stats, start=resume.sample if started else 0,
+                stride=assignment.stride, offset=assignment.offset, resumed=started,
+            )
+            for doc in documents:
+                documents_this_epoch = True
+                if started and resume.consumed(doc):
+                    continue
+                yield StreamPosition(epoch, number, stats.as_dict()), doc
+            started = False
+        if not documents_this_epoch:
+            raise TooManySkipsError(
+                f"{plan.name} read no document in epoch {epoch}: its share of the {len(plan.urls)} shards is empty "
+                f"or every sample was skipped ({dict(stats.skipped)}); use fewer workers or ranks, or more data"
+            )
+        stats.check_skips(max_skip_ratio, f"{plan.name} after epoch {epoch}")
+        epoch, first_assignment = epoch + 1, 0
+
+
+def packed_windows(
+    labeled: Iterator[tuple[StreamPosition, Document, Labels]], packer: WindowPacker, eos_id: int, resume: Cursor
+) -> Iterator[tuple[dict[str, np.ndarray], Cursor, dict]]:
+    """Windows of the labeled documents, each with the cursor and read counters right after it.
+
+    The first document continues where ``resume`` stopped: from its ``token_offset``, at its positions.
+    """
+    first = resume.started
+    position_base = 0
+    for position, doc, labels in labeled:
+        start = 0
+        if doc.part == 0:
+            position_base = 0
+        if first:
+            start, position_base, first = resume.token_offset, resume.position_base, False
+        columns = document_columns(doc, labels, eos_id, position.epoch, position_base)
+        for window, consumed in packer.add(columns, start):
+            cursor = Cursor(position.epoch, position.assignment, doc.index, doc.part, consumed, position_base)
+            yield window, cursor, position.read_stats
+        position_base += len(columns["tokens"])
+
 
 def shard_list_digest(urls: list[str]) -> str:
     return hashlib.sha256("\n".join(urls).encode()).hexdigest()[:16]
@@ -103,7 +206,7 @@ class PackedShardDataset(IterableDataset):
         options: StreamOptions = StreamOptions(),
         max_doc_chars: int = 1_000_000,
         annotation: AnnotationConfig = AnnotationConfig(),
-        reference: str = "",
+        reference: Callable[[], TokenScorer] | None = None,
         max_skip_ratio: float = MAX_SKIP_RATIO,
     ) -> None:
         if not urls:
@@ -121,6 +224,7 @@ class PackedShardDataset(IterableDataset):
         self.annotation = annotation
         self.reference = reference
         self.max_skip_ratio = max_skip_ratio
+        self.source: DocumentSource = functools.partial(read_shard, options=options, max_doc_chars=max_doc_chars)
         self.cursor = Cursor()
         self.stats = ReadStats()
         self._stats_at_cursor = self.stats.as_dict()
@@ -151,72 +255,18 @@ class PackedShardDataset(IterableDataset):
         if worker is not None:
             torch.set_num_threads(1)  # one core per worker: spaCy is single-threaded, torch must not fan out
         num_workers = worker.num_workers if worker else 1
-        slot = self.rank * num_workers + (worker.id if worker else 0)
+        worker_id = worker.id if worker else 0
+        plan = SlotPlan(
+            self.urls, self.rank * num_workers + worker_id, self.world_size * num_workers, self.seed,
+            f"rank {self.rank} worker {worker_id}",
+        )
         tokenizer = Tokenizer(self.tokenizer_path)
         labeler = build_labeler(tokenizer, self.annotation, self.max_doc_chars, self.reference)
-        packer = WindowPacker(self.seq_len)
-        resume = self.cursor if self.cursor.sample >= 0 else None
-        position_base = 0
-        for position, doc, labels in labeler.label(self._documents(slot, self.world_size * num_workers)):
-            start = 0
-            if doc.part == 0:
-                position_base = 0
-            if resume is not None:
-                start, position_base = resume.token_offset, resume.position_base
-                resume = None
-            columns = document_columns(doc, labels, tokenizer.eos_id, position.epoch, position_base)
-            for window, consumed in packer.add(columns, start):
-                self.cursor = Cursor(position.epoch, position.assignment, doc.index, doc.part, consumed, position_base)
-                self._stats_at_cursor = position.read_stats
-                window["read_stats"] = position.read_stats
-                window["slot"] = slot
-                yield window
-            position_base += len(columns["tokens"])
-
-    def _documents(self, slot: int, num_slots: int) -> Iterator[tuple["_StreamPosition", Document]]:
-        """Every document of this slot, epoch after epoch, from the cursor on (its document first)."""
-        resume = self.cursor if self.cursor.sample >= 0 else None
-        epoch, first_assignment = self.cursor.epoch, self.cursor.assignment
-        while True:
-            assignments = assign_shards(len(self.urls), num_slots, slot, epoch, self.seed)
-            documents_this_epoch = resume is not None
-            for number in range(first_assignment, len(assignments)):
-                assignment = assignments[number]
-                documents = read_shard(
-                    self.urls[assignment.shard],
-                    assignment.shard,
-                    self.stats,
-                    options=self.options,
-                    max_doc_chars=self.max_doc_chars,
-                    start=resume.sample if resume else 0,
-                    stride=assignment.stride,
-                    offset=assignment.offset,
-                    resumed=resume is not None,
-                )
-                for doc in documents:
-                    documents_this_epoch = True
-                    if resume is not None and doc.index == resume.sample and doc.part < resume.part:
-                        continue
-                    yield _StreamPosition(epoch, number, self.stats.as_dict()), doc
-                resume = None
-            worker = f"rank {self.rank} worker {slot % (num_slots // self.world_size)}"
-            if not documents_this_epoch:
-                raise TooManySkipsError(
-                    f"{worker} read no document in epoch {epoch}: "
-                    f"its share of the {len(self.urls)} shards is empty or every sample was skipped "
-                    f"({dict(self.stats.skipped)}); use fewer workers or ranks, or more data"
-                )
-            self.stats.check_skips(self.max_skip_ratio, f"{worker} after epoch {epoch}")
-            epoch, first_assignment = epoch + 1, 0
-
-
-@dataclass(frozen=True)
-class _StreamPosition:
-    """Where a document came from, and the read counters right after it was read."""
-
-    epoch: int
-    assignment: int
-    read_stats: dict
+        resume = self.cursor
+        documents = slot_documents(plan, self.source, self.stats, resume, self.max_skip_ratio)
+        windows = packed_windows(labeler.label(documents), WindowPacker(self.seq_len), tokenizer.eos_id, resume)
+        for window, self.cursor, self._stats_at_cursor in windows:
+            yield window
 
 
 def check_annotation_config(annotation: AnnotationConfig, tokenizer: Tokenizer) -> None:
@@ -224,7 +274,7 @@ def check_annotation_config(annotation: AnnotationConfig, tokenizer: Tokenizer) 
     if annotation.batch_size < 1:
         raise ValueError(f"annotation.batch_size must be at least 1, got {annotation.batch_size}")
     if annotation.enabled and student_path(annotation.labeler):
-        from .student_labeler import load_student
+        from ..annotate.student_labeler import load_student
 
         load_student(student_path(annotation.labeler), tokenizer)
     elif annotation.enabled:
@@ -241,13 +291,16 @@ def student_path(labeler: str) -> str | None:
 
 
 def build_labeler(
-    tokenizer: Tokenizer, annotation: AnnotationConfig, max_doc_chars: int, reference: str = ""
+    tokenizer: Tokenizer,
+    annotation: AnnotationConfig,
+    max_doc_chars: int,
+    reference: Callable[[], TokenScorer] | None = None,
 ) -> DocumentLabeler:
     """The labeler of one worker: spaCy or a student as ``annotation`` says, a reference model's losses with
-    ``reference``."""
+    ``reference`` (a factory: each worker builds its own scorer)."""
     annotator = None
     if annotation.enabled and student_path(annotation.labeler):
-        from .student_labeler import StudentAnnotator  # torch: only when needed
+        from ..annotate.student_labeler import StudentAnnotator  # torch: only when needed
 
         annotator = StudentAnnotator.load(student_path(annotation.labeler), tokenizer)
     elif annotation.enabled:
@@ -258,10 +311,8 @@ def build_labeler(
     cache_root = annotation.cache_dir or default_cache_dir()
     if annotation.cache and annotator is not None:
         labeler.cache = LabelCache(cache_root, labeler.identity)
-    if reference:
-        from .reference_loss import ReferenceScorer  # loads torch models and transformers: only when needed
-
-        labeler.reference = ReferenceScorer(reference, tokenizer.model_path)
+    if reference is not None:
+        labeler.reference = reference()
         if annotation.cache:
             identity = f"{labeler.reference.identity}|tokenizer:{file_digest(tokenizer.model_path)}"
             labeler.reference_cache = LabelCache(cache_root, identity, REFERENCE_CACHE_COLUMNS)
@@ -283,10 +334,7 @@ def check_layout(saved: dict, current: dict) -> None:
 
 
 def collate_windows(windows: list[dict]) -> dict:
-    batch = {name: torch.from_numpy(np.stack([window[name] for window in windows])) for name in COLUMNS}
-    batch["read_stats"] = windows[-1]["read_stats"]
-    batch["slot"] = windows[-1]["slot"]
-    return batch
+    return {name: torch.from_numpy(np.stack([window[name] for window in windows])) for name in COLUMNS}
 
 
 class TokenLoader:
@@ -312,14 +360,10 @@ class TokenLoader:
         max_doc_chars: int = 1_000_000,
         prefetch_factor: int = 2,
         annotation: AnnotationConfig = AnnotationConfig(),
-        reference: str = "",
+        reference: Callable[[], TokenScorer] | None = None,
         max_skip_ratio: float = MAX_SKIP_RATIO,
     ) -> None:
         check_annotation_config(annotation, Tokenizer(tokenizer_path))
-        if reference:
-            from .reference_loss import check_reference
-
-            check_reference(reference, tokenizer_path)
         warm_up_alignment()
         self.dataset = PackedShardDataset(
             urls,
@@ -335,15 +379,17 @@ class TokenLoader:
             max_skip_ratio=max_skip_ratio,
         )
         self.num_workers = num_workers
-        self.loader = StatefulDataLoader(
-            self.dataset,
-            batch_size=batch_size,
-            num_workers=num_workers,
-            collate_fn=collate_windows,
-            prefetch_factor=prefetch_factor if num_workers > 0 else None,
-            persistent_workers=False,
-        )
-        self._slot_stats: dict[int, dict] = {}
+        with warnings.catch_warnings():
+            # torchdata 0.11 calls a torch function that torch has since deprecated.
+            warnings.filterwarnings("ignore", message="'set_vital' is deprecated")
+            self.loader = StatefulDataLoader(
+                self.dataset,
+                batch_size=batch_size,
+                num_workers=num_workers,
+                collate_fn=collate_windows,
+                prefetch_factor=prefetch_factor if num_workers > 0 else None,
+                persistent_workers=False,
+            )
 
     @classmethod
     def from_config(
@@ -352,7 +398,7 @@ class TokenLoader:
         tokenizer_path: str,
         annotation: AnnotationConfig = AnnotationConfig(),
         *,
-        reference: str = "",
+        reference: Callable[[], TokenScorer] | None = None,
         rank: int = 0,
         world_size: int = 1,
     ) -> "TokenLoader":
@@ -382,9 +428,7 @@ class TokenLoader:
 
     def __iter__(self) -> Iterator[dict]:
         try:
-            for batch in self.loader:
-                self._slot_stats[batch.pop("slot")] = batch.pop("read_stats")
-                yield batch
+            yield from self.loader
         except TooManySkipsError as error:
             # From a worker process, the error's message is the worker's whole traceback; its own message,
             # the traceback's last line, is what the user needs.
@@ -394,15 +438,24 @@ class TokenLoader:
             raise TooManySkipsError(message) from None
 
     def read_stats(self) -> dict:
+        """This rank's read counters, summed over its workers as of the last batch handed out."""
         total = ReadStats()
-        for stats in self._slot_stats.values():
-            total.add_dict(stats)
+        for state in _dataset_states(self.loader.state_dict()):
+            total.add_dict(state["stats"])
         return total.as_dict()
 
     def state_dict(self) -> dict:
-        return {"layout": self._layout(), "loader": self.loader.state_dict(), "slot_stats": dict(self._slot_stats)}
+        return {"layout": self._layout(), "loader": self.loader.state_dict()}
 
     def load_state_dict(self, state: dict) -> None:
         check_layout(state["layout"], self._layout())
         self.loader.load_state_dict(state["loader"])
-        self._slot_stats = dict(state["slot_stats"])
+
+
+def _dataset_states(loader_state: dict) -> list[dict]:
+    """The dataset states (one per worker, or the process's own) in a ``StatefulDataLoader`` state; none
+    before the first batch. The keys are torchdata's state format (checkpoints store it as it is)."""
+    if "dataset_state" in loader_state:
+        return [loader_state["dataset_state"]] if loader_state["dataset_state"] else []
+    workers = loader_state.get("_snapshot", {}).get("_worker_snapshots", {})
+    return [worker["dataset_state"] for worker in workers.values() if worker.get("dataset_state")]

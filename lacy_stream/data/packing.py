@@ -20,7 +20,7 @@ from typing import Iterator
 import numpy as np
 
 from ..labels import LABEL_COLUMNS, LABEL_FILL
-from .documents import Document
+from ..shards.documents import Document
 
 COLUMNS: dict[str, np.dtype] = {
     "tokens": np.dtype(np.int64),

@@ -34,11 +34,11 @@ from pathlib import Path
 
 import torch
 
-from ..data.annotation import FactAnnotator
-from ..data.documents import Document
-from ..data.labeling import DocumentLabeler
+from ..annotate.annotation import FactAnnotator
+from ..annotate.labeling import DocumentLabeler
 from ..inference.loading import LacyModel
 from ..labels import TokenClass
+from ..shards.documents import Document
 from ..tokenizer import Tokenizer
 from .chat_endpoint import ChatEndpoint
 from .plotting import new_figure

@@ -33,8 +33,8 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from ..annotate.labeling import file_digest
 from ..config.job_config import AnnotationConfig, DataConfig
-from ..data.labeling import file_digest
 from ..data.loader import TokenLoader
 from ..inference.loading import LacyModel, load_lacy
 from ..labels import JUDGE_CALL, JUDGE_UNKNOWN, TokenClass
@@ -379,7 +379,7 @@ def plot_comparison(comparison: Comparison, path: Path) -> None:
     if figure is None:
         return
     losses, curves = figure.subplots(1, 2, width_ratios=[3, 2])
-    names = [f"{run.name}\n({run.method})" for run in comparison.runs]
+    names = [run.name if run.name == run.method else f"{run.name}\n({run.method})" for run in comparison.runs]
     positions = range(len(names))
     width = 0.2
     bars = [

@@ -19,10 +19,10 @@ from itertools import islice
 import torch
 from torch import Tensor
 
-from ..data.documents import ReadStats
-from ..data.make_shards import FieldNames, iter_source_records
-from ..data.shard_reader import read_shard
-from ..data.urls import expand_shard_spec
+from ..shards.documents import ReadStats
+from ..shards.make_shards import FieldNames, iter_source_records
+from ..shards.shard_reader import read_shard
+from ..shards.urls import expand_shard_spec
 
 RECORD_FILE_SUFFIXES = (".jsonl", ".jsonl.zst", ".parquet")
 

@@ -5,12 +5,17 @@ from __future__ import annotations
 
 import argparse
 import os
+from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
 from ..inference.call_policy import POLICY_NAMES
 from ..inference.generate import MAX_NEW_TOKENS
 from .chat_endpoint import API_KEY_ENVIRONMENT_VARIABLE
+
+if TYPE_CHECKING:
+    from .report import EvalConfig
 
 SECTIONS = ("validation", "nlu", "lm_eval", "acceptability", "fact_leakage", "factscore", "generation_throughput")
 DEFAULT_SECTIONS = tuple(name for name in SECTIONS if name != "lm_eval")
@@ -97,3 +102,51 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--judged-tokens", type=int, default=2000, help="positions sampled for the acceptability judge")
     parser.add_argument("--loss-buckets", type=int, default=10)
     parser.add_argument("--spacy-model", default="en_core_web_sm")
+
+
+def config_from_arguments(args: argparse.Namespace) -> EvalConfig:
+    """The typed evaluation config of ``lacy-stream eval``'s arguments."""
+    from .chat_endpoint import ChatEndpoint
+    from .report import EvalConfig, EvalInputs
+
+    if bool(args.judge_url) != bool(args.judge_model):
+        raise ValueError("a judge needs both --judge-url and --judge-model")
+    shared = EvalInputs.from_shared(args.shared)
+    inputs = EvalInputs(
+        heldout=args.heldout or shared.heldout,
+        arc_easy=Path(args.arc_easy) if args.arc_easy else shared.arc_easy,
+        piqa=Path(args.piqa) if args.piqa else shared.piqa,
+        factscore_entities=Path(args.factscore_entities) if args.factscore_entities else shared.factscore_entities,
+        popqa=Path(args.popqa) if args.popqa else shared.popqa,
+        bigbench=Path(args.bigbench) if args.bigbench else shared.bigbench,
+    )
+    judge = None
+    if args.judge_url:
+        judge = ChatEndpoint(
+            url=args.judge_url,
+            model=args.judge_model,
+            api_key=os.environ.get(API_KEY_ENVIRONMENT_VARIABLE),
+            workers=args.judge_workers,
+        )
+    return EvalConfig(
+        checkpoint=args.ckpt,
+        out_dir=Path(args.out),
+        inputs=inputs,
+        baseline=args.baseline,
+        sections=tuple(name.strip() for name in args.sections.split(",") if name.strip()),
+        limit=args.limit,
+        device=args.device,
+        batch_size=args.batch_size,
+        call_ratio=args.call_ratio,
+        judge=judge,
+        knowledge=Path(args.knowledge) if args.knowledge else None,
+        cascade=args.cascade,
+        policy=args.policy,
+        call_rate=args.call_rate,
+        max_new_tokens=args.max_new_tokens,
+        background_dir=Path(args.background_dir) if args.background_dir else None,
+        acceptability_documents=args.acceptability_docs,
+        judged_tokens=args.judged_tokens,
+        loss_buckets=args.loss_buckets,
+        spacy_model=args.spacy_model,
+    )

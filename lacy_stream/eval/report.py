@@ -26,11 +26,9 @@ The cascade partner is loaded once, when the first section that needs it runs.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import logging
-import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -44,8 +42,13 @@ from ..inference.generate import MAX_NEW_TOKENS
 from ..inference.loading import LacyModel, load_lacy
 from ..inference.partners import partner_from_spec
 from .acceptability import evaluate_acceptability
-from .chat_endpoint import API_KEY_ENVIRONMENT_VARIABLE, ChatEndpoint
-from .fact_leakage import answer_without_calls, evaluate_fact_leakage, read_bigbench, read_popqa
+from .chat_endpoint import ChatEndpoint
+from .fact_leakage import (
+    answer_without_calls,
+    evaluate_fact_leakage,
+    read_bigbench,
+    read_popqa,
+)
 from .factscore import KnowledgeSource, read_entities
 from .generation import CascadeGenerator, evaluate_cascade_factscore, measure_throughput
 from .heldout import read_heldout_texts
@@ -349,53 +352,8 @@ def _factscore(config: EvalConfig, models: _Models) -> SectionResult:
     )
 
 
-def config_from_arguments(args: argparse.Namespace) -> EvalConfig:
-    if bool(args.judge_url) != bool(args.judge_model):
-        raise ValueError("a judge needs both --judge-url and --judge-model")
-    shared = EvalInputs.from_shared(args.shared)
-    inputs = EvalInputs(
-        heldout=args.heldout or shared.heldout,
-        arc_easy=Path(args.arc_easy) if args.arc_easy else shared.arc_easy,
-        piqa=Path(args.piqa) if args.piqa else shared.piqa,
-        factscore_entities=Path(args.factscore_entities) if args.factscore_entities else shared.factscore_entities,
-        popqa=Path(args.popqa) if args.popqa else shared.popqa,
-        bigbench=Path(args.bigbench) if args.bigbench else shared.bigbench,
-    )
-    judge = None
-    if args.judge_url:
-        judge = ChatEndpoint(
-            url=args.judge_url,
-            model=args.judge_model,
-            api_key=os.environ.get(API_KEY_ENVIRONMENT_VARIABLE),
-            workers=args.judge_workers,
-        )
-    return EvalConfig(
-        checkpoint=args.ckpt,
-        out_dir=Path(args.out),
-        inputs=inputs,
-        baseline=args.baseline,
-        sections=tuple(name.strip() for name in args.sections.split(",") if name.strip()),
-        limit=args.limit,
-        device=args.device,
-        batch_size=args.batch_size,
-        call_ratio=args.call_ratio,
-        judge=judge,
-        knowledge=Path(args.knowledge) if args.knowledge else None,
-        cascade=args.cascade,
-        policy=args.policy,
-        call_rate=args.call_rate,
-        max_new_tokens=args.max_new_tokens,
-        background_dir=Path(args.background_dir) if args.background_dir else None,
-        acceptability_documents=args.acceptability_docs,
-        judged_tokens=args.judged_tokens,
-        loss_buckets=args.loss_buckets,
-        spacy_model=args.spacy_model,
-    )
-
-
-def run_eval(args: argparse.Namespace) -> int:
+def run_eval(config: EvalConfig) -> int:
     """``lacy-stream eval``: 0 when every requested section ran or was skipped, 1 when one failed."""
-    config = config_from_arguments(args)
     report = evaluate(config)
     for section in report.sections:
         print(f"{section.name:>22}: {section.status}" + (f" ({section.reason})" if section.reason else ""))

@@ -30,7 +30,7 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import Tensor
 
-from ..data.labeling import file_digest
+from ..annotate.labeling import file_digest
 from ..inference.loading import LacyModel
 from .heldout import pack_windows
 from .options import PAPER_CALL_RATIO

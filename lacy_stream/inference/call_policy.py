@@ -33,7 +33,7 @@ from ..labels import TokenClass
 from ..tokenizer import Tokenizer
 
 if TYPE_CHECKING:  # spaCy loads only when an i-LaCy policy is made
-    from ..data.annotation import FactAnnotator
+    from ..annotate.annotation import FactAnnotator
 
 ILACY_TOP_K = 20
 """i-LaCy's entropy is taken over the renormalised top-20 next-token distribution (Appendix E.5.3)."""
@@ -235,7 +235,7 @@ class ILacyCall(CallPolicy):
     """Inference-time-only LaCy (Appendix E.5.3), for models trained without ``<CALL>``.
 
     The model's proposed token (its top token other than ``<CALL>``) is appended to the text so far and
-    spaCy annotates that text with the training rules (:mod:`lacy_stream.data.annotation`). Only when the
+    spaCy annotates that text with the training rules (:mod:`lacy_stream.annotate.annotation`). Only when the
     word the proposed token starts or continues is a fact may the step be a call; the model's uncertainty
     then decides, thresholded by a :class:`CallRateController` steered to ``target`` over all steps:
 
@@ -262,7 +262,7 @@ class ILacyCall(CallPolicy):
         if uncertainty not in ("logprob", "entropy"):
             raise ValueError(f"i-LaCy uncertainty must be 'logprob' or 'entropy', got {uncertainty!r}")
         if annotator is None:
-            from ..data.annotation import FactAnnotator
+            from ..annotate.annotation import FactAnnotator
 
             annotator = FactAnnotator()
         self.tokenizer = tokenizer

@@ -16,15 +16,17 @@ there is one, which is the way for references too large to run in CPU workers.
 
 from __future__ import annotations
 
+import functools
 import hashlib
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from ..inference.loading import load_lacy, tokenizer_path_of
+from ..annotate.labeling import file_digest
 from ..loss.lacy_loss import logit_stats
-from .labeling import file_digest
+from .loading import load_lacy, tokenizer_path_of
 
 
 class ReferenceMismatchError(ValueError):
@@ -68,6 +70,15 @@ def _windows(count: int, context: int, stride: int) -> list[tuple[int, int]]:
         start = windows[-1][0] + stride
         windows.append((start, start + context - stride))
     return windows
+
+
+def reference_scorer_factory(path: str, tokenizer_path: str) -> Callable[[], ReferenceScorer] | None:
+    """What the dataloader workers call to build their replica of the reference at ``path`` (None: no
+    reference), after checking here, in the calling process, that it can score this run's tokens."""
+    if not path:
+        return None
+    check_reference(path, tokenizer_path)
+    return functools.partial(ReferenceScorer, path, tokenizer_path)
 
 
 def check_reference(path: str | Path, tokenizer_path: str | Path) -> None:

@@ -11,7 +11,8 @@ first source that has them:
 
 Judge labels come from the document's ``annotated_text`` markup (see :mod:`.judge`), when it has one.
 
-With a reference model (:mod:`.reference_loss`), every document also gets its per-token reference loss,
+With a reference model (a :class:`TokenScorer`, :mod:`lacy_stream.inference.reference_loss`), every
+document also gets its per-token reference loss,
 from the first source that has it: the offline shard (same reference), the reference-loss cache, or the
 reference's forward pass.
 """
@@ -24,20 +25,25 @@ import logging
 import sys
 from collections import Counter
 from pathlib import Path
-from typing import TYPE_CHECKING, Iterable, Iterator, TypeVar
+from typing import TYPE_CHECKING, Iterable, Iterator, Protocol, TypeVar
 
 import numpy as np
 
 from ..labels import JUDGE_CALL, JUDGE_KEEP, JUDGE_UNKNOWN, LABEL_COLUMNS, TokenClass
+from ..shards.documents import Document
 from ..tokenizer import Tokenizer
-from .alignment import PieceLabels, char_to_byte_offsets, encode_with_offsets, piece_classes, pieces_in_spans
+from .alignment import (
+    PieceLabels,
+    char_to_byte_offsets,
+    encode_with_offsets,
+    piece_classes,
+    pieces_in_spans,
+)
 from .annotation import FactAnnotator, WordLabels
-from .documents import Document
 from .judge import judge_spans
 from .label_cache import LabelCache, ShardLabelCache, document_key
 
 if TYPE_CHECKING:
-    from .reference_loss import ReferenceScorer
     from .student_labeler import StudentAnnotator
 
 log = logging.getLogger(__name__)
@@ -57,6 +63,14 @@ def file_digest(path: str | Path) -> str:
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16]
 
 
+class TokenScorer(Protocol):
+    """Per-token scores of a document's token ids (a reference model's losses), under a stable identity."""
+
+    identity: str
+
+    def score(self, ids: np.ndarray) -> np.ndarray: ...
+
+
 class DocumentLabeler:
     """Labels documents; ``annotator=None`` labels every token ``other`` (runs that need no facts)."""
 
@@ -68,7 +82,7 @@ class DocumentLabeler:
         cache: LabelCache | None = None,
         batch_size: int = 64,
         first_batch_size: int = 1,
-        reference: ReferenceScorer | None = None,
+        reference: TokenScorer | None = None,
         reference_cache: LabelCache | None = None,
     ) -> None:
         self.tokenizer = tokenizer

@@ -32,7 +32,14 @@ from ..atomic import move_files, staging_directory
 from .demo_corpus import DEMO_SOURCE, iter_demo_documents
 from .documents import MAX_SKIP_RATIO, ReadStats
 from .shard_reader import LABELS_MEMBER
-from .urls import MANIFEST_FORMAT, MANIFEST_NAME, MANIFEST_VERSION, ShardOpenError, TruncatedStreamError, open_shard
+from .urls import (
+    MANIFEST_FORMAT,
+    MANIFEST_NAME,
+    MANIFEST_VERSION,
+    ShardOpenError,
+    TruncatedStreamError,
+    open_shard,
+)
 
 log = logging.getLogger(__name__)
 

@@ -51,7 +51,18 @@ from typing import Callable, Iterable, Iterator, TypeVar
 import numba
 import numpy as np
 from spacy import symbols
-from spacy.attrs import DEP, HEAD, IDX, IS_SPACE, IS_TITLE, LENGTH, LIKE_NUM, LOWER, POS, SENT_START
+from spacy.attrs import (
+    DEP,
+    HEAD,
+    IDX,
+    IS_SPACE,
+    IS_TITLE,
+    LENGTH,
+    LIKE_NUM,
+    LOWER,
+    POS,
+    SENT_START,
+)
 from spacy.tokens import Doc
 
 from ..labels import TokenClass

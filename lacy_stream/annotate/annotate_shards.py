@@ -16,14 +16,14 @@ import logging
 from pathlib import Path
 from typing import Iterator
 
+from ..atomic import staging_directory
+from ..shards.documents import MAX_SKIP_RATIO, Document, ReadStats
+from ..shards.make_shards import ShardFile, publish_shards, shard_name
+from ..shards.shard_reader import read_shard
+from ..shards.urls import MANIFEST_FORMAT, MANIFEST_VERSION, StreamOptions
 from ..tokenizer import Tokenizer
 from .annotation import FactAnnotator
-from ..atomic import staging_directory
-from .documents import MAX_SKIP_RATIO, Document, ReadStats
-from .labeling import DocumentLabeler, Labels, stored_labels_bytes
-from .make_shards import ShardFile, publish_shards, shard_name
-from .shard_reader import read_shard
-from .urls import MANIFEST_FORMAT, MANIFEST_VERSION, StreamOptions
+from .labeling import DocumentLabeler, Labels, TokenScorer, stored_labels_bytes
 
 
 def annotate_shards(
@@ -37,8 +37,7 @@ def annotate_shards(
     options: StreamOptions = StreamOptions(),
     compress: str | None = None,
     prefix: str = "annotated",
-    reference: str | None = None,
-    device: str = "cpu",
+    reference: TokenScorer | None = None,
     max_skip_ratio: float = MAX_SKIP_RATIO,
 ) -> dict:
     """Write one annotated shard per input shard plus ``manifest.json``; returns the manifest.
@@ -51,11 +50,8 @@ def annotate_shards(
     labeler = DocumentLabeler(
         Tokenizer(tokenizer_path), FactAnnotator(spacy_model, batch_size=batch_size), batch_size=batch_size
     )
-    if reference:
-        from .reference_loss import ReferenceScorer
-
-        labeler.reference = ReferenceScorer(reference, tokenizer_path, device=device)
-    reference_identity = labeler.reference.identity if labeler.reference else None
+    labeler.reference = reference
+    reference_identity = reference.identity if reference is not None else None
     stats = ReadStats()
     shards = []
     with staging_directory(out_dir, prefix) as staging:

@@ -14,7 +14,13 @@ import tarfile
 from typing import BinaryIO, Iterator
 
 from .documents import Document, ReadStats, split_document
-from .urls import HostUnreachableError, ShardOpenError, StreamOptions, TruncatedStreamError, open_shard
+from .urls import (
+    HostUnreachableError,
+    ShardOpenError,
+    StreamOptions,
+    TruncatedStreamError,
+    open_shard,
+)
 
 TEXT_MEMBER = "txt"
 META_MEMBER = "json"

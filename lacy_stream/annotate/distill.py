@@ -266,7 +266,7 @@ def distill(
 ) -> dict:
     """Targets, training and held-out agreement; writes the student to ``out`` and returns its report."""
     from ..bench_annotation import collect_documents
-    from .urls import StreamOptions
+    from ..shards.urls import StreamOptions
 
     tokenizer = Tokenizer(tokenizer_path)
     teacher = teacher_identity(spacy_model)

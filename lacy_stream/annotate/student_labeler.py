@@ -30,7 +30,13 @@ from torch import nn
 from ..labels import TokenClass
 from ..tokenizer import Tokenizer
 from .alignment import PieceLabels, encode_with_offsets
-from .annotation import RULES_VERSION, Mention, first_mentions, mention_key, person_name_parts
+from .annotation import (
+    RULES_VERSION,
+    Mention,
+    first_mentions,
+    mention_key,
+    person_name_parts,
+)
 from .labeling import file_digest
 
 OUTSIDE, BEGIN, INSIDE, BEGIN_PERSON, INSIDE_PERSON = range(5)
