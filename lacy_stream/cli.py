@@ -382,7 +382,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_bench_annotate(args: argparse.Namespace) -> int:
-    from .bench_annotation import bench_annotate
+    from .bench_annotation import PAPER_TOKENS_PER_S_PER_CORE, bench_annotate
 
     if (args.input is None) == (args.shards is None):
         raise SystemExit("bench annotate: give --input FILE.jsonl or --shards URL")
@@ -412,7 +412,7 @@ def cmd_bench_annotate(args: argparse.Namespace) -> int:
     print(f"| cached epoch | 1 | {report['cached_epoch']['tokens_per_s']} | x{report['cached_vs_first_epoch']} vs first epoch |")
     for row in report["workers"]:
         print(f"| dataloader, {row['workers']} workers | {row['workers']} | {row['tokens_per_s']} | speedup {row['speedup']}, efficiency {row['efficiency']} |")
-    print(f"\nfull path vs the paper's {1827} tokens/s per core: x{report['full_path_vs_paper']}")
+    print(f"\nfull path vs the paper's {PAPER_TOKENS_PER_S_PER_CORE:,} tokens/s per core: x{report['full_path_vs_paper']}")
     labels = report["labels"]
     print(
         f"labels: {labels['fact_fraction']:.1%} of tokens are facts ({labels['word_fact_fraction']:.1%} of spaCy tokens); "
