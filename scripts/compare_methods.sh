@@ -20,7 +20,7 @@ WORKERS=${WORKERS:-1}
 PRESET=${PRESET:-tiny}
 HELDOUT_DOCS=${HELDOUT_DOCS:-60}
 LACY=${LACY:-lacy-stream}
-CONFIG=${CONFIG:-$(dirname "$0")/../lacy_stream/config/runs/tiny_cpu.toml}
+CONFIG=${CONFIG:-tiny_cpu}
 
 mkdir -p "$OUT/source"
 if [[ ! -f "$OUT/train/manifest.json" ]]; then

@@ -98,3 +98,17 @@ def test_no_import_cycle_at_import_time():
         if state.get(module) is None and visit(module, [module]):
             break
     assert not cycle, " -> ".join(cycle)
+
+
+def test_every_module_of_the_readme_data_flow_table_exists():
+    readme = (PACKAGE.parent / "README.md").read_text()
+    table = readme.split("## The data flow", 1)[1].split("\n\n| stage |", 1)[1].split("\n\n", 1)[0]
+    checked = 0
+    for row in table.splitlines()[2:]:
+        cell = row.split("|")[2]
+        first, *others = [name.strip("` ") for name in cell.split(",")]
+        directory = Path(first).parent
+        for name in [first, *(str(directory / other) for other in others if other)]:
+            assert (PACKAGE.parent / name).exists(), f"README data-flow table: {name} does not exist"
+            checked += 1
+    assert checked > 25
