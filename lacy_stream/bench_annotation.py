@@ -37,11 +37,11 @@ from .annotate.alignment import warm_up as warm_up_alignment
 from .annotate.annotation import FactAnnotator
 from .annotate.distill import agreement, split_held_out
 from .annotate.label_cache import LabelCache
-from .annotate.labeling import DocumentLabeler
+from .annotate.labeling import DocumentLabeler, student_path
 from .annotate.spacy_pipeline import load_pipeline
 from .annotate.student_labeler import StudentAnnotator
 from .config.job_config import AnnotationConfig
-from .data.loader import TokenLoader, student_path
+from .data.loader import TokenLoader
 from .data.packing import WindowPacker, document_columns, split_doc_uid
 from .labels import JUDGE_CALL, TokenClass
 from .shards.documents import ReadStats

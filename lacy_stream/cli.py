@@ -218,6 +218,7 @@ def cmd_annotate(args: argparse.Namespace) -> int:
         args.out,
         args.tokenizer,
         spacy_model=args.spacy_model,
+        labeler=args.labeler,
         batch_size=args.batch_size,
         max_doc_chars=args.max_doc_chars,
         options=options,
@@ -521,6 +522,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_max_skip_ratio(annotate)
     annotate.add_argument("--spacy-model", default=AnnotationConfig.spacy_model)
     annotate.add_argument("--batch-size", type=int, default=AnnotationConfig.batch_size)
+    annotate.add_argument("--labeler", default=AnnotationConfig.labeler, help="--shards: spacy or student:PATH")
     annotate.add_argument("--reference", help="also store a reference model's per-token losses (rho1, spacy_refloss)")
     annotate.add_argument("--device", default="cpu", help="torch device of the --reference model")
     annotate.set_defaults(run=cmd_annotate)

@@ -13,7 +13,9 @@ import torch
 from conftest import make_corpus, synthetic_text
 
 from lacy_stream.annotate import student_labeler
+from lacy_stream.annotate.annotate_shards import annotate_shards
 from lacy_stream.annotate.distill import distill
+from lacy_stream.annotate.labeling import DocumentLabeler, build_annotator
 from lacy_stream.annotate.student_labeler import (
     BEGIN,
     BEGIN_PERSON,
@@ -25,6 +27,8 @@ from lacy_stream.annotate.student_labeler import (
 from lacy_stream.config.job_config import AnnotationConfig
 from lacy_stream.data.loader import TokenLoader, check_annotation_config
 from lacy_stream.labels import TokenClass
+from lacy_stream.shards.documents import ReadStats
+from lacy_stream.shards.shard_reader import read_shard
 from lacy_stream.shards.urls import expand_shard_spec
 from lacy_stream.tokenizer import Tokenizer, train_tokenizer
 
@@ -101,6 +105,27 @@ def test_exact_resume_with_a_student(tmp_path, tokenizer_path, student):
     for want, got in zip(expected, resumed):
         for name in want:
             torch.testing.assert_close(want[name], got[name], rtol=0, atol=0, equal_nan=True, msg=name)
+
+
+def test_offline_shards_annotated_by_a_student_serve_a_student_run(tmp_path, tokenizer_path, student):
+    make_corpus(tmp_path / "shards", shards=1, docs_per_shard=4)
+    manifest = annotate_shards(expand_shard_spec(str(tmp_path / "shards")), tmp_path / "annotated", tokenizer_path,
+                               labeler=f"student:{student[0]}")
+    assert manifest["labeler"].startswith("student:")
+    online = [labels for _, _, labels in _student_labeler(tokenizer_path, student[0]).label(
+        (None, doc) for doc in read_shard(expand_shard_spec(str(tmp_path / "shards"))[0], 0, ReadStats()))]
+    offline_labeler = _student_labeler(tokenizer_path, student[0])
+    offline = [labels for _, _, labels in offline_labeler.label(
+        (None, doc) for doc in read_shard(expand_shard_spec(str(tmp_path / "annotated"))[0], 0, ReadStats()))]
+    assert offline_labeler.counts["stored"] == 4 and offline_labeler.counts["annotated"] == 0
+    for want, got in zip(online, offline):
+        np.testing.assert_array_equal(want["token_class"], got["token_class"])
+
+
+def _student_labeler(tokenizer_path: str, path: str) -> DocumentLabeler:
+    tokenizer = Tokenizer(tokenizer_path)
+    annotator = build_annotator(f"student:{path}", tokenizer, spacy_model="", batch_size=8, max_doc_chars=10**6)
+    return DocumentLabeler(tokenizer, annotator)
 
 
 def test_a_student_for_another_tokenizer_is_refused(tmp_path, student):

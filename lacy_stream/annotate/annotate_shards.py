@@ -22,8 +22,13 @@ from ..shards.make_shards import ShardFile, publish_shards, shard_name
 from ..shards.shard_reader import read_shard
 from ..shards.urls import MANIFEST_FORMAT, MANIFEST_VERSION, StreamOptions
 from ..tokenizer import Tokenizer
-from .annotation import FactAnnotator
-from .labeling import DocumentLabeler, Labels, TokenScorer, stored_labels_bytes
+from .labeling import (
+    DocumentLabeler,
+    Labels,
+    TokenScorer,
+    build_annotator,
+    stored_labels_bytes,
+)
 
 
 def annotate_shards(
@@ -32,6 +37,7 @@ def annotate_shards(
     tokenizer_path: str,
     *,
     spacy_model: str = "en_core_web_sm",
+    labeler: str = "spacy",
     batch_size: int = 64,
     max_doc_chars: int = 1_000_000,
     options: StreamOptions = StreamOptions(),
@@ -42,14 +48,18 @@ def annotate_shards(
 ) -> dict:
     """Write one annotated shard per input shard plus ``manifest.json``; returns the manifest.
 
+    ``labeler`` is ``spacy`` or ``student:PATH`` (a distilled student); the stored labels carry its identity.
+
     Raises ``TooManySkipsError`` (and publishes nothing) when no document was read or more than
     ``max_skip_ratio`` of the shards or documents were skipped.
     """
     out_dir = Path(out_dir)
     compression = compress or "none"
-    labeler = DocumentLabeler(
-        Tokenizer(tokenizer_path), FactAnnotator(spacy_model, batch_size=batch_size), batch_size=batch_size
+    tokenizer = Tokenizer(tokenizer_path)
+    annotator = build_annotator(
+        labeler, tokenizer, spacy_model=spacy_model, batch_size=batch_size, max_doc_chars=max_doc_chars
     )
+    labeler = DocumentLabeler(tokenizer, annotator, batch_size=batch_size)
     labeler.reference = reference
     reference_identity = reference.identity if reference is not None else None
     stats = ReadStats()

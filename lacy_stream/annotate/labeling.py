@@ -264,6 +264,30 @@ class DocumentLabeler:
         return judge
 
 
+def student_path(labeler: str) -> str | None:
+    """The student file of ``annotation.labeler`` (``student:PATH``); None for ``spacy``."""
+    if labeler == "spacy":
+        return None
+    if labeler.startswith("student:") and labeler[len("student:") :]:
+        return labeler[len("student:") :]
+    raise ValueError(f"annotation.labeler must be 'spacy' or 'student:PATH', got {labeler!r}")
+
+
+def build_annotator(
+    labeler: str, tokenizer: Tokenizer, *, spacy_model: str, batch_size: int, max_doc_chars: int
+) -> FactAnnotator | StudentAnnotator:
+    """The annotator ``labeler`` names: ``spacy`` (the spaCy model and the rules) or ``student:PATH``."""
+    path = student_path(labeler)
+    if path:
+        from .student_labeler import StudentAnnotator  # torch: only when needed
+
+        return StudentAnnotator.load(path, tokenizer)
+    annotator = FactAnnotator(spacy_model, batch_size=batch_size)
+    # Documents are split to max_doc_chars before spaCy sees them; spaCy's own guard would stop a worker.
+    annotator.nlp.max_length = max(annotator.nlp.max_length, max_doc_chars)
+    return annotator
+
+
 def _shard_cache(cache: LabelCache, opened: dict[str, ShardLabelCache], url: str) -> ShardLabelCache:
     """The view of ``cache`` for ``url``'s shard, opened on the shard's first document."""
     if url not in opened:

@@ -37,13 +37,19 @@ from torch.utils.data import IterableDataset, get_worker_info
 from torchdata.stateful_dataloader import StatefulDataLoader
 
 from ..annotate.alignment import warm_up as warm_up_alignment
-from ..annotate.annotation import FactAnnotator
 from ..annotate.label_cache import (
     REFERENCE_CACHE_COLUMNS,
     LabelCache,
     default_cache_dir,
 )
-from ..annotate.labeling import DocumentLabeler, Labels, TokenScorer, file_digest
+from ..annotate.labeling import (
+    DocumentLabeler,
+    Labels,
+    TokenScorer,
+    build_annotator,
+    file_digest,
+    student_path,
+)
 from ..annotate.spacy_pipeline import resolve_model
 from ..config.job_config import AnnotationConfig, DataConfig
 from ..shards.documents import MAX_SKIP_RATIO, Document, ReadStats, TooManySkipsError
@@ -281,15 +287,6 @@ def check_annotation_config(annotation: AnnotationConfig, tokenizer: Tokenizer) 
         resolve_model(annotation.spacy_model)
 
 
-def student_path(labeler: str) -> str | None:
-    """The student file of ``annotation.labeler`` (``student:PATH``); None for ``spacy``."""
-    if labeler == "spacy":
-        return None
-    if labeler.startswith("student:") and labeler[len("student:") :]:
-        return labeler[len("student:") :]
-    raise ValueError(f"annotation.labeler must be 'spacy' or 'student:PATH', got {labeler!r}")
-
-
 def build_labeler(
     tokenizer: Tokenizer,
     annotation: AnnotationConfig,
@@ -299,14 +296,11 @@ def build_labeler(
     """The labeler of one worker: spaCy or a student as ``annotation`` says, a reference model's losses with
     ``reference`` (a factory: each worker builds its own scorer)."""
     annotator = None
-    if annotation.enabled and student_path(annotation.labeler):
-        from ..annotate.student_labeler import StudentAnnotator  # torch: only when needed
-
-        annotator = StudentAnnotator.load(student_path(annotation.labeler), tokenizer)
-    elif annotation.enabled:
-        annotator = FactAnnotator(annotation.spacy_model, batch_size=annotation.batch_size)
-        # Documents are split to max_doc_chars before spaCy sees them; spaCy's own guard would stop a worker.
-        annotator.nlp.max_length = max(annotator.nlp.max_length, max_doc_chars)
+    if annotation.enabled:
+        annotator = build_annotator(
+            annotation.labeler, tokenizer, spacy_model=annotation.spacy_model, batch_size=annotation.batch_size,
+            max_doc_chars=max_doc_chars,
+        )
     labeler = DocumentLabeler(tokenizer, annotator, batch_size=annotation.batch_size)
     cache_root = annotation.cache_dir or default_cache_dir()
     if annotation.cache and annotator is not None:
