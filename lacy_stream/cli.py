@@ -236,11 +236,12 @@ def cmd_annotate(args: argparse.Namespace) -> int:
 def cmd_compare(args: argparse.Namespace) -> int:
     from .eval.compare import compare_runs, write_comparison
     from .eval.factscore import read_entities
+    from .eval.report import EvalInputs
 
     entities = []
     if args.cascade:
-        entities = read_entities(args.factscore_entities or Path(args.shared) / "eval" / "factscore_prompt_entities_183.txt",
-                                 limit=args.prompts)
+        path = args.factscore_entities or EvalInputs.from_shared(args.shared).factscore_entities
+        entities = read_entities(path, limit=args.prompts)
     comparison = compare_runs(
         args.runs,
         args.val_shards,

@@ -266,14 +266,9 @@ class _Trainer:
 
     def _prepare(self, batch: dict) -> dict[str, Any]:
         """Loader columns [B, T + 1] -> the ``TrainingModule`` inputs [B, T] on the device."""
-        tokens, token_class, judge, ref_loss = (
-            batch[name].to(self.device, non_blocking=True) for name in ("tokens", "token_class", "judge", "ref_loss")
-        )
-        labels = TokenLabels(
-            token_class=token_class[:, 1:],
-            judge=judge[:, 1:],
-            ref_loss=ref_loss[:, 1:] if self.config.loss.reference else None,
-        )
+        wanted = ["token_class", "judge"] + (["ref_loss"] if self.config.loss.reference else [])
+        tokens = batch["tokens"].to(self.device, non_blocking=True)
+        labels = TokenLabels(**{name: batch[name][:, 1:].to(self.device, non_blocking=True) for name in wanted})
         return {
             "inputs": tokens[:, :-1],
             "targets": tokens[:, 1:],

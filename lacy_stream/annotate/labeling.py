@@ -137,10 +137,14 @@ class DocumentLabeler:
         return next(self.label([(None, doc)]))[2]
 
     def _cache_entry(self, doc: Document) -> tuple[ShardLabelCache | None, bytes | None]:
-        """The cache of the document's shard (opened on its first document) and the document's key."""
-        if self.cache is None:
+        """The label cache of the document's shard (opened on its first document, None without a cache) and
+        the document's key in both caches (None when neither is on)."""
+        if self.cache is None and self.reference_cache is None:
             return None, None
-        return _shard_cache(self.cache, self._shard_caches, doc.url), document_key(doc.text, _judge_markup(doc))
+        key = document_key(doc.text, _judge_markup(doc))
+        if self.cache is None:
+            return None, key
+        return _shard_cache(self.cache, self._shard_caches, doc.url), key
 
     def _stored_labels(self, doc: Document) -> Labels | None:
         if doc.labels is None:
@@ -197,7 +201,7 @@ class DocumentLabeler:
                 if shard_cache is not None and key is not None:
                     shard_cache.put(key, labels)
             if self.reference is not None and "ref_loss" not in labels:
-                labels["ref_loss"] = self._reference_loss(doc, labels["tokens"])
+                labels["ref_loss"] = self._reference_loss(doc, key, labels["tokens"])
             yield item, doc, labels
         # A shard's entries are complete once a later shard has started: write them out.
         current = waiting[-1][1].url if waiting else None
@@ -205,10 +209,9 @@ class DocumentLabeler:
             for url in [url for url in caches if url != current]:
                 caches.pop(url).flush()
 
-    def _reference_loss(self, doc: Document, tokens: np.ndarray) -> np.ndarray:
-        key = document_key(doc.text, None)
+    def _reference_loss(self, doc: Document, key: bytes | None, tokens: np.ndarray) -> np.ndarray:
         shard_cache = None
-        if self.reference_cache is not None:
+        if self.reference_cache is not None and key is not None:
             shard_cache = _shard_cache(self.reference_cache, self._reference_shard_caches, doc.url)
             cached = shard_cache.get(key)
             if cached is not None and len(cached["ref_loss"]) == len(tokens):

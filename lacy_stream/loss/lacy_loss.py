@@ -93,8 +93,8 @@ def lacy_loss(
 
     if recomputing:
         loss = _RecomputedLacyLoss.apply(
-            recomputing_kernels(implementation).logit_grads, hidden, weight, safe_targets, call_id, lse_nocall, call_logit, masks.call,
-            token_weight, torch.where(masks.call, call_loss, learned_loss),
+            recomputing_kernels(implementation).logit_grads, hidden, weight, safe_targets, call_id, lse_nocall,
+            call_logit, masks.call, token_weight, torch.where(masks.call, call_loss, learned_loss),
         )
     else:
         loss = (torch.where(masks.call, call_loss, learned_loss) * token_weight).sum()
