@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -53,3 +55,34 @@ def test_padded_tokenizer_encodes_as_before_with_the_papers_vocabulary(tokenizer
     text = "The museum was founded in 1887 by Wolfgang Amadeus Mozart."
     assert Tokenizer(padded).vocab_size == 32001
     assert Tokenizer(padded).encode(text) == Tokenizer(tokenizer_path).encode(text)
+
+
+def _spawned_process_groups() -> set[int]:
+    """Process groups of the processes that ``multiprocessing``'s spawn started (and what they forked)."""
+    groups = set()
+    for entry in Path("/proc").iterdir():
+        try:
+            if entry.name.isdigit() and b"spawn_main" in (entry / "cmdline").read_bytes():
+                groups.add(os.getpgid(int(entry.name)))
+        except (OSError, ProcessLookupError):
+            pass
+    return groups
+
+
+@pytest.mark.timeout(120)
+def test_a_run_past_its_share_prints_its_stacks_and_leaves_no_process(tokenizer_path, tmp_path, capfd):
+    from conftest import make_corpus
+    from lacy_stream.gpu_check import DRY_RUN, _timed_training_run, _training_overrides
+
+    make_corpus(tmp_path / "shards", shards=2, docs_per_shard=20)
+    overrides = _training_overrides(DRY_RUN, tmp_path / "runs" / "long", tmp_path / "shards", Path(tokenizer_path),
+                                    tmp_path / "labels", "tiny", "lacy", False)
+    overrides.append("--train.steps=1000000")
+    groups_before = _spawned_process_groups()
+    with pytest.raises(TimeoutError):
+        _timed_training_run(overrides, DRY_RUN, seconds=20)
+    assert "most recent call first" in capfd.readouterr().err
+    deadline = time.monotonic() + 10
+    while _spawned_process_groups() - groups_before and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not _spawned_process_groups() - groups_before
