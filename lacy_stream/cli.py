@@ -359,6 +359,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
 def cmd_distill_labeler(args: argparse.Namespace) -> int:
     from .annotate.distill import distill
     from .annotate.label_cache import default_cache_dir
+    from .annotate.student_labeler import StudentConfig
 
     report = distill(
         args.shards,
@@ -370,6 +371,8 @@ def cmd_distill_labeler(args: argparse.Namespace) -> int:
         cache_dir=None if args.no_cache else (args.cache_dir or default_cache_dir()),
         workers=args.workers,
         epochs=args.epochs,
+        width=args.width or StudentConfig.width,
+        layers=args.layers or StudentConfig.layers,
     )
     print(json.dumps(report))
     print(f"wrote {args.out}; use it with --annotation.labeler=student:{args.out}", file=sys.stderr)
@@ -535,6 +538,10 @@ def build_parser() -> argparse.ArgumentParser:
     distill.add_argument("--tokens", type=int, help="train on at most this many pieces (default: all)")
     distill.add_argument("--max-docs", type=int, default=1_000_000, help="documents per --shards source")
     distill.add_argument("--epochs", type=int, default=6)
+    distill.add_argument("--width", type=int, help="channels of the network (default 64): its time per piece "
+                                                   "grows with the square")
+    distill.add_argument("--layers", type=int, help="dilated convolutions (default 4); each doubles the context "
+                                                    "a piece sees")
     distill.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="spaCy processes for new targets")
     distill.add_argument("--spacy-model", default=AnnotationConfig.spacy_model)
     distill.add_argument("--cache-dir", help="where spaCy's targets are kept for the next run (default: the label cache)")

@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import html
 import json
+import random
 import re
 
 import pytest
@@ -134,3 +135,13 @@ def test_one_long_document():
     assert len(text) > 100_000
     _, stats = judge_spans(text, annotated)
     assert stats.mapped >= 0.99 * (stats.mapped + stats.unmapped)
+
+
+def test_folding_a_value_equals_folding_it_as_a_document():
+    from lacy_stream.annotate.judge import _HTML_ENTITIES, _folded, _Visible
+
+    rng = random.Random(0)
+    alphabet = [*"ab XY\t\n\u00a0\u0130é;&", *_HTML_ENTITIES]
+    for _ in range(2000):
+        value = "".join(rng.choice(alphabet) for _ in range(rng.randint(0, 12)))
+        assert _folded(value) == _Visible(value).folded, repr(value)

@@ -42,9 +42,72 @@ def test_the_document_pass_keeps_first_mentions_and_person_name_parts():
     tags = np.array([BEGIN_PERSON, INSIDE, OUTSIDE, BEGIN, OUTSIDE, BEGIN_PERSON, OUTSIDE, BEGIN, OUTSIDE])
     base = np.array([OTHER, OTHER, OTHER, OTHER, GRAMMAR, OTHER, OTHER, OTHER, GRAMMAR])
     fact_if_first = tags != OUTSIDE
-    classes = resolve_pieces(text.encode(), begin, end, tags, base, fact_if_first)
+    classes = resolve_pieces(text, begin, end, tags, base, fact_if_first)
     # "Lovelace" repeats a part of "Ada Lovelace"; the second "Babbage" repeats the first.
     assert classes.tolist() == [FACT, FACT, OTHER, FACT, GRAMMAR, OTHER, OTHER, OTHER, GRAMMAR]
+
+
+def test_mention_text_is_sliced_from_the_text_as_utf8_byte_offsets_say():
+    # Offsets are bytes: "Zürich" is 7. A slice that ends inside "é" (where byte-fallback pieces can split a
+    # character) decodes its bytes, with a replacement character, as before the text was sliced directly.
+    text = "Zürich met José. Zürich"
+    data = text.encode()
+    begin, end = np.array([0, 8, 12, 15, 18]), np.array([7, 11, 15, len(data) - 8, len(data)])
+    zurich_again = data.rindex("Zürich".encode())
+    begin[4], end[3] = zurich_again, zurich_again - 1
+    tags = np.array([BEGIN, OUTSIDE, BEGIN, OUTSIDE, BEGIN])
+    base = np.full(5, OTHER)
+    classes = resolve_pieces(text, begin, end, tags, base, tags != OUTSIDE)
+    # The second "Zürich" repeats the first.
+    assert classes.tolist() == [FACT, OTHER, FACT, OTHER, OTHER]
+    assert student_labeler._byte_slices(text, np.array([0, 12]), np.array([7, 16])) == ["Zürich", "Jos\ufffd"]
+
+
+def test_the_convolution_as_one_matrix_product_equals_conv1d():
+    torch.manual_seed(0)
+    convolution = student_labeler.DilatedConvolution(width=8, kernel=3, dilation=4)
+    hidden = torch.randn(2, 11, 8)
+    weight = convolution.mix.weight.reshape(8, 3, 8).permute(0, 2, 1)  # [out, in, taps]
+    expected = torch.nn.functional.conv1d(hidden.transpose(1, 2), weight, convolution.mix.bias, padding="same",
+                                          dilation=4).transpose(1, 2)
+    torch.testing.assert_close(convolution(hidden), expected)
+
+
+def test_documents_labeled_together_are_labeled_as_if_alone(tokenizer_path, student, monkeypatch):
+    annotator = student_labeler.StudentAnnotator.load(student[0], Tokenizer(tokenizer_path))
+    rng = random.Random(3)
+    texts = ["", *(synthetic_text(rng, rng.randint(1, 6)) for _ in range(12)), "", "Ada."]
+    alone = [annotator.label_text(text) for text in texts]
+    monkeypatch.setattr(student_labeler, "BATCH_PIECES", 300)  # several batches, several documents in each
+    together = list(annotator.annotate(texts))
+    assert len(together) == len(texts)
+    for one, batched in zip(alone, together):
+        np.testing.assert_array_equal(one.ids, batched.ids)
+        np.testing.assert_array_equal(one.classes, batched.classes)
+    tags_alone = [annotator.predict([labels.ids])[0][0] for labels in alone]
+    tags_together = [tags for tags, _, _ in annotator.predict([labels.ids for labels in alone])]
+    for one, batched in zip(tags_alone, tags_together):
+        np.testing.assert_array_equal(one, batched)
+
+
+def test_a_version_1_student_file_still_loads_and_labels_the_same(tmp_path, tokenizer_path, student):
+    path, _ = student
+    saved = torch.load(path, weights_only=True)
+    version_1 = {}
+    for name, value in saved["state"].items():
+        if ".mix." in name:
+            kind = name.rsplit(".", 1)[1]
+            taps = saved["config"]["kernel"]
+            value = value.reshape(value.shape[0], taps, -1).permute(0, 2, 1) if kind == "weight" else value
+            name = name.replace(".mix.", ".")
+        version_1[name] = value
+    old = tmp_path / "v1.pt"
+    torch.save({**saved, "format": "lacy-student-1", "state": version_1}, old)
+    tokenizer = Tokenizer(tokenizer_path)
+    text = synthetic_text(random.Random(9), 6)
+    new_labels = student_labeler.StudentAnnotator.load(path, tokenizer).label_text(text)
+    old_labels = student_labeler.StudentAnnotator.load(old, tokenizer).label_text(text)
+    np.testing.assert_array_equal(old_labels.classes, new_labels.classes)
 
 
 @pytest.fixture(scope="module")

@@ -194,6 +194,8 @@ def train_student(
     *,
     max_pieces: int | None = None,
     epochs: int = 6,
+    width: int = StudentConfig.width,
+    layers: int = StudentConfig.layers,
     batch_windows: int = 16,
     learning_rate: float = 3e-3,
     seed: int = 0,
@@ -202,7 +204,7 @@ def train_student(
     """The network trained on the targets' windows (at most ``max_pieces`` pieces), on the GPU when there is one."""
     torch.manual_seed(seed)
     target_device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    network = StudentNetwork(StudentConfig(num_pieces=tokenizer.num_pieces)).to(target_device)
+    network = StudentNetwork(StudentConfig(num_pieces=tokenizer.num_pieces, width=width, layers=layers)).to(target_device)
     shapes = torch.from_numpy(piece_shapes(tokenizer)).to(target_device)
     windows = _windows(targets, max_pieces)
     if not windows:
@@ -248,7 +250,7 @@ def rules_on_targets(text: str, targets: dict[str, np.ndarray], tokenizer: Token
     """The document-level rules over the targets themselves: what a perfect student would label."""
     _, begin, end = encode_with_offsets(tokenizer, text)
     return resolve_pieces(
-        text.encode("utf-8"), begin, end, targets["span_tag"], targets["base_class"], targets["fact_if_first"].astype(bool)
+        text, begin, end, targets["span_tag"], targets["base_class"], targets["fact_if_first"].astype(bool)
     )
 
 
@@ -263,6 +265,8 @@ def distill(
     cache_dir: str | Path | None,
     workers: int = 1,
     epochs: int = 6,
+    width: int = StudentConfig.width,
+    layers: int = StudentConfig.layers,
 ) -> dict:
     """Targets, training and held-out agreement; writes the student to ``out`` and returns its report."""
     from ..bench_annotation import collect_documents
@@ -282,7 +286,9 @@ def distill(
         )
     training, held_out = split_held_out(texts)
     started = time.monotonic()
-    network = train_student([targets[i] for i in training], tokenizer, max_pieces=max_pieces, epochs=epochs)
+    network = train_student(
+        [targets[i] for i in training], tokenizer, max_pieces=max_pieces, epochs=epochs, width=width, layers=layers
+    )
     student = StudentAnnotator(network, tokenizer, identity="distilling")
     teacher_classes = [targets[i]["token_class"] for i in held_out]
     available = sum(len(targets[i]["tokens"]) for i in training)

@@ -160,7 +160,7 @@ def _find_value(text: _Visible, value: str, start: int, stop: int) -> list[tuple
 def _find_words(text: _Visible, words: str, start: int, stop: int) -> tuple[int, int] | None:
     """The first occurrence of ``words`` in ``text.text[start:stop]`` that begins at most
     ``_MAX_VALUE_DISTANCE`` after ``start``, ignoring case and whitespace, as whole words."""
-    needle = _Visible(words).folded
+    needle = _folded(words)
     first, last = np.searchsorted(text.begin, [start, stop])
     latest = np.searchsorted(text.begin, start + _MAX_VALUE_DISTANCE, side="right")
     at = text.folded.find(needle, first, last)
@@ -174,6 +174,17 @@ def _find_words(text: _Visible, words: str, start: int, stop: int) -> tuple[int,
             return begin, end
         at = text.folded.find(needle, at + 1, last)
     return None
+
+
+def _folded(text: str) -> str:
+    """``_Visible(text).folded`` without building the arrays: for the short values looked up in a document."""
+    chars, position = [], 0
+    for entity in _HTML_ENTITY.finditer(text):
+        chars += [char for char in text[position : entity.start()] if not char.isspace()]
+        chars.append(_HTML_ENTITIES[entity[0]])
+        position = entity.end()
+    chars += [char for char in text[position:] if not char.isspace()]
+    return "".join(chars).replace("\u0130", "I").lower()
 
 
 def _is_word_char(char: str) -> bool:
