@@ -46,10 +46,17 @@ LOSS_CASES: dict[str, int | None] = {
     "lacy eager (torch)": 3,
     "F.linear_cross_entropy": 3,
     "F.linear_cross_entropy chunked": None,
+    "matmuls alone": 3,
+    "matmuls alone, V padded to 64": 3,
 }
 """The loss variants and the ``N x V x D`` matmul passes each makes per forward + backward (the fused kernels
 recompute the logits for each gradient; the chunked path once for both; autograd keeps them). How torch
-chunks ``F.linear_cross_entropy`` is its own business: no count, no TFLOP/s."""
+chunks ``F.linear_cross_entropy`` is its own business: no count, no TFLOP/s.
+
+"matmuls alone" is the floor: the three products of a forward + backward (logits, then the gradients of the
+hidden states and of the weight, with the logits standing in for their gradient) and nothing else; "V padded
+to 64" runs them with the vocabulary rounded up to a multiple of 64 rows, to see what an odd vocabulary
+(32,001) costs the matmuls, which on the H200 ran every loss at 70-99 TFLOP/s (docs/benchmarks.md)."""
 
 LACY_IMPLEMENTATIONS = {"lacy fused (triton)": "triton", "lacy chunked": "chunked", "lacy eager (torch)": "torch"}
 
@@ -125,7 +132,16 @@ def measure_loss_case(
     valid = torch.ones(tokens, dtype=torch.bool, device=device)
     token_class = torch.randint(0, 3, (tokens,), device=device, generator=generator).to(torch.int8)
 
+    matmul_weight = weight.detach()
+    if case == "matmuls alone, V padded to 64":
+        matmul_weight = F.pad(matmul_weight, (0, 0, 0, -vocab % 64))
+
     def step() -> None:
+        if case.startswith("matmuls alone"):
+            with torch.no_grad():
+                logits = hidden @ matmul_weight.T
+                _ = (logits @ matmul_weight, logits.T @ hidden)  # the two gradient products, results unused
+            return
         if case in LACY_IMPLEMENTATIONS:
             out = lacy_loss(hidden, weight, targets, valid, call_id=vocab - 1, method="lacy",
                             labels=TokenLabels(token_class=token_class), implementation=LACY_IMPLEMENTATIONS[case])
