@@ -643,8 +643,8 @@ def _end_with_stacks(process: multiprocessing.process.BaseProcess) -> None:
         os.killpg(process.pid, signal.SIGUSR1)
         time.sleep(STACK_DUMP_WAIT_S)
         os.killpg(process.pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
+    except ProcessLookupError:  # killed before it made its process group, or already gone
+        process.kill()
     process.join()
 
 

@@ -184,7 +184,12 @@ def _folded(text: str) -> str:
         chars.append(_HTML_ENTITIES[entity[0]])
         position = entity.end()
     chars += [char for char in text[position:] if not char.isspace()]
-    return "".join(chars).replace("\u0130", "I").lower()
+    return _fold_case("".join(chars))
+
+
+def _fold_case(chars: str) -> str:
+    """Lower case, character for character: "İ" is the one character that lowers to two ("i" and a dot)."""
+    return chars.replace("\u0130", "I").lower()
 
 
 def _is_word_char(char: str) -> bool:
@@ -226,8 +231,7 @@ class _Visible:
         self.begin = np.flatnonzero(visible)
         self.end = end[self.begin]
         self.chars = code_points[self.begin].tobytes().decode("utf-32-le")
-        # "İ" is the one character that lowers to two ("i" and a combining dot).
-        self.folded = self.chars.replace("\u0130", "I").lower()
+        self.folded = _fold_case(self.chars)
 
 
 def _align(source: str, target: str) -> np.ndarray:

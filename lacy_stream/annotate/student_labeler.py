@@ -29,7 +29,7 @@ from torch import nn
 
 from ..labels import TokenClass
 from ..tokenizer import Tokenizer
-from .alignment import PieceLabels, encode_with_offsets
+from .alignment import PieceLabels, char_to_byte_offsets, encode_with_offsets
 from .annotation import (
     RULES_VERSION,
     Mention,
@@ -74,8 +74,11 @@ class StudentNetwork(nn.Module):
         )
         self.norms = nn.ModuleList(nn.LayerNorm(config.width) for _ in range(config.layers))
         self.head = nn.Linear(config.width, SPAN_TAGS + 2 + 2)
-        self.reach = max(convolution.dilation * (config.kernel - 1) // 2 for convolution in self.convolutions)
-        """How far one convolution looks to each side."""
+
+    @property
+    def reach(self) -> int:
+        """How far the widest convolution looks to each side."""
+        return max(convolution.reach for convolution in self.convolutions)
 
     def forward(
         self, pieces: torch.Tensor, shapes: torch.Tensor, keep: torch.Tensor | None = None
@@ -102,11 +105,12 @@ class DilatedConvolution(nn.Module):
         if kernel % 2 == 0:
             raise ValueError(f"the kernel must be odd to keep pieces centred, not {kernel}")
         self.kernel, self.dilation = kernel, dilation
+        self.reach = dilation * (kernel - 1) // 2
         self.mix = nn.Linear(kernel * width, width)  # input features tap by tap
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        length, reach = hidden.shape[1], self.dilation * (self.kernel - 1) // 2
-        padded = torch.nn.functional.pad(hidden, (0, 0, reach, reach))
+        length = hidden.shape[1]
+        padded = torch.nn.functional.pad(hidden, (0, 0, self.reach, self.reach))
         taps = [padded[:, tap * self.dilation : tap * self.dilation + length] for tap in range(self.kernel)]
         return self.mix(torch.cat(taps, dim=-1))
 
@@ -195,16 +199,16 @@ def _byte_slices(text: str, begins: np.ndarray, ends: np.ndarray) -> list[str]:
     ends fall on character boundaries (always, for ASCII text)."""
     if text.isascii():
         return [text[begin:end] for begin, end in zip(begins.tolist(), ends.tolist())]
+    boundaries = char_to_byte_offsets(text)
+    char_begins, char_ends = np.searchsorted(boundaries, begins), np.searchsorted(boundaries, ends)
+    aligned = ((boundaries[char_begins] == begins) & (boundaries[char_ends] == ends)).tolist()
     data = text.encode("utf-8")
-    starts_character = np.append((np.frombuffer(data, dtype=np.uint8) & 0xC0) != 0x80, True)
-    characters_before = np.concatenate([[0], np.cumsum(starts_character[:-1])])
-    aligned = (starts_character[begins] & starts_character[ends]).tolist()
-    slices = []
-    for begin, end, char_begin, char_end, on_boundaries in zip(
-        begins.tolist(), ends.tolist(), characters_before[begins].tolist(), characters_before[ends].tolist(), aligned
-    ):
-        slices.append(text[char_begin:char_end] if on_boundaries else data[begin:end].decode("utf-8", "replace"))
-    return slices
+    return [
+        text[char_begin:char_end] if on_boundaries else data[begin:end].decode("utf-8", "replace")
+        for begin, end, char_begin, char_end, on_boundaries in zip(
+            begins.tolist(), ends.tolist(), char_begins.tolist(), char_ends.tolist(), aligned
+        )
+    ]
 
 
 class StudentError(ValueError):
