@@ -47,7 +47,7 @@ import numpy as np
 import torch
 import torch.distributed.checkpoint as dcp
 from torch import nn
-from torch.distributed.checkpoint.metadata import Metadata, StorageMeta
+from torch.distributed.checkpoint.metadata import Metadata, StorageMeta, TensorStorageMetadata
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
 from . import distributed
@@ -137,11 +137,35 @@ class CheckpointManager:
         model_state, optimizer_state = get_state_dict(model, optimizer)
         optimizer_tensors, _ = _split_tensors(optimizer_state)
         reader = SafeFileSystemReader.checked(path)
+        check_model_fits(reader, model_state, path)
         with single_process_quietly():
             dcp.load({"model": model_state, "optimizer": optimizer_tensors}, storage_reader=reader, no_dist=not distributed.is_distributed())
         optimizer_state = _merge(optimizer_tensors, _read_json(path / OPTIMIZER_FILE))
         set_state_dict(model, optimizer, model_state_dict=model_state, optim_state_dict=optimizer_state)
         return _read_json(path / f"rank{distributed.rank()}.json")
+
+
+class CheckpointMismatchError(ValueError):
+    """A checkpoint whose model tensors have other names or shapes than the model it is loaded into."""
+
+
+def check_model_fits(reader: SafeFileSystemReader, model_state: dict[str, torch.Tensor], path: Path) -> None:
+    """Refuse, naming the first difference, a checkpoint whose ``model`` tensors differ in name or shape from
+    ``model_state`` (DCP would report it as a long "Size mismatch" traceback from inside its planner)."""
+    stored = reader.read_metadata().state_dict_metadata
+    for name, tensor in model_state.items():
+        entry = stored.get(f"model.{name}")
+        if entry is None:
+            raise CheckpointMismatchError(f"checkpoint {path} has no model tensor {name}: it is not of this model")
+        if isinstance(entry, TensorStorageMetadata) and tuple(entry.size) != tuple(tensor.shape):
+            hint = ""
+            if name.endswith("tok_embeddings.weight"):
+                hint = (" (another tokenizer, or a run from before the vocabulary was padded: "
+                        "--model.vocab_multiple=1 keeps its unpadded shape)")
+            raise CheckpointMismatchError(
+                f"checkpoint {path} does not fit this model: {name} is {list(entry.size)} there and "
+                f"{list(tensor.shape)} here{hint}"
+            )
 
 
 # What a DCP ``.metadata`` pickle may reference: DCP's metadata records and the torch values inside them.

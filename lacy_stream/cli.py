@@ -450,13 +450,15 @@ def cmd_bench_loss(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(rows))
         return 0
-    print("| case | hidden | tokens | device | ms (fwd+bwd) | peak MiB | TFLOP/s |\n|---|---|---|---|---|---|---|")
+    print("| case | hidden | tokens | device | V rows | ms (fwd+bwd) | × floor | peak MiB | TFLOP/s |\n"
+          "|---|---|---|---|---|---|---|---|---|")
     for row in rows:
         if "skipped" in row:
-            print(f"| {row['case']} | {row['hidden']} | {row['tokens']} | skipped: {row['skipped']} | | | |")
+            print(f"| {row['case']} | {row['hidden']} | {row['tokens']} | skipped: {row['skipped']} | | | | | |")
         else:
-            print(f"| {row['case']} | {row['hidden']} | {row['tokens']} | {row['device']} {row['dtype']} | {row['ms']} "
-                  f"| {row['peak_mib']} | {row['tflops'] or ''} |")
+            print(f"| {row['case']} | {row['hidden']} | {row['tokens']} | {row['device']} {row['dtype']} "
+                  f"| {row['vocab_rows']} | {row['ms']} | {row.get('x_floor', '')} | {row['peak_mib']} "
+                  f"| {row['tflops'] or ''} |")
     return 0
 
 

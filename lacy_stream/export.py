@@ -117,7 +117,7 @@ def export_hf(
 
     final = Path(out_dir)
     with staging_directory(final.parent, final.name) as out:
-        save_file(gpt2_tensors(state, args.n_layers, dtype), str(out / WEIGHTS_FILE), metadata={"format": "pt"})
+        save_file(gpt2_tensors(state, args, dtype), str(out / WEIGHTS_FILE), metadata={"format": "pt"})
         gpt2_config(args, bos_id, tokenizer.eos_id, dtype).save_pretrained(out)
         GenerationConfig(
             bos_token_id=bos_id,
@@ -132,13 +132,16 @@ def export_hf(
     return final
 
 
-def gpt2_tensors(state: Mapping[str, torch.Tensor], n_layers: int, dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    """Our state dict renamed and laid out as ``GPT2LMHeadModel``'s, as contiguous CPU tensors in ``dtype``."""
-    names = _gpt2_names(n_layers)
-    _check_names(names.keys(), state.keys(), f"a {n_layers}-layer Transformer")
+def gpt2_tensors(state: Mapping[str, torch.Tensor], args: ModelArgs, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """Our state dict renamed and laid out as ``GPT2LMHeadModel``'s, as contiguous CPU tensors in ``dtype``; the
+    embedding without its padding rows (an export holds the real vocabulary, which transformers expects)."""
+    names = _gpt2_names(args.n_layers)
+    _check_names(names.keys(), state.keys(), f"a {args.n_layers}-layer Transformer")
     tensors = {}
     for ours, (theirs, transpose) in names.items():
         tensor = state[ours].detach()
+        if ours == "tok_embeddings.weight":
+            tensor = tensor[: args.vocab_size]
         tensors[theirs] = (tensor.t() if transpose else tensor).to("cpu", dtype).contiguous()
     return tensors
 

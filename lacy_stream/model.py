@@ -5,6 +5,12 @@ everywhere as in GPT-2, and no dropout. The token embedding doubles as the outpu
 model stops at the final LayerNorm: ``forward`` returns hidden states and the loss applies
 ``output_weight`` itself (so it can, e.g., compute logits chunk by chunk). ``logits`` is the plain
 full-vocabulary projection for inference and evaluation.
+
+The embedding has ``padded_vocab_size`` rows: the vocabulary rounded up to a multiple of
+``vocab_multiple`` (128), as nanoGPT pads GPT-2's 50,257 to 50,304. With 32,001 rows every output-projection
+matmul has an unaligned dimension, which keeps cuBLAS off its fastest kernels. The padding rows are no
+token: no input uses them, ``logits`` leaves them out, the loss gives them no probability (so they get no
+gradient), and exports drop them.
 """
 
 from __future__ import annotations
@@ -27,9 +33,11 @@ class ModelArgs:
     vocab_size: int = 32001  # Llama 2's 32,000 SentencePiece pieces + <CALL>
     max_seq_len: int = 1024
     norm_eps: float = 1e-5
+    vocab_multiple: int = 128
+    """The embedding's rows are the vocabulary rounded up to a multiple of this (1: no padding rows)."""
 
     def __post_init__(self) -> None:
-        for name in ("dim", "n_heads", "n_layers", "vocab_size", "max_seq_len"):
+        for name in ("dim", "n_heads", "n_layers", "vocab_size", "max_seq_len", "vocab_multiple"):
             value = getattr(self, name)
             if not isinstance(value, int) or value <= 0:
                 raise ValueError(f"ModelArgs.{name} must be a positive integer, got {value!r}")
@@ -41,6 +49,11 @@ class ModelArgs:
     @property
     def head_dim(self) -> int:
         return self.dim // self.n_heads
+
+    @property
+    def padded_vocab_size(self) -> int:
+        """Rows of the token embedding and output projection: ``vocab_size`` rounded up to ``vocab_multiple``."""
+        return -(-self.vocab_size // self.vocab_multiple) * self.vocab_multiple
 
 
 PRESETS: dict[str, ModelArgs] = {
@@ -145,7 +158,7 @@ class Transformer(nn.Module):
     def __init__(self, args: ModelArgs) -> None:
         super().__init__()
         self.args = args
-        self.tok_embeddings = nn.Embedding(args.vocab_size, args.dim)
+        self.tok_embeddings = nn.Embedding(args.padded_vocab_size, args.dim)
         self.pos_embeddings = nn.Embedding(args.max_seq_len, args.dim)
         self.layers = nn.ModuleList(TransformerBlock(args) for _ in range(args.n_layers))
         self.norm = nn.LayerNorm(args.dim, eps=args.norm_eps)
@@ -153,15 +166,16 @@ class Transformer(nn.Module):
 
     @property
     def output_weight(self) -> nn.Parameter:
-        """The output projection [vocab_size, dim], tied to (the same Parameter as) the token embedding."""
+        """The output projection [padded_vocab_size, dim], tied to (the same Parameter as) the token embedding;
+        rows from ``args.vocab_size`` on are padding."""
         return self.tok_embeddings.weight
 
     @torch.no_grad()
     def init_weights(self) -> None:
         """GPT-2 initialisation; also the way to fill a model materialised with ``to_empty`` (meta device/FSDP2).
 
-        Weights ~ N(0, 0.02), biases 0, LayerNorms identity. The projections that write into the residual
-        stream get std 0.02/sqrt(2·n_layers), since each layer adds two of them to it.
+        Weights ~ N(0, 0.02), biases 0, LayerNorms identity, padding rows of the embedding 0. The projections
+        that write into the residual stream get std 0.02/sqrt(2·n_layers), since each layer adds two of them to it.
         """
         for module in self.modules():
             if isinstance(module, nn.Linear):
@@ -176,6 +190,7 @@ class Transformer(nn.Module):
         for layer in self.layers:
             nn.init.normal_(layer.attention.out_proj.weight, mean=0.0, std=residual_std)
             nn.init.normal_(layer.mlp.down_proj.weight, mean=0.0, std=residual_std)
+        self.tok_embeddings.weight[self.args.vocab_size :].zero_()
 
     def forward(self, tokens: torch.Tensor, *, cache: KVCache | None = None) -> torch.Tensor:
         """Token ids [B, T] -> final hidden states [B, T, dim] (after the last LayerNorm).
@@ -196,8 +211,8 @@ class Transformer(nn.Module):
         return self.norm(x)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """Full-vocabulary logits [..., vocab_size] for hidden states from ``forward``."""
-        return F.linear(hidden, self.output_weight)
+        """Full-vocabulary logits [..., vocab_size] for hidden states from ``forward`` (no padding columns)."""
+        return F.linear(hidden, self.output_weight[: self.args.vocab_size])
 
 
 def num_params(model: Transformer, include_embeddings: bool = True) -> int:
@@ -212,11 +227,12 @@ def num_params(model: Transformer, include_embeddings: bool = True) -> int:
 def flops_per_token(args: ModelArgs, seq_len: int) -> int:
     """Training (forward + backward) FLOPs per token, the PaLM (Appendix B) / nanoGPT estimate:
 
-        6 · (N_non_embedding + vocab_size · dim)  +  12 · n_layers · dim · seq_len
+        6 · (N_non_embedding + padded_vocab_size · dim)  +  12 · n_layers · dim · seq_len
 
     Every weight costs 2 FLOPs per token forward and 4 backward. N_non_embedding covers the blocks and the
     final norm; embedding lookups cost nothing, but the tied output projection is a real [dim, vocab]
-    matmul, so it is counted once as ``vocab_size · dim`` (as nanoGPT does by keeping the tied ``wte`` in N).
+    matmul, so it is counted once as ``padded_vocab_size · dim`` (as nanoGPT does by keeping the tied ``wte``,
+    padded, in N): the padding rows are computed like any other.
     The second term is the attention score and weighted-value matmuls (QKᵀ and AV: 2 · 2 · seq_len · dim
     forward per layer, times 3 for training), counted over the full, unmasked seq_len.
     """
@@ -226,5 +242,5 @@ def flops_per_token(args: ModelArgs, seq_len: int) -> int:
     # Per block: qkv (3·dim² + 3·dim), out_proj (dim² + dim), MLP (8·dim² + 5·dim), two LayerNorms (4·dim).
     block_params = 12 * dim * dim + 13 * dim
     non_embedding_params = args.n_layers * block_params + 2 * dim
-    output_projection_params = args.vocab_size * dim
+    output_projection_params = args.padded_vocab_size * dim
     return 6 * (non_embedding_params + output_projection_params) + 12 * args.n_layers * dim * seq_len

@@ -9,14 +9,19 @@ embedding, so it has to run inside that forward; calling it from the training lo
 
 ``parallelize`` applies, per block and in this order, activation checkpointing, ``torch.compile`` and
 ``fully_shard``, then ``fully_shard`` on the root (torchtitan's order: the checkpointed region is inside
-the compiled one, and both are inside the unit whose parameters FSDP gathers). Without a process group of
-more than one rank it shards nothing and the module stays a plain module.
+the compiled one, and both are inside the unit whose parameters FSDP gathers).
+
+One precision policy for any number of processes: FSDP2's mixed precision, which keeps parameters, gradients
+and optimizer state in fp32 and gathers each unit's parameters in the compute dtype for its forward and
+backward. So the residual stream, the hidden states and the output weight the loss receives are bf16 on one
+GPU as on N (one process trains in 16 bits on a one-rank group, see ``distributed.init_distributed``).
+Gradients are reduced in fp32. In fp32 without a group the module stays a plain module, which computes what
+FSDP would.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from contextlib import nullcontext
 
 import torch
 import torch.distributed as dist
@@ -26,7 +31,7 @@ from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.utils.checkpoint import checkpoint
 
 from .config.job_config import LossConfig
-from .distributed import world_size
+from .distributed import is_distributed, world_size
 from .labels import TokenLabels
 from .loss.lacy_loss import LossOutput, lacy_loss
 from .model import Transformer
@@ -43,22 +48,17 @@ class TrainingModule(nn.Module):
         self.seed = seed
         self.group: dist.ProcessGroup | None = None
         """Ranks whose micro-batches share one call/ignore selection (set by ``parallelize``)."""
-        self.autocast_dtype: torch.dtype | None = None
-        """Set when no FSDP mixed-precision policy casts the parameters (one process on CUDA with bf16)."""
 
     def forward(self, inputs: Tensor, targets: Tensor, valid: Tensor, labels: TokenLabels, *, step: int) -> LossOutput:
         """All ``[B, T]``: input ids, target ids, which targets count, and the targets' labels."""
-        autocast = (
-            torch.autocast(inputs.device.type, dtype=self.autocast_dtype) if self.autocast_dtype else nullcontext()
-        )
-        with autocast:
-            hidden = self.model(inputs)
+        hidden = self.model(inputs)
         return lacy_loss(
             hidden.flatten(0, 1),
             self.model.output_weight,
             targets.flatten(),
             valid.flatten(),
             call_id=self.call_id,
+            vocab_size=self.model.args.vocab_size,
             method=self.loss.method,
             labels=labels.flatten(),
             call_ratio=self.loss.call_ratio,
@@ -75,26 +75,29 @@ def parallelize(
 ) -> TrainingModule:
     """Checkpoint, compile and shard ``module`` in place (see the module docstring); returns it.
 
-    ``dtype`` is the compute dtype; parameters, gradients and optimizer state stay fp32, and with FSDP
-    gradients are reduced in fp32.
+    ``dtype`` is the compute dtype; parameters, gradients and optimizer state stay fp32, and gradients are
+    reduced in fp32. A compute dtype other than fp32 needs a process group (of one rank or more).
     """
     for block in module.model.layers:
         if activation_checkpointing:
             _checkpoint_activations(block)
         if compile:
             block.compile()  # in place, so that parameter names (and checkpoints) do not change
-    device = next(module.parameters()).device
-    if world_size() == 1:
+    if not is_distributed():
         if dtype != torch.float32:
-            module.autocast_dtype = dtype
+            raise ValueError(f"training in {dtype} needs a process group: init_distributed(even_alone=True) makes one")
         return module
 
-    module.group = dist.group.WORLD
-    mesh = init_device_mesh(device.type, (world_size(),))
+    if world_size() > 1:
+        module.group = dist.group.WORLD
+    mesh = init_device_mesh(next(module.parameters()).device.type, (world_size(),))
     policy = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32)
     for block in module.model.layers:
         fully_shard(block, mesh=mesh, mp_policy=policy)
-    fully_shard(module, mesh=mesh, mp_policy=policy)
+    # The root's inputs stay as they come: its float input is the reference losses of rho1 and spacy_refloss,
+    # whose ranking a cast to bf16 would coarsen.
+    fully_shard(module, mesh=mesh, mp_policy=MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32,
+                                                                      cast_forward_inputs=False))
     # Each rank's loss is its share of the global mean (the shares add up), so gradients must be summed
     # over ranks, not averaged as FSDP does by default. Plain sums also keep gloo working: it has no
     # pre-multiplied sum, which FSDP would otherwise use to apply the divide factor.

@@ -18,6 +18,10 @@ valid tokens before the first backward, all micro-batches of a step are read bef
 
 Resume: checkpoints hold the model, the optimizer, and per rank the scheduler, counters, RNG streams
 and dataloader position, so a resumed run continues exactly where the saved one was (same world size).
+
+A step reads nothing back from the GPU: the loss, the gradient norm and the counts stay on the device and
+are read on logging steps only, and the ranks agree on a SIGTERM over a host-side (gloo) group. So the host
+queues the next step's work while the GPU runs this one.
 """
 
 from __future__ import annotations
@@ -44,7 +48,7 @@ from torch.distributed.tensor import DTensor
 from .checkpoint import CheckpointManager, capture_rng_state, restore_rng_state
 from .config.job_config import ConfigError, JobConfig, OptimizerConfig
 from .data.loader import TokenLoader
-from .distributed import SigtermFlag, init_distributed, rank, world_size
+from .distributed import SigtermFlag, host_group, init_distributed, rank, world_size
 from .export import export_hf
 from .inference.reference_loss import reference_scorer_factory
 from .labels import TokenClass, TokenLabels
@@ -63,7 +67,8 @@ COUNTS = ("valid", "facts", "calls", "call_loss_sum", "learned", "learned_loss_s
 
 def train(config: JobConfig, *, on_step: Callable[[int], None] | None = None) -> dict[str, Any]:
     """Train as ``config`` says; returns a summary. ``on_step(step)`` runs after every optimizer step."""
-    owns_group = init_distributed()
+    sixteen_bits = compute_dtype(config.train.dtype, training_device()) != torch.float32
+    owns_group = init_distributed(even_alone=sixteen_bits)
     try:
         return _Trainer(config).run(on_step)
     finally:
@@ -77,29 +82,40 @@ def micro_batches_per_step(global_batch_tokens: int, ranks: int, batch_size: int
     if global_batch_tokens == 0:
         return 1
     if global_batch_tokens % tokens_per_round:
+        windows = global_batch_tokens // seq_len
+        fitting = [size for size in range(batch_size, 0, -1) if windows % (ranks * size) == 0]
+        advice = f"; e.g. --data.batch_size={fitting[0]}" if global_batch_tokens % seq_len == 0 and fitting else ""
         raise ConfigError(
             f"train.global_batch_tokens ({global_batch_tokens}) must be a multiple of ranks x data.batch_size x "
-            f"data.seq_len = {ranks} x {batch_size} x {seq_len} = {tokens_per_round}"
+            f"data.seq_len = {ranks} x {batch_size} x {seq_len} = {tokens_per_round}{advice}"
         )
     return global_batch_tokens // tokens_per_round
 
 
+def training_device() -> torch.device:
+    return torch.device(f"cuda:{torch.cuda.current_device()}" if torch.cuda.is_available() else "cpu")
+
+
 def compute_dtype(name: str, device: torch.device) -> torch.dtype:
+    """``train.dtype`` as a torch dtype: ``auto`` is bf16 on CUDA and fp32 elsewhere (bf16 runs on a CPU too,
+    slowly: the tests use it to check the precision policy)."""
     if name == "auto":
         return torch.bfloat16 if device.type == "cuda" else torch.float32
-    if name == "bf16" and device.type != "cuda":
-        raise ConfigError("train.dtype: bf16 needs a CUDA device; use auto or fp32 on the CPU")
     return torch.bfloat16 if name == "bf16" else torch.float32
 
 
 def build_optimizer(module: torch.nn.Module, config: OptimizerConfig) -> torch.optim.AdamW:
-    """AdamW with weight decay on matrices and embeddings only (not on biases and LayerNorm weights)."""
+    """AdamW with weight decay on matrices and embeddings only (not on biases and LayerNorm weights).
+
+    Fused (one kernel for all parameters, step counts on the device), on CUDA and on the CPU alike: the
+    foreach implementation reads every step count back to the host.
+    """
     parameters = [p for p in module.parameters() if p.requires_grad]
     groups = [
         {"params": [p for p in parameters if p.dim() >= 2], "weight_decay": config.weight_decay},
         {"params": [p for p in parameters if p.dim() < 2], "weight_decay": 0.0},
     ]
-    return torch.optim.AdamW(groups, lr=config.lr, betas=(config.beta1, config.beta2), eps=config.eps)
+    return torch.optim.AdamW(groups, lr=config.lr, betas=(config.beta1, config.beta2), eps=config.eps, fused=True)
 
 
 def lr_factor(step: int, config: OptimizerConfig, total_steps: int) -> float:
@@ -117,8 +133,10 @@ class _Trainer:
         self.config = config
         self.rank = rank()
         self.ranks = world_size()
-        self.device = torch.device(f"cuda:{torch.cuda.current_device()}" if torch.cuda.is_available() else "cpu")
+        self.device = training_device()
         self.dtype = compute_dtype(config.train.dtype, self.device)
+        if self.device.type == "cuda":
+            torch.set_float32_matmul_precision("high")  # TF32 tensor cores for whatever runs in fp32
         self.run_dir = Path(config.train.run_dir)
         self.micro_batches = micro_batches_per_step(
             config.train.global_batch_tokens, self.ranks, config.data.batch_size, config.data.seq_len
@@ -127,7 +145,7 @@ class _Trainer:
 
         torch.manual_seed(config.train.seed)  # the same on every rank: FSDP shards identical weights
         self.tokenizer = Tokenizer(config.tokenizer.path)
-        overrides = {"vocab_size": self.tokenizer.vocab_size}
+        overrides = {"vocab_size": self.tokenizer.vocab_size, "vocab_multiple": config.model.vocab_multiple}
         if config.model.max_seq_len:
             overrides["max_seq_len"] = config.model.max_seq_len
         self.model_args = model_args(config.model.preset, **overrides)
@@ -152,12 +170,14 @@ class _Trainer:
             rank=self.rank, world_size=self.ranks,
         )
         self.checkpoints = CheckpointManager(self.run_dir, keep=config.checkpoint.keep)
+        self.host_group = host_group()
         self.val_batches: list[dict[str, torch.Tensor]] | None = None
         self.step = 0
         self.tokens_seen = 0
         self.flops_per_token = flops_per_token(self.model_args, config.data.seq_len)
         on_gpu = self.device.type == "cuda"
-        self.peak_flops = peak_flops(torch.cuda.get_device_name(), str(self.dtype)) if on_gpu else None
+        peak_dtype = "tf32" if self.dtype == torch.float32 else str(self.dtype)
+        self.peak_flops = peak_flops(torch.cuda.get_device_name(), peak_dtype) if on_gpu else None
 
     def run(self, on_step: Callable[[int], None] | None) -> dict[str, Any]:
         config = self.config
@@ -169,7 +189,7 @@ class _Trainer:
         batches = iter(self.loader)
         timer = StepTimer()
         totals = self._zero_totals()
-        losses: list[float] = []
+        losses: list[torch.Tensor] = []
         interrupted = False
         saved_step = self.checkpoints.latest()
         progress_lines = self.rank == 0 and not sys.stderr.isatty()  # a terminal shows the progress bar instead
@@ -219,23 +239,26 @@ class _Trainer:
             "run_dir": str(self.run_dir),
         }
 
-    def _train_step(self, batches: Iterator[dict], timer: StepTimer, totals: torch.Tensor) -> tuple[float, float]:
-        """One optimizer step; returns (loss of the step over all ranks, gradient norm before clipping)."""
+    def _train_step(
+        self, batches: Iterator[dict], timer: StepTimer, totals: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """One optimizer step; returns (loss of the step over all ranks, gradient norm before clipping), both
+        0-dim tensors on the device: nothing is read back from it."""
         with timer.data_wait():
             micro_batches = [self._prepare(next(batches)) for _ in range(self.micro_batches)]
         local_valid = sum(batch["valid"].sum() for batch in micro_batches).double()
-        step_valid = max(self._sum_over_ranks(local_valid).item(), 1)
+        step_valid = self._sum_over_ranks(local_valid).clamp(min=1)
         step_loss = torch.zeros((), dtype=torch.float64, device=self.device)
         for batch in micro_batches:
             output = self.module(**batch, step=self.step)
-            share = output.loss * (output.masks.valid_tokens / step_valid)
+            share = output.loss * (output.masks.valid_tokens / step_valid).to(output.loss.dtype)
             share.backward()
             step_loss += share.detach()
             totals += _micro_batch_counts(batch, output, self.rank)
         grad_norm = self._clip_gradients()
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return self._sum_over_ranks(step_loss).item(), grad_norm
+        return self._sum_over_ranks(step_loss), grad_norm
 
     def _validate(self) -> dict[str, float | None]:
         """Loss, call loss and non-call loss over the same ``val_batches`` held-out micro-batches each time.
@@ -276,27 +299,25 @@ class _Trainer:
             "labels": labels,
         }
 
-    def _clip_gradients(self) -> float:
+    def _clip_gradients(self) -> torch.Tensor:
         max_norm = self.config.optimizer.grad_clip or math.inf
         norm = torch.nn.utils.clip_grad_norm_(self.module.parameters(), max_norm)
-        if isinstance(norm, DTensor):
-            norm = norm.full_tensor()
-        return norm.item()
+        return norm.full_tensor() if isinstance(norm, DTensor) else norm
 
     def _metrics(
-        self, losses: list[float], totals: torch.Tensor, timer: StepTimer, grad_norm: float, lr: float
+        self, losses: list[torch.Tensor], totals: torch.Tensor, timer: StepTimer, grad_norm: torch.Tensor, lr: float
     ) -> dict[str, Any]:
         counts = dict(zip(COUNTS, self._sum_over_ranks(totals).tolist()))
         throughput = timer.summary()
         tokens_per_s = throughput["tokens_per_s"]
         return {
-            "loss": sum(losses) / len(losses),
+            "loss": torch.stack(losses).mean().item(),
             **_loss_breakdown(counts),
             "fact_ratio": counts["facts"] / max(counts["valid"], 1),
             "call_shortfall": counts["call_shortfall"] / len(losses),
             "tokens_per_s": tokens_per_s,
             "tokens_seen": self.tokens_seen,
-            "grad_norm": grad_norm,
+            "grad_norm": grad_norm.item(),
             "lr": lr,
             "mfu": mfu(tokens_per_s / self.ranks, self.flops_per_token, self.peak_flops) if tokens_per_s else None,
             "data_wait_share": throughput["data_wait_share"],
@@ -313,7 +334,12 @@ class _Trainer:
         return value
 
     def _any_rank(self, flag: bool) -> bool:
-        return bool(self._sum_over_ranks(torch.tensor(float(flag), device=self.device)).item())
+        """Whether ``flag`` is set on any rank, agreed on the host: no wait for the GPU."""
+        if self.ranks == 1:
+            return flag
+        value = torch.tensor([float(flag)])
+        dist.all_reduce(value, group=self.host_group)
+        return bool(value.item())
 
     def _save_checkpoint(self) -> None:
         extra = {
@@ -382,16 +408,20 @@ def _micro_batch_counts(batch: dict[str, Any], output: LossOutput, rank: int) ->
     learned = valid & ~call & ~output.masks.ignore
     facts = valid & (labels.token_class == TokenClass.FACT)
     zero = torch.zeros((), device=valid.device)
+
+    def sum_over(mask: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+        return torch.where(mask, values, 0).sum()  # not values[mask]: boolean indexing reads the count back
+
     excess = output.learned_loss - labels.ref_loss if labels.ref_loss is not None else None
     values = [
-        valid.sum(), facts.sum(), call.sum(), output.call_loss[call].sum(), learned.sum(),
-        output.learned_loss[learned].sum(), torch.tensor(output.masks.call_shortfall if rank == 0 else 0),
+        valid.sum(), facts.sum(), call.sum(), sum_over(call, output.call_loss), learned.sum(),
+        sum_over(learned, output.learned_loss), output.masks.call_shortfall if rank == 0 else zero,
         valid.sum() if excess is not None else zero,
-        labels.ref_loss[valid].sum() if excess is not None else zero,
-        excess[valid].sum() if excess is not None else zero,
-        excess[call].sum() if excess is not None else zero,
+        sum_over(valid, labels.ref_loss) if excess is not None else zero,
+        sum_over(valid, excess) if excess is not None else zero,
+        sum_over(call, excess) if excess is not None else zero,
     ]
-    return torch.stack([value.to(device=valid.device, dtype=torch.float64) for value in values])
+    return torch.stack([value.to(dtype=torch.float64) for value in values])
 
 
 def _loss_breakdown(counts: dict[str, float]) -> dict[str, float | None]:

@@ -11,7 +11,12 @@ import pytest
 import torch
 import webdataset
 
-from lacy_stream.tokenizer import train_tokenizer
+if not torch.cuda.is_available():
+    # Before anything imports lacy_stream.loss: triton.jit defines a kernel for its interpreter or for the GPU
+    # when the kernel is defined, so this has the loss's Triton kernels tested on the CPU.
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+from lacy_stream.tokenizer import train_tokenizer  # noqa: E402
 
 SHARED_DIR = Path(os.environ.get("LACY_SHARED_DIR", Path(__file__).resolve().parents[1].parent / "shared"))
 needs_shared = pytest.mark.skipif(not SHARED_DIR.is_dir(), reason=f"{SHARED_DIR} not found (set LACY_SHARED_DIR)")

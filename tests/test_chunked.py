@@ -1,4 +1,5 @@
-"""The chunked LaCy statistics and gradients (``implementation="chunked"``) against the float64 reference."""
+"""The chunked LaCy statistics and gradients (``implementation="chunked"``) against the float64 reference,
+with the row kernels in Triton (under its interpreter on the CPU, see conftest.py) and in PyTorch."""
 
 from __future__ import annotations
 
@@ -15,12 +16,24 @@ from projection_reference import (
     reference,
 )
 
+from lacy_stream.loss import row_kernels
 from lacy_stream.loss.chunked import logit_grads, logit_stats
 from lacy_stream.loss.implementation import AUTO, choose_implementation
 
 # Tolerances of assert_close (relative to each tensor's largest entry). bf16 rounds the logits (as plain
 # PyTorch does) and the gradient tile to 8 significant bits.
 TOLERANCE = {torch.float64: 1e-10, torch.float32: 1e-4, torch.bfloat16: 3e-2}
+
+
+@pytest.fixture(params=["triton", "torch"], autouse=True)
+def row_kernels_in(request, monkeypatch):
+    """Each test twice: with the Triton row kernels (fp16/bf16/fp32) and with their PyTorch operations."""
+    if request.param == "triton":
+        if not row_kernels.triton_kernels_run_on(torch.zeros(1, device=DEVICE)):
+            pytest.skip("the Triton row kernels need triton, and CUDA or TRITON_INTERPRET=1")
+    else:
+        monkeypatch.setattr(row_kernels, "triton_kernels_run_on", lambda logits: False)
+    return request.param
 
 
 def check(n, v, d, call_id, dtype, *, chunk_tokens=7, **inputs):
@@ -31,17 +44,25 @@ def check(n, v, d, call_id, dtype, *, chunk_tokens=7, **inputs):
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
 @pytest.mark.parametrize(
-    ("n", "v", "d", "call_id", "chunk_tokens"),
+    ("n", "v", "d", "call_id", "chunk_tokens", "padding"),
     [
-        (37, 77, 40, 76, 7),  # odd sizes, a short last chunk, CALL last
-        (37, 77, 40, 0, 37),  # one chunk, CALL first
-        (37, 77, 40, 38, 1),  # one token per chunk, CALL in the middle
-        (1, 50, 24, 49, None),  # a single token, the default chunking
-        (64, 17, 16, 16, 16),  # exact multiples
+        (37, 77, 40, 76, 7, 0),  # odd sizes, a short last chunk, CALL last
+        (37, 77, 40, 76, 7, 51),  # the same, padded to 128 columns
+        (37, 77, 40, 0, 37, 3),  # one chunk, CALL first
+        (37, 77, 40, 38, 1, 0),  # one token per chunk, CALL in the middle
+        (1, 50, 24, 49, None, 14),  # a single token, the default chunking
+        (64, 17, 16, 16, 16, 0),  # exact multiples
     ],
 )
-def test_matches_reference(n, v, d, call_id, chunk_tokens, dtype):
-    check(n, v, d, call_id, dtype, chunk_tokens=chunk_tokens)
+def test_matches_reference(n, v, d, call_id, chunk_tokens, padding, dtype):
+    _, grad_w = check(n, v, d, call_id, dtype, chunk_tokens=chunk_tokens, padding=padding)
+    assert (grad_w[v:] == 0).all()  # padding rows: no probability, no gradient
+
+
+def test_rows_longer_than_a_kernel_block(monkeypatch):
+    """A row walked in several blocks, with <CALL> alone in the last block of the vocabulary."""
+    monkeypatch.setattr(row_kernels, "BLOCK_COLUMNS", 16)
+    check(9, 49, 16, 48, torch.float32, padding=15)
 
 
 @pytest.mark.parametrize(("dtype", "logit_scale"), [(torch.float64, 1e4), (torch.float32, 1e3)])
@@ -91,4 +112,4 @@ def test_auto_takes_the_table_and_plain_pytorch_elsewhere(monkeypatch):
     assert choose_implementation("auto", hidden) == "chunked"
     assert choose_implementation("torch", hidden) == "torch"
     with pytest.raises(ValueError, match="implementation"):
-        choose_implementation("fused", hidden)
+        choose_implementation("triton", hidden)

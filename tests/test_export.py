@@ -54,6 +54,14 @@ def test_logits_match(model: Transformer, hf_model, tokenizer: Tokenizer) -> Non
     assert (ours - theirs).abs().max().item() < 1e-4
 
 
+def test_the_export_holds_the_real_vocabulary_without_padding_rows(model: Transformer, export_dir: Path, hf_model,
+                                                                  tokenizer: Tokenizer) -> None:
+    assert model.tok_embeddings.weight.shape[0] == 128 * -(-tokenizer.vocab_size // 128) > tokenizer.vocab_size
+    assert load_file(str(export_dir / "model.safetensors"))["transformer.wte.weight"].shape[0] == tokenizer.vocab_size
+    assert hf_model.config.vocab_size == tokenizer.vocab_size
+    assert hf_model(torch.tensor([[1, 2, 3]])).logits.shape[-1] == tokenizer.vocab_size
+
+
 def test_tokenizer_reproduces_ours(hf_tokenizer, tokenizer: Tokenizer) -> None:
     texts = [
         *PROBE_TEXTS,

@@ -116,6 +116,16 @@ def test_stops_at_eos(tokenizer: Tokenizer) -> None:
     assert generation.stopped_at_eos and generation.steps == 2
 
 
+def test_padding_rows_are_never_generated(tokenizer: Tokenizer) -> None:
+    """Padding rows with the largest logits of all: the generator still only sees the real vocabulary."""
+    model = fixed_logits_model(tokenizer, {300: 2.0})
+    with torch.no_grad():
+        model.tok_embeddings.weight[tokenizer.vocab_size :, 0] = 50.0
+    assert model.tok_embeddings.weight.shape[0] > tokenizer.vocab_size
+    generation = generate(model, tokenizer, "The", NeverCall(), max_new_tokens=3, repetition_penalty=1.0)
+    assert generation.ids == [300] * 3
+
+
 def test_cached_generation_equals_recomputing_every_step(tokenizer: Tokenizer) -> None:
     """Past the 64-token context the generator slides its window; before, it reads only new tokens."""
     model = tiny_model(tokenizer, seed=3)

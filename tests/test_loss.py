@@ -2,16 +2,10 @@
 
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-
 from conftest import spawn_gloo
 from lacy_stream.labels import TokenClass, TokenLabels
 from lacy_stream.loss import METHODS, lacy_loss
@@ -47,22 +41,41 @@ def reference_loss(hidden, weight, targets, valid, call, ignore, call_id):
     return ((learned * learn).sum() + (delegated * call).sum()) / valid.sum()
 
 
-@pytest.mark.parametrize("implementation", ["torch", "triton", "chunked"])
+PADDING = 11
+"""Padding rows of the weight in the padded cases (V + 11 = 48, the next multiple of 16)."""
+
+
+@pytest.mark.parametrize("padded", [False, True], ids=["V", "V padded"])
+@pytest.mark.parametrize("implementation", ["torch", "chunked"])
 @pytest.mark.parametrize("method", METHODS)
-def test_loss_and_gradients_match_fp64(method, implementation):
+def test_loss_and_gradients_match_fp64(method, implementation, padded):
+    """Every method and implementation against Eq. A.4 in fp64; padding rows of the weight never change the
+    loss and get no gradient."""
     hidden, weight, targets, valid, labels = make_batch()
+    if padded:
+        weight = torch.cat([weight, torch.randn(PADDING, D, generator=torch.Generator().manual_seed(7))])
     hidden.requires_grad_(True)
     weight.requires_grad_(True)
-    out = lacy_loss(hidden, weight, targets, valid, call_id=V - 1, method=method, implementation=implementation, labels=labels)
+    out = lacy_loss(hidden, weight, targets, valid, call_id=V - 1, vocab_size=V, method=method,
+                    implementation=implementation, labels=labels)
     out.loss.backward()
 
     h64 = hidden.detach().double().requires_grad_(True)
-    w64 = weight.detach().double().requires_grad_(True)
+    w64 = weight[:V].detach().double().requires_grad_(True)
     expected = reference_loss(h64, w64, targets, valid, out.masks.call, out.masks.ignore, V - 1)
     expected.backward()
     torch.testing.assert_close(out.loss.double(), expected, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(hidden.grad.double(), h64.grad, rtol=1e-4, atol=1e-6)
-    torch.testing.assert_close(weight.grad.double(), w64.grad, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(weight.grad[:V].double(), w64.grad, rtol=1e-4, atol=1e-6)
+    assert (weight.grad[V:] == 0).all()
+
+
+def test_vocab_size_outside_the_weight_is_refused():
+    hidden, weight, targets, valid, labels = make_batch()
+    with pytest.raises(ValueError, match="vocab_size 38 must lie in"):
+        lacy_loss(hidden, weight, targets, valid, call_id=V - 1, vocab_size=V + 1, method="baseline")
+    with pytest.raises(ValueError, match="call_id 40 outside the vocabulary of 37"):
+        lacy_loss(hidden, torch.cat([weight, weight[:5]]), targets, valid, call_id=40, vocab_size=V, method="baseline")
 
 
 @pytest.mark.parametrize("method", ["lacy", "lacy_ignore", "rho1"])

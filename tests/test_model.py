@@ -29,8 +29,8 @@ def test_forward_shape_and_dtype() -> None:
     assert hidden.shape == (3, 17, model.args.dim)
     assert hidden.dtype == torch.float32
     logits = model.logits(hidden)
-    assert logits.shape == (3, 17, VOCAB)
-    assert torch.equal(logits, hidden @ model.tok_embeddings.weight.T)
+    assert logits.shape == (3, 17, VOCAB)  # no padding columns
+    assert torch.equal(logits, hidden @ model.tok_embeddings.weight[:VOCAB].T)
 
     hidden_bf16 = model.to(torch.bfloat16)(tokens)
     assert hidden_bf16.dtype == torch.bfloat16
@@ -96,9 +96,9 @@ def test_init_statistics() -> None:
             assert torch.count_nonzero(linear.bias) == 0
         for norm in (layer.attention_norm, layer.mlp_norm):
             assert torch.all(norm.weight == 1) and torch.all(norm.bias == 0)
-    for embedding in (model.tok_embeddings, model.pos_embeddings):
-        assert embedding.weight.std().item() == pytest.approx(0.02, rel=0.05)
-        assert abs(embedding.weight.mean().item()) < 2e-3
+    for weight in (model.tok_embeddings.weight[:VOCAB], model.pos_embeddings.weight):
+        assert weight.std().item() == pytest.approx(0.02, rel=0.05)
+        assert abs(weight.mean().item()) < 2e-3
 
 
 def test_meta_device_then_init_weights() -> None:
@@ -125,15 +125,27 @@ def test_parameter_counts_match_paper(preset: str, paper_count: float, rel_toler
     total = num_params(model)
     assert total == pytest.approx(paper_count, rel=rel_tolerance)
 
-    embeddings = args.vocab_size * args.dim + args.max_seq_len * args.dim
+    assert args.padded_vocab_size == 32128 and model.tok_embeddings.weight.shape[0] == 32128
+    embeddings = args.padded_vocab_size * args.dim + args.max_seq_len * args.dim
     assert num_params(model, include_embeddings=False) == total - embeddings
     # Counted once: the tied embedding is not also counted as an output projection.
     assert total == sum(p.numel() for p in model.state_dict().values())
 
     # 6N (blocks + final norm + the tied output projection) plus the attention term.
     non_embedding = num_params(model, include_embeddings=False)
-    expected_flops = 6 * (non_embedding + args.vocab_size * args.dim) + 12 * args.n_layers * args.dim * 1024
+    expected_flops = 6 * (non_embedding + args.padded_vocab_size * args.dim) + 12 * args.n_layers * args.dim * 1024
     assert flops_per_token(args, 1024) == expected_flops
+
+
+def test_vocabulary_padded_to_its_multiple_with_zero_rows() -> None:
+    assert model_args("tiny", vocab_size=VOCAB).padded_vocab_size == 128
+    assert model_args("tiny", vocab_size=128).padded_vocab_size == 128
+    assert model_args("tiny", vocab_size=VOCAB, vocab_multiple=1).padded_vocab_size == VOCAB
+    assert model_args("tiny", vocab_size=VOCAB, vocab_multiple=64).padded_vocab_size == 128
+    weight = tiny_model().tok_embeddings.weight
+    assert weight.shape[0] == 128 and (weight[VOCAB:] == 0).all() and (weight[:VOCAB] != 0).all()
+    with pytest.raises(ValueError, match="vocab_multiple must be a positive integer"):
+        model_args("tiny", vocab_multiple=0)
 
 
 def test_flops_per_token_rejects_bad_seq_len() -> None:

@@ -189,6 +189,34 @@ def test_global_batch_must_split_into_whole_micro_batches():
     assert micro_batches_per_step(256, 2, 2, 32) == 2
     with pytest.raises(ConfigError, match="multiple"):
         micro_batches_per_step(100, 2, 2, 32)
+    # The 1.3b config's 112 windows a step on 8 ranks: 16 does not divide, 14 does.
+    with pytest.raises(ConfigError, match="e.g. --data.batch_size=14"):
+        micro_batches_per_step(114688, 8, 16, 1024)
+
+
+@pytest.mark.timeout(120)
+def test_a_run_from_before_the_padded_vocabulary_loads_and_resumes_only_with_its_shape(tmp_path, corpus,
+                                                                                      tokenizer_path, capsys):
+    """A run of 401 embedding rows (no padding) with a config.json that predates ``model.vocab_multiple``."""
+    run_dir = tmp_path / "run"
+    train(load_job_config(None, overrides(corpus, tokenizer_path, run_dir, "--train.steps=2",
+                                          "--checkpoint.export_hf=false", "--model.vocab_multiple=1")))
+    config = json.loads((run_dir / "config.json").read_text())
+    del config["model"]["vocab_multiple"]
+    (run_dir / "config.json").write_text(json.dumps(config))
+
+    loaded = load_lacy(run_dir)
+    assert loaded.model.tok_embeddings.weight.shape[0] == Tokenizer(tokenizer_path).vocab_size
+
+    with pytest.raises(SystemExit) as exit_info:
+        cli_main(["train", *overrides(corpus, tokenizer_path, run_dir, "--train.steps=4")])
+    assert exit_info.value.code == 1
+    error = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "tok_embeddings.weight is [401, 128] there and [512, 128] here" in error
+    assert "--model.vocab_multiple=1" in error
+    resumed = train(load_job_config(None, overrides(corpus, tokenizer_path, run_dir, "--train.steps=4",
+                                                    "--model.vocab_multiple=1")))
+    assert resumed["step"] == 4
 
 
 @pytest.mark.timeout(300)

@@ -211,7 +211,11 @@ def train_student(
         raise ValueError("no training pieces: give more documents")
     steps = epochs * math.ceil(len(windows) / batch_windows)
     optimizer = torch.optim.AdamW(network.parameters(), lr=learning_rate, weight_decay=0.01)
-    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=learning_rate, total_steps=steps, pct_start=0.1)
+    # OneCycleLR divides by the length of its warm-up phase, pct_start x total_steps - 1: at least one step,
+    # so a few documents (the GPU check's keep-up section) train for the few steps they have.
+    warmup_share = 0.1
+    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=learning_rate, pct_start=warmup_share,
+                                                   total_steps=max(steps, math.ceil(2 / warmup_share)))
     random = np.random.default_rng(seed)
     network.train()
     for epoch in range(epochs):

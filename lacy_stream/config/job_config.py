@@ -84,6 +84,9 @@ class ModelConfig:
     """``tiny`` (CPU), ``334m`` or ``1.3b`` (the paper's Table 3)."""
     max_seq_len: int = 0
     """Position embeddings; 0: the preset's. The vocabulary always comes from the tokenizer (+ <CALL>)."""
+    vocab_multiple: int = 128
+    """The embedding's rows are the vocabulary rounded up to a multiple of this, for aligned output-projection
+    matmuls (padding rows are never a token); 1: no padding, the shape of runs before padding existed."""
 
 
 @dataclass
@@ -122,7 +125,8 @@ class TrainConfig:
     """Tokens per optimizer step over all ranks; a multiple of ranks x batch_size x seq_len (gradient
     accumulation fills the rest). 0: one micro-batch per rank."""
     dtype: str = "auto"
-    """Parameter dtype: ``auto`` (bf16 on GPU with fp32 reduction, fp32 on CPU), ``bf16`` or ``fp32``."""
+    """Compute dtype: ``auto`` (bf16 on GPU, fp32 on CPU), ``bf16`` or ``fp32`` (with TF32 matmuls on GPU).
+    Parameters, gradients and optimizer state are fp32 either way; gradients are reduced in fp32."""
     compile: bool = False
     activation_checkpointing: bool = False
     seed: int = 0
@@ -166,6 +170,7 @@ _CHOICES = {
     ("train", "dtype"): ("auto", "bf16", "fp32"),
 }
 _POSITIVE = {("data", "seq_len"), ("data", "batch_size"), ("data", "max_doc_chars"), ("annotation", "batch_size"),
+             ("model", "vocab_multiple"),
              ("train", "steps"), ("train", "log_every"), ("train", "val_every"), ("train", "val_batches"),
              ("checkpoint", "every"), ("checkpoint", "keep"), ("optimizer", "lr")}
 _NON_NEGATIVE = {("data", "num_workers"), ("model", "max_seq_len"), ("optimizer", "weight_decay"),
@@ -231,7 +236,7 @@ def resolve_config_path(path: str | Path) -> Path:
     path = Path(path)
     if path.exists() or len(path.parts) != 1:
         return path
-    return RUN_CONFIGS / path.with_suffix(".toml").name
+    return RUN_CONFIGS / (path.name if path.suffix == ".toml" else f"{path.name}.toml")  # "1.3b" has a dot
 
 
 def run_config_names() -> list[str]:

@@ -20,7 +20,13 @@ import torch
 import torch.distributed.checkpoint as dcp
 from safetensors.torch import load_file
 
-from ..checkpoint import COMPLETE_MARKER, CheckpointManager, SafeFileSystemReader, single_process_quietly
+from ..checkpoint import (
+    COMPLETE_MARKER,
+    CheckpointManager,
+    SafeFileSystemReader,
+    check_model_fits,
+    single_process_quietly,
+)
 from ..export import SENTENCEPIECE_FILE, WEIGHTS_FILE, state_dict_from_gpt2
 from ..model import ModelArgs, Transformer, model_args
 from ..tokenizer import Tokenizer
@@ -109,6 +115,7 @@ def _from_hf_export(directory: Path) -> tuple[Transformer, Tokenizer]:
         vocab_size=config["vocab_size"],
         max_seq_len=config["n_positions"],
         norm_eps=config.get("layer_norm_epsilon", 1e-5),
+        vocab_multiple=1,  # exports hold the real vocabulary, without padding rows
     )
     model = _empty_model(args)
     state = state_dict_from_gpt2(load_file(str(directory / WEIGHTS_FILE)), args.n_layers)
@@ -119,7 +126,8 @@ def _from_hf_export(directory: Path) -> tuple[Transformer, Tokenizer]:
 def _from_checkpoint(checkpoint: Path, *, run_dir: Path) -> tuple[Transformer, Tokenizer]:
     config = _run_config(run_dir)
     tokenizer = Tokenizer(config["tokenizer"]["path"])
-    overrides = {"vocab_size": tokenizer.vocab_size}
+    # Runs from before the padded vocabulary have no vocab_multiple in their config: their embedding is unpadded.
+    overrides = {"vocab_size": tokenizer.vocab_size, "vocab_multiple": config["model"].get("vocab_multiple", 1)}
     if config["model"].get("max_seq_len"):
         overrides["max_seq_len"] = config["model"]["max_seq_len"]
     args = model_args(config["model"]["preset"], **overrides)
@@ -127,8 +135,10 @@ def _from_checkpoint(checkpoint: Path, *, run_dir: Path) -> tuple[Transformer, T
     # The trainer checkpoints its TrainingModule, which holds the transformer as ``model``. DCP loads in
     # place, into the state dict's tensors, which share their storage with the parameters.
     state = {f"model.{name}": tensor for name, tensor in model.state_dict().items()}
+    reader = SafeFileSystemReader.checked(checkpoint)
+    check_model_fits(reader, state, checkpoint)
     with single_process_quietly():
-        dcp.load({"model": state}, storage_reader=SafeFileSystemReader.checked(checkpoint), no_dist=True)
+        dcp.load({"model": state}, storage_reader=reader, no_dist=True)
     return model, _matching_tokenizer(Path(config["tokenizer"]["path"]), args)
 
 

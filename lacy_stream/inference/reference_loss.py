@@ -58,7 +58,8 @@ class ReferenceScorer:
             for start, first_scored in _windows(count, self.context, self.stride):
                 end = min(start + self.context, count)
                 hidden = self.model(tokens[start:end][None])[0]
-                lse, target_logit, _ = logit_stats(hidden, self.model.output_weight, tokens[start + 1 : end + 1], self.call_id)
+                lse, target_logit, _ = logit_stats(hidden, self.model.output_weight, tokens[start + 1 : end + 1],
+                                                   self.call_id, vocab_size=self.model.args.vocab_size)
                 losses[first_scored:end] = (lse - target_logit)[first_scored - start :].float().cpu().numpy()
         return losses
 

@@ -12,6 +12,10 @@ of (seed, step, global token index), so they too do not depend on how the batch 
 
 Budgets: ``k = round(call_ratio * valid tokens)``. When a method has fewer eligible tokens than ``k`` (fewer
 facts than the budget), all eligible tokens are called and the shortfall is reported.
+
+No value is read back from the device: counts and budgets are 0-dim tensors, and a top-k keeps the tokens
+whose rank in the sorted keys is below the budget, so a selection never waits for the GPU (and a step
+could be captured in a CUDA graph).
 """
 
 from __future__ import annotations
@@ -43,19 +47,19 @@ class MaskInputs:
 class Masks:
     call: Tensor
     ignore: Tensor
-    valid_tokens: int
-    """Valid tokens of the micro-batch over all ranks of the selection."""
-    wanted_calls: int
-    """The call budget k; ``call`` holds ``wanted_calls - call_shortfall`` calls over all ranks."""
-    call_shortfall: int
+    valid_tokens: Tensor
+    """Valid tokens of the micro-batch over all ranks of the selection (0-dim int64)."""
+    wanted_calls: Tensor
+    """The call budget k (0-dim int64); ``call`` holds ``wanted_calls - call_shortfall`` calls over all ranks."""
+    call_shortfall: Tensor
 
 
 @dataclass
 class _Choice:
-    """What a method's selection function returns: its masks and the calls it wanted."""
+    """What a method's selection function returns: its masks and the calls it wanted (0-dim int64)."""
 
     call: Tensor
-    wanted_calls: int
+    wanted_calls: Tensor
     ignore: Tensor | None = None
 
 
@@ -65,7 +69,7 @@ class _Request:
 
     inputs: MaskInputs
     selection: "_Selection"
-    valid_tokens: int
+    valid_tokens: Tensor
     call_ratio: float
     ignore_ratio: float
     seed: int
@@ -76,8 +80,8 @@ class _Request:
         return self.inputs.valid
 
     @property
-    def budget(self) -> int:
-        return round(self.call_ratio * self.valid_tokens)
+    def budget(self) -> Tensor:
+        return _rounded_share(self.call_ratio, self.valid_tokens)
 
     @property
     def facts(self) -> Tensor:
@@ -88,7 +92,7 @@ class _Request:
 
 
 def _baseline(request: _Request) -> _Choice:
-    return _Choice(call=torch.zeros_like(request.valid), wanted_calls=0)
+    return _Choice(call=torch.zeros_like(request.valid), wanted_calls=torch.zeros_like(request.valid_tokens))
 
 
 def _loss_based(request: _Request) -> _Choice:
@@ -133,9 +137,9 @@ def _lacy_ignorefacts(request: _Request) -> _Choice:
 
 def _lacy_ignore(request: _Request) -> _Choice:
     choice = _lacy_ignorefacts(request)
-    remaining = round(request.ignore_ratio * request.valid_tokens) - request.selection.total(choice.ignore)
+    remaining = _rounded_share(request.ignore_ratio, request.valid_tokens) - request.selection.total(choice.ignore)
     other = request.valid & (request.inputs.labels.token_class == TokenClass.OTHER)
-    choice.ignore = choice.ignore | request.selection.top_k(request.inputs.token_loss, other, max(remaining, 0))
+    choice.ignore = choice.ignore | request.selection.top_k(request.inputs.token_loss, other, remaining)
     return choice
 
 
@@ -215,6 +219,11 @@ def select_masks(
     )
 
 
+def _rounded_share(ratio: float, count: Tensor) -> Tensor:
+    """``round(ratio * count)`` as a 0-dim int64 tensor (half to even, as Python's ``round``)."""
+    return torch.round(ratio * count.double()).long()
+
+
 def _check_inputs(method: Method, inputs: MaskInputs, call_ratio: float, ignore_ratio: float) -> None:
     if not (0.0 <= call_ratio <= 1.0 and 0.0 <= ignore_ratio <= 1.0):
         raise ValueError(f"call_ratio and ignore_ratio must lie in [0, 1], got {call_ratio}, {ignore_ratio}")
@@ -242,32 +251,40 @@ class _Selection:
             self.world, self.rank = 1, 0
         else:
             self.world, self.rank = dist.get_world_size(group), dist.get_rank(group)
-            sizes = self._gather(torch.tensor([local_tokens], device=device))
-            if bool((sizes != local_tokens).any()):
-                raise ValueError(f"global selection needs equal micro-batches on every rank, got sizes {sizes.tolist()}")
+            self._check_equal_sizes()
+
+    def _check_equal_sizes(self) -> None:
+        """Every rank must select over as many tokens as this one (checked once per group and size: the check
+        reads a value back from the device)."""
+        key = (id(self.group), self.local_tokens)
+        if key in _CHECKED_SIZES:
+            return
+        sizes = self._gather(torch.full((1,), self.local_tokens, device=self.device))
+        if bool((sizes != self.local_tokens).any()):
+            raise ValueError(f"global selection needs equal micro-batches on every rank, got sizes {sizes.tolist()}")
+        _CHECKED_SIZES.add(key)
 
     def _gather(self, tensor: Tensor) -> Tensor:
         parts = [torch.empty_like(tensor) for _ in range(self.world)]
         dist.all_gather(parts, tensor.contiguous(), group=self.group)
         return torch.cat(parts)
 
-    def total(self, mask: Tensor) -> int:
-        count = mask.sum(dtype=torch.int64).reshape(1)
+    def total(self, mask: Tensor) -> Tensor:
+        """How many tokens ``mask`` holds over all ranks, as a 0-dim int64 tensor."""
+        count = mask.sum(dtype=torch.int64)
         if self.group is not None:
             dist.all_reduce(count, group=self.group)
-        return int(count.item())
+        return count
 
-    def top_k(self, keys: Tensor, eligible: Tensor, k: int) -> Tensor:
+    def top_k(self, keys: Tensor, eligible: Tensor, k: Tensor) -> Tensor:
         """The (at most) ``k`` eligible tokens with the largest keys; ties to the lower global index."""
-        if k <= 0:
-            return torch.zeros_like(eligible)
         keys = torch.where(eligible, keys, torch.full_like(keys, float("-inf")))
         if self.group is not None:
             keys, eligible = self._gather(keys), self._gather(eligible)
         order = torch.sort(keys, descending=True, stable=True).indices
-        chosen = order[: min(k, int(eligible.sum()))]
-        selected = torch.zeros_like(eligible)
-        selected[chosen] = True
+        rank_in_order = torch.empty_like(order)
+        rank_in_order[order] = torch.arange(order.shape[0], device=order.device)
+        selected = eligible & (rank_in_order < k)
         start = self.rank * self.local_tokens
         return selected[start : start + self.local_tokens]
 
@@ -275,10 +292,17 @@ class _Selection:
         """Uniform [0, 1) numbers, one per token, a function of (seed, step, global token index)."""
         start = self.rank * self.local_tokens
         index = torch.arange(start, start + self.local_tokens, device=self.device, dtype=torch.int64)
-        mixed = _as_int64((seed * 0x100000001B3 + step) % (1 << 64))
-        stream = _splitmix64(torch.tensor([mixed], dtype=torch.int64, device=self.device))
+        stream = _as_int64(_splitmix64_of_int((seed * 0x100000001B3 + step) % (1 << 64)))
         bits = _splitmix64(index ^ stream)
         return _logical_shift(bits, 11).double() / float(1 << 53)
+
+
+_CHECKED_SIZES: set[tuple[int, int]] = set()
+"""(process group, tokens per rank) pairs whose equal sizes over the ranks have been checked."""
+
+_MASK_64 = (1 << 64) - 1
+_SPLITMIX_INCREMENT = 0x9E3779B97F4A7C15
+_SPLITMIX_MULTIPLIERS = (0xBF58476D1CE4E5B9, 0x94D049BB133111EB)
 
 
 def _logical_shift(value: Tensor, bits: int) -> Tensor:
@@ -291,7 +315,17 @@ def _as_int64(constant: int) -> int:
 
 def _splitmix64(value: Tensor) -> Tensor:
     """The splitmix64 finalizer on int64 tensors (wrapping arithmetic, logical shifts)."""
-    value = value + _as_int64(0x9E3779B97F4A7C15)
-    value = (value ^ _logical_shift(value, 30)) * _as_int64(0xBF58476D1CE4E5B9)
-    value = (value ^ _logical_shift(value, 27)) * _as_int64(0x94D049BB133111EB)
+    first, second = (_as_int64(multiplier) for multiplier in _SPLITMIX_MULTIPLIERS)
+    value = value + _as_int64(_SPLITMIX_INCREMENT)
+    value = (value ^ _logical_shift(value, 30)) * first
+    value = (value ^ _logical_shift(value, 27)) * second
     return value ^ _logical_shift(value, 31)
+
+
+def _splitmix64_of_int(value: int) -> int:
+    """:func:`_splitmix64` of one unsigned 64-bit Python int, computed on the host (no tensor to copy over)."""
+    first, second = _SPLITMIX_MULTIPLIERS
+    value = (value + _SPLITMIX_INCREMENT) & _MASK_64
+    value = ((value ^ (value >> 30)) * first) & _MASK_64
+    value = ((value ^ (value >> 27)) * second) & _MASK_64
+    return value ^ (value >> 31)
