@@ -18,8 +18,10 @@ Design:
   with ``torch.load(weights_only=False)``, i.e. by unpickling arbitrary objects. Everything that is not
   a tensor of the model or the optimizer is JSON instead, with tensors inside it encoded as base64 of
   their raw bytes (see ``_encode``). DCP's own ``.metadata`` index is the only pickle in a checkpoint,
-  and ``SafeFileSystemReader`` reads it with an unpickler that only builds DCP's metadata classes (tensor
-  files are read by DCP with ``torch.load(weights_only=True)``). Loading never runs arbitrary code.
+  and ``SafeFileSystemReader`` reads it with an unpickler that only builds DCP's metadata classes, and
+  refuses an index that declares any entry as bytes (``BytesStorageMetadata``: DCP would hand such an
+  entry to ``torch.load(weights_only=False)``, whatever the state dict it is loaded into expects). Tensor
+  files are read by DCP with ``torch.load(weights_only=True)``. Loading never runs arbitrary code.
 * ``extra`` is stored per rank, because the dataloader position and the RNG streams differ per rank;
   ``load`` hands each rank back its own. Resuming therefore needs the same world size.
 * A checkpoint is written into a temporary directory and renamed into place by rank 0 once every rank
@@ -97,15 +99,23 @@ class CheckpointManager:
 
         model_state, optimizer_state = get_state_dict(model, optimizer)
         optimizer_tensors, optimizer_rest = _split_tensors(optimizer_state)
-        with single_process_quietly():
-            dcp.save({"model": model_state, "optimizer": optimizer_tensors}, checkpoint_id=temporary, no_dist=not distributed.is_distributed())
-        _write_json(temporary / f"rank{rank}.json", extra)
-        if rank == 0:
-            _write_json(temporary / OPTIMIZER_FILE, optimizer_rest)
-        distributed.barrier()
+        try:
+            with single_process_quietly():
+                dcp.save({"model": model_state, "optimizer": optimizer_tensors}, checkpoint_id=temporary,
+                         no_dist=not distributed.is_distributed())
+            _write_json(temporary / f"rank{rank}.json", extra)
+            if rank == 0:
+                _write_json(temporary / OPTIMIZER_FILE, optimizer_rest)
+            distributed.barrier()
+            if rank == 0:
+                _write_json(temporary / COMPLETE_MARKER, {"step": step, "world_size": world_size})
+        except (Exception, dcp.CheckpointException) as error:  # out of space, I/O: one line, no partial directory
+            message = self._write_failure(step, temporary, error)  # before the removal frees its space
+            if rank == 0:
+                shutil.rmtree(temporary, ignore_errors=True)
+            raise CheckpointWriteError(message) from None
 
         if rank == 0:
-            _write_json(temporary / COMPLETE_MARKER, {"step": step, "world_size": world_size})
             if final.exists():
                 _delete(final)
             temporary.rename(final)
@@ -113,6 +123,21 @@ class CheckpointManager:
                 _delete(self.path(old))
         distributed.barrier()
         return final
+
+    def _write_failure(self, step: int, temporary: Path, error: BaseException) -> str:
+        """What went wrong writing ``temporary``, in one line. DCP's writer can report a full disk as a torch
+        error without the OS error ("unexpected pos"), so the free space is named too."""
+        os_error = next((cause for cause in _causes(error) if isinstance(cause, OSError)), None)
+        free = shutil.disk_usage(self.directory).free
+        if os_error is not None and os_error.strerror:
+            reason = os_error.strerror
+        elif free < NEARLY_FULL_BYTES:
+            reason = "No space left on device"
+        else:
+            reason = f"{type(error).__name__}: {str(error).strip().splitlines()[0] if str(error).strip() else ''}"
+        previous = self.latest()
+        kept = f"; the checkpoint of step {previous} is intact" if previous is not None else ""
+        return f"could not write the checkpoint of step {step} to {temporary}: {reason} ({free:,} bytes free there){kept}"
 
     def load(self, step: int | None, *, model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
         """Restore ``model`` and ``optimizer`` in place; return this rank's ``extra``. ``step=None``: latest."""
@@ -138,11 +163,52 @@ class CheckpointManager:
         optimizer_tensors, _ = _split_tensors(optimizer_state)
         reader = SafeFileSystemReader.checked(path)
         check_model_fits(reader, model_state, path)
-        with single_process_quietly():
-            dcp.load({"model": model_state, "optimizer": optimizer_tensors}, storage_reader=reader, no_dist=not distributed.is_distributed())
-        optimizer_state = _merge(optimizer_tensors, _read_json(path / OPTIMIZER_FILE))
-        set_state_dict(model, optimizer, model_state_dict=model_state, optim_state_dict=optimizer_state)
-        return _read_json(path / f"rank{distributed.rank()}.json")
+        with reading_checkpoint(path), single_process_quietly():
+            dcp.load({"model": model_state, "optimizer": optimizer_tensors}, storage_reader=reader,
+                     no_dist=not distributed.is_distributed())
+            optimizer_state = _merge(optimizer_tensors, _read_json(path / OPTIMIZER_FILE))
+            set_state_dict(model, optimizer, model_state_dict=model_state, optim_state_dict=optimizer_state)
+            return _read_json(path / f"rank{distributed.rank()}.json")
+
+
+class CheckpointWriteError(OSError):
+    """A checkpoint that could not be written (its partial directory is removed, older checkpoints stay)."""
+
+
+NEARLY_FULL_BYTES = 1 << 20
+"""Less free space than this on a failed write: the disk is taken to be full."""
+
+
+def _causes(error: BaseException) -> Iterator[BaseException]:
+    """``error``, its causes and contexts, and the per-rank failures DCP gathers into one exception."""
+    seen: set[int] = set()
+    pending = [error]
+    while pending:
+        current = pending.pop()
+        if current is None or id(current) in seen:
+            continue
+        seen.add(id(current))
+        yield current
+        pending += [current.__cause__, current.__context__]
+        # DCP's exception holds each rank's (exception, stack) pair.
+        pending += [failure[0] if isinstance(failure, tuple) else failure
+                    for failure in getattr(current, "failures", {}).values()]
+
+
+class CheckpointReadError(ValueError):
+    """A checkpoint whose files cannot be read back (damaged, truncated)."""
+
+
+@contextlib.contextmanager
+def reading_checkpoint(path: Path) -> Iterator[None]:
+    """Whatever DCP or the JSON reader raise on a damaged checkpoint, as one :class:`CheckpointReadError` naming
+    the checkpoint and the innermost error (DCP reports it as a multi-rank exception many frames deep)."""
+    try:
+        yield
+    except (Exception, dcp.CheckpointException) as error:
+        *_, innermost = _causes(error)
+        detail = str(innermost).strip().splitlines()[0] if str(innermost).strip() else ""
+        raise CheckpointReadError(f"cannot read the checkpoint {path}: {type(innermost).__name__}: {detail}") from None
 
 
 class CheckpointMismatchError(ValueError):
@@ -171,8 +237,8 @@ def check_model_fits(reader: SafeFileSystemReader, model_state: dict[str, torch.
 # What a DCP ``.metadata`` pickle may reference: DCP's metadata records and the torch values inside them.
 _METADATA_GLOBALS = {
     "torch.distributed.checkpoint.metadata": {
-        "Metadata", "StorageMeta", "MetadataIndex", "TensorStorageMetadata", "BytesStorageMetadata",
-        "ChunkStorageMetadata", "TensorProperties", "_MEM_FORMAT_ENCODING",
+        "Metadata", "StorageMeta", "MetadataIndex", "TensorStorageMetadata", "ChunkStorageMetadata",
+        "TensorProperties", "_MEM_FORMAT_ENCODING",
     },
     "torch.distributed.checkpoint.filesystem": {"_StorageInfo"},
     "torch.serialization": {"_get_layout"},
@@ -192,6 +258,11 @@ class _MetadataUnpickler(pickle.Unpickler):
             return super().find_class(module, name)
         if module == "torch" and isinstance(getattr(torch, name, None), torch.dtype):
             return getattr(torch, name)
+        if (module, name) == ("torch.distributed.checkpoint.metadata", "BytesStorageMetadata"):
+            raise pickle.UnpicklingError(
+                "checkpoint metadata declares an entry stored as a pickled object (BytesStorageMetadata), which "
+                "DCP would unpickle with torch.load(weights_only=False); lacy-stream checkpoints hold tensors only"
+            )
         raise pickle.UnpicklingError(f"checkpoint metadata references {module}.{name}, which is not allowed")
 
 

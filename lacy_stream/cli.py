@@ -16,6 +16,7 @@ import sys
 import traceback
 from pathlib import Path
 
+from . import stop_signals
 from .config.job_config import (
     RUN_CONFIGS,
     AnnotationConfig,
@@ -28,7 +29,8 @@ from .eval.options import add_eval_arguments
 from .gpu_check import add_arguments as add_gpu_check_arguments
 from .inference.call_policy import POLICY_NAMES, policy_from_name
 from .shards.documents import SKIP_WARNING_RATIO, TooManySkipsError
-from .shards.urls import PipeNotAllowedError
+from .shards.make_shards import ShardInputError
+from .shards.urls import PipeNotAllowedError, ShardOpenError
 
 DEMO_DIR = Path("shards/demo")
 DEMO_VOCAB_SIZE = 8000
@@ -51,6 +53,8 @@ def _add_url_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--allow-pipe", action="store_true", help="allow pipe: URLs (runs a shell command)")
     parser.add_argument("--http-timeout", type=float, default=DataConfig.http_timeout_s, metavar="SECONDS",
                         help="connect and read timeout of http(s) shards (default: %(default)s)")
+    parser.add_argument("--http-deadline", type=float, default=DataConfig.http_deadline_s, metavar="SECONDS",
+                        help="how long one http request may wait for the server in all (default: %(default)s)")
     parser.add_argument("--http-retries", type=int, default=DataConfig.http_retries,
                         help="retries after a failed or dropped http request (default: %(default)s)")
 
@@ -73,7 +77,10 @@ def _share(text: str) -> float:
 def _options_from_arguments(args: argparse.Namespace):
     from .shards.urls import StreamOptions
 
-    return StreamOptions(timeout_s=args.http_timeout, retries=args.http_retries, allow_pipe=args.allow_pipe)
+    return StreamOptions(
+        timeout_s=args.http_timeout, deadline_s=args.http_deadline, retries=args.http_retries,
+        allow_pipe=args.allow_pipe,
+    )
 
 
 def cmd_make_shards(args: argparse.Namespace) -> int:
@@ -199,8 +206,20 @@ def cmd_annotate(args: argparse.Namespace) -> int:
             raise SystemExit("annotate: --input needs --output")
         from .annotate.annotation import annotate_jsonl
 
-        counts = annotate_jsonl(Path(args.input), Path(args.output), args.spacy_model, batch_size=args.batch_size)
-        print(f"annotated {counts['documents']} documents -> {args.output}" + (f"; skipped {counts['skipped']}" if counts["skipped"] else ""), file=sys.stderr)
+        counts = annotate_jsonl(
+            Path(args.input),
+            Path(args.output),
+            args.spacy_model,
+            batch_size=args.batch_size,
+            max_doc_chars=args.max_doc_chars,
+            max_skip_ratio=args.max_skip_ratio,
+        )
+        print(
+            f"annotated {counts['documents']} documents -> {args.output}"
+            + (f"; skipped {counts['skipped']}" if counts["skipped"] else "")
+            + (f"; repaired {counts['repaired']}" if counts["repaired"] else ""),
+            file=sys.stderr,
+        )
         return 0
     if not args.out or not args.tokenizer:
         raise SystemExit("annotate: --shards needs --out and --tokenizer")
@@ -294,8 +313,12 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def _interrupted(summary: dict) -> int:
-    print(f"lacy-stream: stopped on SIGTERM after saving the checkpoint of step {summary['checkpoint_step']}; "
-          f"run the same command to continue (exit status {EXIT_INTERRUPTED})", file=sys.stderr)
+    signal_name = summary["stop_signal"]
+    if summary["step"] == summary["first_step"]:
+        done = f"stopped on {signal_name} before training a step (nothing new to save)"
+    else:
+        done = f"stopped on {signal_name} after saving the checkpoint of step {summary['checkpoint_step']}"
+    print(f"lacy-stream: {done}; run the same command to continue (exit status {EXIT_INTERRUPTED})", file=sys.stderr)
     return EXIT_INTERRUPTED
 
 
@@ -518,7 +541,7 @@ def build_parser() -> argparse.ArgumentParser:
     annotate = commands.add_parser("annotate", help="label facts: --text (highlighted), --input jsonl, or --shards offline")
     annotate.add_argument("--text", help="print this text with its facts highlighted")
     annotate.add_argument("--input", help="jsonl of {id, text} objects; writes {id, spans} objects to --output")
-    annotate.add_argument("--output", help="output jsonl for --input")
+    annotate.add_argument("--output", help="output jsonl for --input (replaced only when the run succeeds)")
     annotate.add_argument("--shards", help="shard URL spec to annotate offline into --out")
     annotate.add_argument("--out", help="output directory of annotated shards")
     annotate.add_argument("--tokenizer", help="SentencePiece model the stored labels are aligned to (--shards)")
@@ -639,6 +662,8 @@ def main(argv: list[str] | None = None) -> None:
     parser = build_parser()
     args, overrides = parser.parse_known_args(argv)
     args.overrides = overrides
+    if args.run is not cmd_train:
+        stop_signals.restore_defaults()  # only training stops at a checkpoint; the rest stops as any program
     if overrides and args.run not in (cmd_demo, cmd_bench_stream, cmd_train):
         parser.error(f"unrecognized arguments: {' '.join(overrides)}")
     logging.basicConfig(
@@ -654,6 +679,8 @@ def main(argv: list[str] | None = None) -> None:
         _fail(EXIT_TOO_MANY_SKIPS, str(error), verbose=args.verbose)
     except PipeNotAllowedError as error:
         _fail(EXIT_ERROR, f"{error}{_pipe_opt_in(args)}", verbose=args.verbose)
+    except (ShardOpenError, ShardInputError) as error:  # nothing to read: no usable document
+        _fail(EXIT_TOO_MANY_SKIPS, str(error), verbose=args.verbose)
     except (ValueError, OSError) as error:
         _fail(EXIT_ERROR, str(error), verbose=args.verbose)
     sys.exit(status)

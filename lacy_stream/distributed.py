@@ -1,4 +1,4 @@
-"""The process group of a training job: joining it, who this process is, and stopping together on SIGTERM.
+"""The process group of a training job: joining it, and who this process is.
 
 A job runs under torchrun (``WORLD_SIZE`` > 1) or as one process: NCCL on GPUs, gloo on the CPU. One process
 gets a group of its own when it trains in 16 bits, so that FSDP2's mixed precision applies to it as to N
@@ -8,10 +8,7 @@ processes; in fp32 it needs none. A group that already exists (tests spawn their
 from __future__ import annotations
 
 import os
-import signal
 from datetime import timedelta
-from types import FrameType
-from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -60,28 +57,3 @@ def host_group() -> dist.ProcessGroup | None:
     if dist.get_backend() == "gloo":
         return dist.group.WORLD
     return dist.new_group(backend="gloo")
-
-
-class SigtermFlag:
-    """``with SigtermFlag() as flag:`` — SIGTERM sets ``flag.requested`` instead of ending the process.
-
-    The training loop polls the flag (all ranks agree on it before acting), saves a checkpoint and exits;
-    the previous handler is restored on exit. Must be entered in the main thread (a restriction of
-    ``signal.signal``).
-    """
-
-    def __init__(self) -> None:
-        self.requested = False
-        self._previous_handler: Any = None
-
-    def __enter__(self) -> SigtermFlag:
-        self._previous_handler = signal.signal(signal.SIGTERM, self._handle)
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        # None: the previous handler was not installed from Python; the default is the closest we can restore.
-        previous = signal.SIG_DFL if self._previous_handler is None else self._previous_handler
-        signal.signal(signal.SIGTERM, previous)
-
-    def _handle(self, signum: int, frame: FrameType | None) -> None:
-        self.requested = True

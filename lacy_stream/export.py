@@ -44,6 +44,7 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import save_file
 from sentencepiece import sentencepiece_model_pb2
 from tokenizers import Tokenizer as FastTokenizerCore
@@ -117,7 +118,10 @@ def export_hf(
 
     final = Path(out_dir)
     with staging_directory(final.parent, final.name) as out:
-        save_file(gpt2_tensors(state, args, dtype), str(out / WEIGHTS_FILE), metadata={"format": "pt"})
+        try:
+            save_file(gpt2_tensors(state, args, dtype), str(out / WEIGHTS_FILE), metadata={"format": "pt"})
+        except SafetensorError as error:  # a full disk among them: an I/O error, in one line
+            raise OSError(f"could not write the export to {final}: {error}") from None
         gpt2_config(args, bos_id, tokenizer.eos_id, dtype).save_pretrained(out)
         GenerationConfig(
             bos_token_id=bos_id,

@@ -32,7 +32,10 @@ class Tokenizer:
             raise FileNotFoundError(
                 f"tokenizer model {self.model_path} not found (train one with `lacy-stream train-tokenizer`)"
             )
-        self._sp = spm.SentencePieceProcessor(model_file=self.model_path)
+        try:
+            self._sp = spm.SentencePieceProcessor(model_file=self.model_path)
+        except RuntimeError as error:  # SentencePiece's own errors come as RuntimeError
+            raise ValueError(f"{self.model_path} is not a SentencePiece model ({error})") from None
         if self._sp.eos_id() < 0:
             raise ValueError(f"tokenizer {self.model_path} has no EOS piece; documents could not be separated")
 
@@ -156,10 +159,10 @@ def train_tokenizer(
                 num_threads=num_threads,
                 minloglevel=2,
             )
-        except RuntimeError:
+        except RuntimeError as error:
             if source_errors:  # SentencePiece reports an error of the texts as its own RuntimeError
                 raise source_errors[0] from None
-            raise
+            raise ValueError(f"SentencePiece could not train a {vocab_size}-piece tokenizer: {error}") from None
         move_files(staging, out.parent, [out.with_suffix(".vocab").name, out.name])  # the model last
     tokenizer = Tokenizer(out)
     log.info("trained tokenizer %s: %d pieces + %s = %d", out, tokenizer.num_pieces, CALL_TOKEN, tokenizer.vocab_size)

@@ -28,15 +28,16 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
-import json
 import logging
 import math
+import random
 import sys
 from collections.abc import Callable, Iterator
 from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import torch.distributed as dist
 from torch.distributed.checkpoint.state_dict import (
@@ -48,7 +49,8 @@ from torch.distributed.tensor import DTensor
 from .checkpoint import CheckpointManager, capture_rng_state, restore_rng_state
 from .config.job_config import ConfigError, JobConfig, OptimizerConfig
 from .data.loader import TokenLoader
-from .distributed import SigtermFlag, host_group, init_distributed, rank, world_size
+from . import stop_signals
+from .distributed import host_group, init_distributed, rank, world_size
 from .export import export_hf
 from .inference.reference_loss import reference_scorer_factory
 from .labels import TokenClass, TokenLabels
@@ -56,6 +58,7 @@ from .loss.lacy_loss import LossOutput
 from .metrics import MetricsLogger, StepTimer, mfu, peak_flops
 from .model import Transformer, flops_per_token, model_args
 from .parallelize import TrainingModule, parallelize
+from .run_directory import RunLock, check_resume, record_config
 from .tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
@@ -68,12 +71,13 @@ COUNTS = ("valid", "facts", "calls", "call_loss_sum", "learned", "learned_loss_s
 def train(config: JobConfig, *, on_step: Callable[[int], None] | None = None) -> dict[str, Any]:
     """Train as ``config`` says; returns a summary. ``on_step(step)`` runs after every optimizer step."""
     sixteen_bits = compute_dtype(config.train.dtype, training_device()) != torch.float32
-    owns_group = init_distributed(even_alone=sixteen_bits)
-    try:
-        return _Trainer(config).run(on_step)
-    finally:
-        if owns_group:
-            dist.destroy_process_group()
+    with stop_signals.handled():
+        owns_group = init_distributed(even_alone=sixteen_bits)
+        try:
+            return _Trainer(config).run(on_step)
+        finally:
+            if owns_group:
+                dist.destroy_process_group()
 
 
 def micro_batches_per_step(global_batch_tokens: int, ranks: int, batch_size: int, seq_len: int) -> int:
@@ -143,7 +147,10 @@ class _Trainer:
         )
         self.tokens_per_step = self.micro_batches * self.ranks * config.data.batch_size * config.data.seq_len
 
-        torch.manual_seed(config.train.seed)  # the same on every rank: FSDP shards identical weights
+        # The same on every rank: FSDP shards identical weights.
+        torch.manual_seed(config.train.seed)
+        random.seed(config.train.seed)
+        np.random.seed(config.train.seed)
         self.tokenizer = Tokenizer(config.tokenizer.path)
         overrides = {"vocab_size": self.tokenizer.vocab_size, "vocab_multiple": config.model.vocab_multiple}
         if config.model.max_seq_len:
@@ -180,12 +187,17 @@ class _Trainer:
         self.peak_flops = peak_flops(torch.cuda.get_device_name(), peak_dtype) if on_gpu else None
 
     def run(self, on_step: Callable[[int], None] | None) -> dict[str, Any]:
+        with RunLock(self.run_dir) if self.rank == 0 else nullcontext():
+            return self._run(on_step)
+
+    def _run(self, on_step: Callable[[int], None] | None) -> dict[str, Any]:
         config = self.config
-        if self.rank == 0:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-            (self.run_dir / "config.json").write_text(json.dumps(dataclasses.asdict(config), indent=2))
-        if config.checkpoint.resume and self.checkpoints.latest() is not None:
+        resuming_from = self.checkpoints.latest() if config.checkpoint.resume else None
+        check_resume(self.run_dir, config, resuming_from)
+        if resuming_from is not None:
             self._load_checkpoint()
+        if self.rank == 0:
+            record_config(self.run_dir, config, resuming_from)
         batches = iter(self.loader)
         timer = StepTimer()
         totals = self._zero_totals()
@@ -193,12 +205,14 @@ class _Trainer:
         interrupted = False
         saved_step = self.checkpoints.latest()
         progress_lines = self.rank == 0 and not sys.stderr.isatty()  # a terminal shows the progress bar instead
+        first_step = self.step
+        # A stop requested while the run was being set up: nothing new to save.
+        interrupted = self._any_rank(stop_signals.requested() is not None)
         with (
             MetricsLogger(self.run_dir, rank=self.rank, start_step=self.step) as metrics,
-            SigtermFlag() as sigterm,
             self._progress() as bar,
         ):
-            while self.step < config.train.steps:
+            while self.step < config.train.steps and not interrupted:
                 loss, grad_norm = self._train_step(batches, timer, totals)
                 lr = self.scheduler.get_last_lr()[0]
                 self.scheduler.step()
@@ -222,18 +236,19 @@ class _Trainer:
                 if on_step is not None:
                     on_step(self.step)
                 # Every rank must agree to stop, or the others would hang in the next collective.
-                interrupted = self._any_rank(sigterm.requested)
+                interrupted = self._any_rank(stop_signals.requested() is not None)
                 if interrupted or self.step % config.checkpoint.every == 0 or self.step == config.train.steps:
                     self._save_checkpoint()
                     saved_step = self.step
                 if interrupted:
-                    log.warning("SIGTERM: saved a checkpoint at step %d and stopped", self.step)
-                    break
+                    log.warning("stop signal: saved a checkpoint at step %d and stopped", self.step)
         hf_dir = self._export() if config.checkpoint.export_hf and not interrupted else None
         return {
             "step": self.step,
+            "first_step": first_step,
             "tokens_seen": self.tokens_seen,
             "interrupted": interrupted,
+            "stop_signal": stop_signals.name(stop_signals.requested()) if interrupted else None,
             "checkpoint_step": saved_step,
             "hf_dir": str(hf_dir) if hf_dir else None,
             "run_dir": str(self.run_dir),
@@ -321,7 +336,7 @@ class _Trainer:
             "lr": lr,
             "mfu": mfu(tokens_per_s / self.ranks, self.flops_per_token, self.peak_flops) if tokens_per_s else None,
             "data_wait_share": throughput["data_wait_share"],
-            "data": self.loader.read_stats(),  # this rank's read counters
+            "data": {**self.loader.read_stats(), "labels": self.loader.label_counts()},  # this rank's counters
         }
 
     def _zero_totals(self) -> torch.Tensor:

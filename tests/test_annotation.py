@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import codecs
 import json
 
 import pytest
@@ -14,7 +15,9 @@ from lacy_stream.annotate.annotation import (
     annotate_jsonl,
     label_words,
 )
+from lacy_stream.cli import EXIT_TOO_MANY_SKIPS, main
 from lacy_stream.labels import TokenClass
+from lacy_stream.shards.documents import TooManySkipsError
 
 FACT, OTHER, GRAMMAR = TokenClass.FACT, TokenClass.OTHER, TokenClass.GRAMMAR
 VOCAB = spacy.blank("en").vocab
@@ -334,7 +337,7 @@ def test_empty_and_whitespace_texts(annotator):
     assert annotator.annotate_text(" \n\n ").spans(" \n\n ") == []
 
 
-def test_annotate_jsonl_writes_character_spans_and_counts_bad_lines(tmp_path, annotator):
+def test_annotate_jsonl_writes_character_spans_and_counts_bad_lines(tmp_path):
     source = tmp_path / "in.jsonl"
     lines = [
         json.dumps({"id": "a", "text": "Ada Lovelace was born in London."}).encode(),
@@ -346,12 +349,87 @@ def test_annotate_jsonl_writes_character_spans_and_counts_bad_lines(tmp_path, an
     source.write_bytes(b"\n".join(lines) + b"\n")
     out = tmp_path / "out.jsonl"
     counts = annotate_jsonl(source, out)
-    assert counts == {"documents": 2, "skipped": {"invalid_json": 1, "missing_id_or_text": 1, "invalid_utf8": 1}}
+    assert counts == {"documents": 3, "skipped": {"invalid_json": 1, "invalid_utf8": 1}, "repaired": {}}
     records = [json.loads(line) for line in out.read_text().splitlines()]
-    assert [r["id"] for r in records] == ["a", 7]
+    assert [r["id"] for r in records] == ["a", 1, 7]  # as make-shards numbers it, by its position
     text = "\u00c9mile Zola wrote 20 novels. \U0001f642"
-    spans = {text[b:e]: name for b, e, name in records[1]["spans"]}
+    spans = {text[b:e]: name for b, e, name in records[2]["spans"]}
     assert spans["\u00c9mile"] == "fact" and spans["20"] == "fact" and spans["wrote"] == "other"
+
+
+def test_annotate_jsonl_repairs_and_skips_as_make_shards_does(tmp_path, caplog):
+    source = tmp_path / "in.jsonl"
+    lines = [
+        codecs.BOM_UTF8 + json.dumps({"id": "bom", "text": "Ada Lovelace was born in London."}).encode(),
+        b'{"id": "x\\ud800", "text": "Caf\\udc00 society met in Paris in 1820."}',
+        b"[" * 100_000,
+        b'{"id": 3, "text": "an integer too long", "n": ' + b"9" * 5000 + b"}",
+        b"",
+        b'["not an object"]',
+        b'{"id": 6, "text": 6}',
+        b'{"id": 7}',
+        b'{"id": 8, "text": "\\udc00\\udc01\\udc02 x"}',  # mostly lone surrogates
+        b'{"id": 9, "text": "  "}',
+    ]
+    source.write_bytes(b"\n".join(lines) + b"\n")
+    out = tmp_path / "out.jsonl"
+    counts = annotate_jsonl(source, out)
+    assert counts == {
+        "documents": 3,
+        "skipped": {"invalid_json": 2, "invalid_utf8": 1, "missing_text": 1, "non_string_text": 1, "not_an_object": 1},
+        "repaired": {"lone_surrogate": 1},
+    }
+    assert f"{source}:3 (invalid_json): RecursionError" in caplog.text
+    assert f"{source}:8 (missing_text)" in caplog.text
+    records = [json.loads(line) for line in out.read_text(encoding="utf-8").splitlines()]
+    assert [r["id"] for r in records] == ["bom", "x\ufffd", 9]
+    text = "Caf\ufffd society met in Paris in 1820."
+    assert {text[b:e]: name for b, e, name in records[1]["spans"]}["Paris"] == "fact"
+    assert records[2]["spans"] == []  # an empty text is kept: it has no facts
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["in.jsonl", "out.jsonl"]
+
+
+def test_annotate_jsonl_annotates_a_text_longer_than_max_doc_chars_in_parts(tmp_path):
+    text = "Ada Lovelace was born in London. " * 3 + "Marie Curie was born in Warsaw in 1867."
+    source = tmp_path / "in.jsonl"
+    source.write_text(json.dumps({"id": 1, "text": text}) + "\n")
+    annotate_jsonl(source, tmp_path / "out.jsonl", max_doc_chars=40)
+    spans = json.loads((tmp_path / "out.jsonl").read_text())["spans"]
+    assert [text[b:e] for b, e, name in spans if name == "fact"][-4:] == ["Marie", "Curie", "Warsaw", "1867"]
+    assert [name for b, e, name in spans if text[b:e] == "London"] == ["fact"] * 3  # each part on its own
+    assert all(text[b:e] and text[b:e].strip() == text[b:e] for b, e, _ in spans)
+
+
+def test_annotate_jsonl_that_fails_leaves_the_old_output_and_no_partial_file(tmp_path, monkeypatch):
+    source, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    out.write_text("the previous output\n")
+    source.write_bytes(b'not json\n["no object"]\n\n{"text": 1}\n')
+    with pytest.raises(TooManySkipsError, match="no usable document"):
+        annotate_jsonl(source, out)
+    source.write_text('{"id": 1, "text": "One."}\n{"id": 2, "text": ["two"]}\n')
+    with pytest.raises(TooManySkipsError, match="more than the allowed 40.0%"):
+        annotate_jsonl(source, out, max_skip_ratio=0.4)
+
+    def broken_annotator(self, texts, rules=None):
+        raise RuntimeError("spaCy failed")
+
+    monkeypatch.setattr(FactAnnotator, "annotate", broken_annotator)
+    with pytest.raises(RuntimeError):
+        annotate_jsonl(source, out)
+    assert out.read_text() == "the previous output\n"
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["in.jsonl", "out.jsonl"]
+
+
+def test_annotate_input_of_nothing_usable_exits_65_without_a_traceback(tmp_path, capsys):
+    source = tmp_path / "in.jsonl"
+    source.write_bytes(b"[" * 100_000 + b'\n{"id": 1, "text": "\\ud800"}\n')
+    with pytest.raises(SystemExit) as exit_info:
+        main(["annotate", "--input", str(source), "--output", str(tmp_path / "out.jsonl")])
+    assert exit_info.value.code == EXIT_TOO_MANY_SKIPS
+    error = capsys.readouterr().err
+    assert "Traceback" not in error
+    assert error.splitlines()[-1].startswith(f"lacy-stream: error: {source}: 0 documents read")
+    assert not (tmp_path / "out.jsonl").exists() and not (tmp_path / ".out.jsonl.partial").exists()
 
 
 def test_pruned_pipeline_gives_the_labels_of_the_full_pipeline(annotator):

@@ -4,7 +4,6 @@ import json
 import os
 import pickle
 import random
-import signal
 from pathlib import Path
 
 import numpy as np
@@ -15,7 +14,6 @@ from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
 from conftest import spawn_gloo
 from lacy_stream.checkpoint import CheckpointManager, SafeFileSystemReader, capture_rng_state, restore_rng_state
-from lacy_stream.distributed import SigtermFlag
 
 # DCP warns that it saves "in a single process" whenever no process group is initialized.
 pytestmark = pytest.mark.filterwarnings("ignore:torch.distributed is disabled")
@@ -180,15 +178,6 @@ def test_loading_refuses_metadata_that_would_run_code(tmp_path: Path, monkeypatc
     with pytest.raises(pickle.UnpicklingError, match=r"(posix|os)\.system, which is not allowed"):
         manager.load(1, model=model, optimizer=optimizer)
     assert not (tmp_path / "pwned").exists()
-
-
-def test_sigterm_sets_the_flag_instead_of_ending_the_process() -> None:
-    previous = signal.getsignal(signal.SIGTERM)
-    with SigtermFlag() as flag:
-        assert not flag.requested
-        os.kill(os.getpid(), signal.SIGTERM)
-        assert flag.requested
-    assert signal.getsignal(signal.SIGTERM) == previous
 
 
 def _two_rank_worker(rank: int, world: int, run_dir: Path) -> dict:

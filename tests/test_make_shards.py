@@ -293,6 +293,42 @@ def test_rebuild_replaces_its_prefix_and_removes_stale_shards(tmp_path: Path) ->
     assert read_shards(out_dir, manifest) == expected_documents(records)
 
 
+def test_rebuild_keeps_the_users_files_and_the_directory_permissions(tmp_path: Path) -> None:
+    source = write_jsonl(tmp_path / "docs.jsonl", RECORDS)
+    out_dir = tmp_path / "out"
+    make_shards([str(source)], out_dir, docs_per_shard=2)
+    (out_dir / "tokenizer.model").write_bytes(b"model bytes")
+    (out_dir / "extra").mkdir()
+    (out_dir / "extra" / "notes.txt").write_text("kept")
+    (out_dir / "latest").symlink_to("tokenizer.model")
+    out_dir.chmod(0o750)
+
+    manifest = make_shards([str(source)], out_dir, docs_per_shard=3)
+    assert_manifest_matches_files(out_dir, manifest)
+    assert (out_dir / "tokenizer.model").read_bytes() == b"model bytes"
+    assert (out_dir / "extra" / "notes.txt").read_text() == "kept"
+    assert os.readlink(out_dir / "latest") == "tokenizer.model"
+    assert out_dir.stat().st_mode & 0o777 == 0o750
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["docs.jsonl", "out"]  # nothing left beside it
+
+
+def test_an_out_dir_reached_through_a_symlink_stays_a_symlink(tmp_path: Path) -> None:
+    source = write_jsonl(tmp_path / "docs.jsonl", RECORDS)
+    (tmp_path / "real").mkdir()
+    (tmp_path / "link").symlink_to("real")
+    make_shards([str(source)], tmp_path / "link", docs_per_shard=2)
+    manifest = make_shards([str(source)], tmp_path / "link", docs_per_shard=4)
+    assert (tmp_path / "link").is_symlink()
+    assert_manifest_matches_files(tmp_path / "real", manifest)
+
+
+def test_an_out_dir_that_is_a_file_is_refused_before_building(tmp_path: Path) -> None:
+    (tmp_path / "out").write_text("a file")
+    with pytest.raises(NotADirectoryError, match="not a directory"):
+        make_shards([str(write_jsonl(tmp_path / "docs.jsonl", RECORDS))], tmp_path / "out")
+    assert (tmp_path / "out").read_text() == "a file"
+
+
 def test_input_errors_are_clear(tmp_path: Path) -> None:
     with pytest.raises(ShardInputError, match="no such file"):
         make_shards([str(tmp_path / "absent.jsonl")], tmp_path / "out")

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import io
 import json
 import logging
+import tarfile
 
 import pytest
 import zstandard
@@ -123,3 +125,42 @@ def test_metadata_with_annotated_text_passes_through(tmp_path):
     path = tmp_path / "meta.tar"
     path.write_bytes(tar_bytes([sample("000", b"born 1900", json.dumps(meta).encode())]))
     assert read(path)[0][0].meta == meta
+
+
+@pytest.mark.parametrize(
+    "meta",
+    [b"[" * 100_000, b'{"id": ' + b"9" * 5000 + b"}", b'{"id": 1}\x00', '{"id": 1}'.encode("utf-16"), b"null"],
+    ids=["nested-too-deep", "integer-too-long", "nul-byte", "utf-16", "null"],
+)
+def test_metadata_the_json_parser_rejects_is_a_skip_not_an_exception(tmp_path, meta):
+    path = tmp_path / "meta.tar"
+    path.write_bytes(tar_bytes([GOOD[0], sample("100", b"fine text", meta=meta), GOOD[1]]))
+    docs, stats = read(path)
+    assert [d.key for d in docs] == ["000", "001"]
+    assert stats.skipped == {"invalid_metadata": 1} and stats.docs == 2
+
+
+def test_annotated_text_that_is_not_a_string_is_a_skip(tmp_path):
+    path = tmp_path / "meta.tar"
+    path.write_bytes(tar_bytes([sample("100", b"fine text", meta=b'{"annotated_text": ["x"]}'), GOOD[0]]))
+    docs, stats = read(path)
+    assert [d.key for d in docs] == ["000"]
+    assert stats.skipped == {"non_string_annotated_text": 1}
+
+
+def test_lone_surrogates_in_metadata_and_member_names_are_repaired(tmp_path):
+    meta = b'{"id": "a\\ud800", "title": "\\udfff", "annotated_text": "born 1900", "pages": 3}'
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w", format=tarfile.GNU_FORMAT) as tar:
+        for name, data in [("100.txt", b"born 1900"), ("100.json", meta), ("k\udcff.txt", b"a name not in UTF-8")]:
+            info = tarfile.TarInfo(name)  # written with surrogateescape: "\udcff" becomes the byte 0xff
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    path = tmp_path / "surrogates.tar"
+    path.write_bytes(buffer.getvalue())
+    docs, stats = read(path)
+    assert docs[0].meta == {"id": "a\ufffd", "title": "\ufffd", "annotated_text": "born 1900", "pages": 3}
+    assert docs[1].key == "k\ufffd"
+    assert stats.repaired == {"lone_surrogate": 2} and not stats.skipped
+    docs, stats = read(path, start=0, resumed=True)  # the resumed sample was counted by the first read
+    assert len(docs) == 2 and stats.repaired == {"lone_surrogate": 1}

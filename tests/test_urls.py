@@ -14,7 +14,10 @@ from urllib.parse import urlsplit
 
 import pytest
 import zstandard
+from conftest import tar_bytes
 
+from lacy_stream.shards.documents import ReadStats
+from lacy_stream.shards.shard_reader import read_shard
 from lacy_stream.shards.urls import (
     PipeNotAllowedError,
     ShardOpenError,
@@ -58,6 +61,10 @@ class ServerScript:
     """path -> for each of the next requests, the number of body bytes sent before dropping the connection"""
     stalls: dict[str, int] = field(default_factory=dict)
     """path -> send this many body bytes, then stall once (longer than the client's timeout)"""
+    trickles: dict[str, float] = field(default_factory=dict)
+    """path -> send the body one byte per this many seconds (each read gets data within the client's timeout)"""
+    header_trickles: dict[str, float] = field(default_factory=dict)
+    """path -> send the status line and headers one byte per this many seconds"""
     honor_range: bool = True
     etag_changes: bool = False
     """whether every answer carries a new ETag, as if the file were rewritten between requests"""
@@ -80,6 +87,10 @@ class ScriptedHandler(BaseHTTPRequestHandler):
         if body is None:
             self.send_error(404)
             return
+        if path in script.header_trickles:
+            head = f"HTTP/1.1 200 OK\r\nContent-Length: {len(body)}\r\n\r\n".encode()
+            self.trickle(head + body, script.header_trickles[path])
+            return
         start = 0
         if range_header and script.honor_range:
             match = re.fullmatch(r"bytes=(\d+)-", range_header)
@@ -98,12 +109,26 @@ class ScriptedHandler(BaseHTTPRequestHandler):
                 self.wfile.write(payload[: script.drops[path].pop(0)])
                 self.close_connection = True
                 return
+            if path in script.trickles:
+                self.trickle(payload, script.trickles[path])
+                return
             if path in script.stalls:
                 self.wfile.write(payload[: script.stalls[path]])
                 self.wfile.flush()
                 payload = payload[script.stalls.pop(path) :]
                 time.sleep(1.0)
             self.wfile.write(payload)
+        except (BrokenPipeError, ConnectionResetError):
+            pass
+
+    def trickle(self, data: bytes, interval_s: float) -> None:
+        """Sends ``data`` a byte at a time until it is sent or the client has gone."""
+        self.close_connection = True
+        try:
+            for position in range(len(data)):
+                self.wfile.write(data[position : position + 1])
+                self.wfile.flush()
+                time.sleep(interval_s)
         except (BrokenPipeError, ConnectionResetError):
             pass
 
@@ -408,6 +433,56 @@ def test_http_silent_server_times_out() -> None:
         with pytest.raises(ShardOpenError, match="2 attempts"):
             open_shard(f"http://127.0.0.1:{silent.getsockname()[1]}/a.tar", options)
         assert time.monotonic() - started < 5.0
+
+
+def test_http_trickling_body_is_cut_off_at_the_deadline_then_the_shard_is_a_counted_skip(
+    http_server: RunningServer,
+) -> None:
+    http_server.script.files["/s/a.tar"] = tar_bytes([(f"{i:03d}", {"txt": b"a document"}) for i in range(3)])
+    http_server.script.trickles["/s/a.tar"] = 0.2  # a byte well within every read's timeout, forever
+    options = StreamOptions(timeout_s=2.0, deadline_s=1.0, retries=1, retry_backoff_s=0.01)
+    stats = ReadStats()
+    started = time.monotonic()
+    assert list(read_shard(http_server.url("/s/a.tar"), 0, stats, options=options)) == []
+    assert 2.0 <= time.monotonic() - started < 4.0, "two requests (the first and one resume), each cut at 1 s"
+    assert stats.skipped == {"truncated_stream": 1}
+    assert len(http_server.script.requests) == 2
+
+
+def test_http_trickling_body_without_retries_fails_after_one_deadline(http_server: RunningServer) -> None:
+    http_server.script.files["/s/a.tar"] = shard_bytes(1000)
+    http_server.script.trickles["/s/a.tar"] = 0.2
+    options = StreamOptions(timeout_s=2.0, deadline_s=1.0, retries=0)
+    started = time.monotonic()
+    with (
+        open_shard(http_server.url("/s/a.tar"), options) as stream,
+        pytest.raises(TruncatedStreamError, match=r"waited 1 s for the server in all \(deadline_s\); gave up"),
+    ):
+        stream.read()
+    assert time.monotonic() - started < 2.0
+
+
+def test_http_trickling_headers_are_cut_off_at_the_deadline(http_server: RunningServer) -> None:
+    http_server.script.files["/s/a.tar"] = shard_bytes(1000)
+    http_server.script.header_trickles["/s/a.tar"] = 0.1
+    options = StreamOptions(timeout_s=2.0, deadline_s=0.5, retries=1, retry_backoff_s=0.01)
+    started = time.monotonic()
+    with pytest.raises(ShardOpenError, match=r"\(deadline_s\) \(gave up after 2 attempts\)"):
+        open_shard(http_server.url("/s/a.tar"), options)
+    assert time.monotonic() - started < 2.0
+
+
+def test_http_deadline_counts_waiting_for_the_server_not_the_reader(http_server: RunningServer) -> None:
+    data = shard_bytes(2_000_000)
+    http_server.script.files["/s/a.tar"] = data
+    options = StreamOptions(timeout_s=2.0, deadline_s=0.5, retries=0)
+    pieces = []
+    with open_shard(http_server.url("/s/a.tar"), options) as stream:
+        while piece := stream.read(100_000):
+            pieces.append(piece)
+            time.sleep(0.05)  # a slow reader: 1 s in all, twice the deadline
+    assert b"".join(pieces) == data
+    assert len(http_server.script.requests) == 1
 
 
 # --- pipes ---------------------------------------------------------------------------------------------------

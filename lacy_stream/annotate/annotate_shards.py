@@ -16,9 +16,8 @@ import logging
 from pathlib import Path
 from typing import Iterator
 
-from ..atomic import staging_directory
 from ..shards.documents import MAX_SKIP_RATIO, Document, ReadStats
-from ..shards.make_shards import ShardFile, publish_shards, shard_name
+from ..shards.make_shards import ShardFile, publish_shards, shard_name, shard_staging
 from ..shards.shard_reader import read_shard
 from ..shards.urls import MANIFEST_FORMAT, MANIFEST_VERSION, StreamOptions
 from ..tokenizer import Tokenizer
@@ -64,7 +63,7 @@ def annotate_shards(
     reference_identity = reference.identity if reference is not None else None
     stats = ReadStats()
     shards = []
-    with staging_directory(out_dir, prefix) as staging:
+    with shard_staging(out_dir) as staging:
         for number, url in enumerate(urls):
             shard = ShardFile(staging / shard_name(prefix, number, compression), compression)
             try:

@@ -38,15 +38,15 @@ Choices where the paper is vague (changing any of them changes :data:`RULES_VERS
 
 from __future__ import annotations
 
+import codecs
 import json
 import logging
 import os
-from collections import Counter
-from contextlib import ExitStack
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from itertools import islice
 from pathlib import Path
-from typing import Callable, Iterable, Iterator, TypeVar
+from typing import BinaryIO, Callable, Iterable, Iterator, TextIO, TypeVar
 
 import numba
 import numpy as np
@@ -66,6 +66,8 @@ from spacy.attrs import (
 from spacy.tokens import Doc
 
 from ..labels import TokenClass
+from ..shards.documents import MAX_SKIP_RATIO, ReadStats, split_text
+from ..shards.make_shards import FieldNames, record_from_object
 from .spacy_pipeline import load_pipeline, pipeline_identity
 
 log = logging.getLogger(__name__)
@@ -409,43 +411,103 @@ class FactAnnotator:
         return next(self.annotate([text]))
 
 
-def annotate_jsonl(source: Path, destination: Path, model: str = "en_core_web_sm", *, batch_size: int = 64) -> dict:
-    """``{"id", "text"}`` objects in, ``{"id", "spans"}`` objects out; bad lines are counted and logged."""
-    annotator = FactAnnotator(model, batch_size=batch_size)
-    skipped: Counter[str] = Counter()
+def annotate_jsonl(
+    source: Path,
+    destination: Path,
+    model: str = "en_core_web_sm",
+    *,
+    batch_size: int = 64,
+    max_doc_chars: int = 1_000_000,
+    max_skip_ratio: float = MAX_SKIP_RATIO,
+) -> dict:
+    """``{"id", "text"}`` objects in, ``{"id", "spans"}`` objects out, in order; returns the counts.
 
-    def records() -> Iterator[tuple[object, str]]:
-        with open(source, "rb") as lines:
-            for number, line in enumerate(lines, start=1):
-                reason = _record_problem(line)
-                if isinstance(reason, str):
-                    skipped[reason] += 1
-                    log.warning("%s:%d: skipped (%s)", source, number, reason)
-                    continue
-                yield reason["id"], reason["text"]
+    Lines are read as ``make-shards`` reads them: a line that cannot be a record is a counted skip, logged with
+    its ``file:line`` and reason; lone surrogates become U+FFFD, a counted repair; a record without an ``id``
+    gets its 0-based position in the output. Unlike make-shards, an empty text is kept (it has no spans). A
+    text longer than ``max_doc_chars`` is annotated in parts, as the shard reader splits it.
 
-    written = 0
-    temporary = destination.with_name(f".{destination.name}.partial")
-    with open(temporary, "w", encoding="utf-8") as out:
-        pending = records()
-        while batch := list(islice(pending, batch_size)):
-            for (identifier, text), labels in zip(batch, annotator.annotate(text for _, text in batch)):
-                out.write(json.dumps({"id": identifier, "spans": labels.spans(text)}, ensure_ascii=False) + "\n")
-                written += 1
-    os.replace(temporary, destination)
-    return {"documents": written, "skipped": dict(skipped)}
+    The output appears whole or not at all: it is written beside ``destination`` and renamed onto it only
+    when the skips pass ``ReadStats.check_skips`` (``TooManySkipsError`` when no record was usable or more
+    than ``max_skip_ratio`` of them were skipped).
+    """
+    stats = ReadStats()
+    with open(source, "rb") as lines:  # a missing input fails before spaCy loads
+        annotator = FactAnnotator(model, batch_size=batch_size)
+        annotator.nlp.max_length = max(annotator.nlp.max_length, max_doc_chars)
+        with _written_atomically(destination) as out:
+            records = _input_records(source, lines, stats)
+            while batch := list(islice(records, batch_size)):
+                texts = [record["text"] for record in batch]
+                for record, spans in zip(batch, _fact_spans(annotator, texts, max_doc_chars)):
+                    identifier = stats.docs if record["id"] is None else record["id"]
+                    out.write(json.dumps({"id": identifier, "spans": spans}, ensure_ascii=False) + "\n")
+                    stats.docs += 1
+            stats.check_skips(max_skip_ratio, str(source))
+    return {
+        "documents": stats.docs,
+        "skipped": dict(sorted(stats.skipped.items())),
+        "repaired": dict(sorted(stats.repaired.items())),
+    }
 
 
-def _record_problem(line: bytes) -> dict | str:
-    """The parsed record, or the reason it is skipped."""
-    if not line.strip():
-        return "empty_line"
+def _input_records(source: Path, lines: BinaryIO, stats: ReadStats) -> Iterator[dict]:
+    """The records of a jsonl input; blank lines are passed over, any other line is a record or a counted skip."""
+    for number, line in enumerate(lines, start=1):
+        if number == 1:
+            line = line.removeprefix(codecs.BOM_UTF8)
+        if not line.strip():
+            continue
+        where = f"{source}:{number}"
+        try:
+            obj = json.loads(line.decode("utf-8"))
+        except UnicodeDecodeError as error:
+            stats.skip("invalid_utf8", where, detail=str(error))
+            continue
+        except (ValueError, RecursionError) as error:
+            stats.skip("invalid_json", where, detail=f"{type(error).__name__}: {error}")
+            continue
+        record = _checked_record(obj, where, stats)
+        if record is not None:
+            yield record
+
+
+def _checked_record(obj: object, where: str, stats: ReadStats) -> dict | None:
+    """``make-shards``' checks and repairs of one object (``record_from_object``), an empty text kept."""
+    text = obj.get("text") if isinstance(obj, dict) else None
+    if isinstance(text, str) and not text.strip():
+        # make-shards skips an empty text, annotation keeps it (no spans); with a stand-in text,
+        # record_from_object still checks and repairs the rest of the record.
+        record = record_from_object({**obj, "text": "-"}, where, FieldNames(), stats)
+        return None if record is None else {**record, "text": text}
+    return record_from_object(obj, where, FieldNames(), stats)
+
+
+def _fact_spans(annotator: FactAnnotator, texts: list[str], max_chars: int) -> list[list[list]]:
+    """``WordLabels.spans`` of each text, a text longer than ``max_chars`` annotated in parts (``split_text``)."""
+    parts = []
+    for number, text in enumerate(texts):
+        start = 0
+        for part in split_text(text, max_chars):
+            parts.append((number, start, part))
+            start += len(part)
+    spans: list[list[list]] = [[] for _ in texts]
+    for (number, start, part), labels in zip(parts, annotator.annotate(part for _, _, part in parts)):
+        spans[number].extend([begin + start, end + start, name] for begin, end, name in labels.spans(part))
+    return spans
+
+
+@contextmanager
+def _written_atomically(path: Path) -> Iterator[TextIO]:
+    """A text file that replaces ``path`` (written beside it, synced, renamed) when the block succeeds; on any
+    error it is removed and ``path`` is left as it was."""
+    temporary = path.with_name(f".{path.name}.partial")
     try:
-        record = json.loads(line.decode("utf-8"))
-    except UnicodeDecodeError:
-        return "invalid_utf8"
-    except json.JSONDecodeError:
-        return "invalid_json"
-    if not isinstance(record, dict) or not isinstance(record.get("text"), str) or "id" not in record:
-        return "missing_id_or_text"
-    return record
+        with open(temporary, "w", encoding="utf-8") as out:
+            yield out
+            out.flush()
+            os.fsync(out.fileno())
+        os.replace(temporary, path)
+    except BaseException:
+        temporary.unlink(missing_ok=True)
+        raise

@@ -11,6 +11,13 @@ first source that has them:
 
 Judge labels come from the document's ``annotated_text`` markup (see :mod:`.judge`), when it has one.
 
+Stored and cached labels are checked before they are used. A ``labels.npz`` that cannot be read (a member
+whose CRC-32 fails: the zip container's checksum, written with the labels and checked as numpy reads the
+member; a truncated file), whose columns disagree with its part lengths or whose token ids are out of the
+tokenizer's range is counted in ``counts["stored_labels_corrupt"]``; a cache entry that fails its checksum
+(see :mod:`.label_cache`) or has such ids in ``counts["cache_corrupt"]`` (``reference_cache_corrupt`` for
+reference losses). Either way the labels are computed again, with a warning once per shard or cache segment.
+
 With a reference model (a :class:`TokenScorer`, :mod:`lacy_stream.inference.reference_loss`), every
 document also gets its per-token reference loss,
 from the first source that has it: the offline shard (same reference), the reference-loss cache, or the
@@ -23,9 +30,10 @@ import hashlib
 import io
 import logging
 import sys
+import zipfile
 from collections import Counter
 from pathlib import Path
-from typing import TYPE_CHECKING, Iterable, Iterator, Protocol, TypeVar
+from typing import TYPE_CHECKING, Callable, Iterable, Iterator, Protocol, TypeVar
 
 import numpy as np
 
@@ -96,7 +104,7 @@ class DocumentLabeler:
         self.counts: Counter[str] = Counter()
         self._shard_caches: dict[str, ShardLabelCache] = {}
         self._reference_shard_caches: dict[str, ShardLabelCache] = {}
-        self._warned_shards: set[str] = set()
+        self._warned_shards: set[tuple[str, str]] = set()
 
     def label(self, items: Iterable[tuple[Item, Document]]) -> Iterator[tuple[Item, Document, Labels]]:
         """Labels for each ``(item, document)``, in order; ``item`` rides along untouched."""
@@ -150,42 +158,77 @@ class DocumentLabeler:
         if doc.labels is None:
             return None
         try:
+            # Every member is read to its end, where zipfile checks its CRC-32 (BadZipFile on a mismatch).
             stored = np.load(io.BytesIO(doc.labels), allow_pickle=False)
             identity = str(stored["identity"])
             part_lengths = stored["part_lengths"]
             if identity != self.identity or len(part_lengths) != doc.num_parts:
                 self._count_stale(doc, identity)
                 return None
-            start = int(part_lengths[: doc.part].sum())
-            end = start + int(part_lengths[doc.part])
-            self.counts["stored"] += 1
-            labels = {name: stored[name][start:end].astype(dtype) for name, dtype in FACT_LABELS.items()}
+            names = dict(FACT_LABELS)
             reference = str(stored["reference"]) if "reference" in stored.files else None
             if self.reference is not None and reference == self.reference.identity:
-                labels["ref_loss"] = stored["ref_loss"][start:end].astype(LABEL_COLUMNS["ref_loss"])
-            return labels
-        except (OSError, ValueError, KeyError) as error:
-            self.counts["stored_labels_unreadable"] += 1
-            log.warning("%s:%s: unreadable stored labels (%s); annotating online", doc.url, doc.key, error)
+                names["ref_loss"] = LABEL_COLUMNS["ref_loss"]
+            columns = {name: stored[name] for name in names}
+        except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as error:
+            self._count_corrupt_stored(doc, f"unreadable: {error}")
             return None
+        lengths_agree = (part_lengths >= 0).all() and all(len(c) == part_lengths.sum() for c in columns.values())
+        problem = self._token_problem(columns["tokens"]) if lengths_agree else "columns disagree with the part lengths"
+        if problem:
+            self._count_corrupt_stored(doc, problem)
+            return None
+        start = int(part_lengths[: doc.part].sum())
+        end = start + int(part_lengths[doc.part])
+        self.counts["stored"] += 1
+        return {name: columns[name][start:end].astype(dtype) for name, dtype in names.items()}
+
+    def _token_problem(self, tokens: np.ndarray) -> str | None:
+        """Why ``tokens`` cannot be this tokenizer's ids of a document (None when they can)."""
+        if len(tokens) and (tokens.min() < 0 or tokens.max() >= self.tokenizer.num_pieces):
+            return f"token ids out of range [0, {self.tokenizer.num_pieces})"
+        return None
+
+    def _count_corrupt_stored(self, doc: Document, problem: str) -> None:
+        self._count_unused_stored(
+            doc, "stored_labels_corrupt", "%s:%s: stored labels are corrupt (%s); annotating online (later ones of "
+            "this shard are only counted)", doc.url, doc.key, problem,
+        )
 
     def _count_stale(self, doc: Document, identity: str) -> None:
-        self.counts["stored_labels_stale"] += 1
-        if doc.url not in self._warned_shards:
-            self._warned_shards.add(doc.url)
-            log.warning(
-                "%s: stored labels were made by another labeler (%s, this one is %s) or another document "
-                "split; annotating online", doc.url, identity, self.identity,
-            )
+        self._count_unused_stored(
+            doc, "stored_labels_stale", "%s: stored labels were made by another labeler (%s, this one is %s) or "
+            "another document split; annotating online", doc.url, identity, self.identity,
+        )
+
+    def _count_unused_stored(self, doc: Document, count: str, message: str, *arguments: object) -> None:
+        """Counts a document whose stored labels are not used under ``count``; warns once per shard and count."""
+        self.counts[count] += 1
+        if (doc.url, count) not in self._warned_shards:
+            self._warned_shards.add((doc.url, count))
+            log.warning(message, *arguments)
 
     def _cached_labels(self, shard_cache: ShardLabelCache | None, key: bytes | None) -> Labels | None:
         if shard_cache is None or key is None:
             return None
-        cached = shard_cache.get(key)
-        if cached is not None:
-            self.counts["cached"] += 1
-            return {name: cached[name].astype(dtype) for name, dtype in FACT_LABELS.items()}
-        return None
+        cached = self._usable_entry(
+            shard_cache, key, "cache_corrupt", lambda entry: self._token_problem(entry["tokens"])
+        )
+        if cached is None:
+            return None
+        self.counts["cached"] += 1
+        return {name: cached[name].astype(dtype) for name, dtype in FACT_LABELS.items()}
+
+    def _usable_entry(
+        self, shard_cache: ShardLabelCache, key: bytes, corrupt_count: str, problem: Callable[[Labels], str | None]
+    ) -> Labels | None:
+        """``key``'s cache entry, None on a miss. A miss because every copy was corrupt (or had a
+        ``problem``) is counted under ``corrupt_count``; the cache then takes the recomputed labels."""
+        found = key in shard_cache
+        cached = shard_cache.get(key, problem)
+        if cached is None and found:
+            self.counts[corrupt_count] += 1
+        return cached
 
     def _complete(self, waiting: list) -> Iterator[tuple[Item, Document, Labels]]:
         missing = [doc for _, doc, _, _, labels in waiting if labels is None]
@@ -213,8 +256,11 @@ class DocumentLabeler:
         shard_cache = None
         if self.reference_cache is not None and key is not None:
             shard_cache = _shard_cache(self.reference_cache, self._reference_shard_caches, doc.url)
-            cached = shard_cache.get(key)
-            if cached is not None and len(cached["ref_loss"]) == len(tokens):
+            cached = self._usable_entry(
+                shard_cache, key, "reference_cache_corrupt",
+                lambda entry: None if len(entry["ref_loss"]) == len(tokens) else "not one loss per token",
+            )
+            if cached is not None:
                 self.counts["reference_cached"] += 1
                 return cached["ref_loss"]
         losses = self.reference.score(tokens)
@@ -309,7 +355,8 @@ def labeler_identity(annotator_identity: str | None, tokenizer_path: str | Path)
 
 def stored_labels_bytes(identity: str, parts: list[Labels], reference_identity: str | None = None) -> bytes:
     """The ``labels.npz`` member of an offline-annotated sample (see :meth:`DocumentLabeler._stored_labels`);
-    with ``reference_identity``, the parts' reference losses too."""
+    with ``reference_identity``, the parts' reference losses too. The zip container stores a CRC-32 of every
+    member, which the reader checks."""
     columns = dict(FACT_LABELS)
     extra = {}
     if reference_identity is not None:

@@ -17,6 +17,7 @@ teacher (spaCy model). Loading it for another tokenizer or rules version is refu
 from __future__ import annotations
 
 import dataclasses
+import pickle
 import re
 import unicodedata
 from dataclasses import dataclass
@@ -233,9 +234,20 @@ def save_student(path: str | Path, network: StudentNetwork, *, tokenizer: str, t
 
 def load_student(path: str | Path, tokenizer: Tokenizer) -> tuple[StudentNetwork, dict]:
     """The network and its file's record; refuses a student made for another tokenizer or rules version."""
-    saved = torch.load(path, map_location="cpu", weights_only=True)
+    not_a_student = f"{path} is not a lacy-stream student labeler (made by lacy-stream distill-labeler)"
+    try:
+        saved = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as error:
+        # Not torch's message: it advises to retry with weights_only=False, which would run the file's code.
+        code = re.search(r"unsupported global:? (?:GLOBAL )?([\w.]+)", str(error), re.IGNORECASE)
+        if code:
+            raise StudentError(f"refusing to load {path}: it references {code.group(1)}, not only tensors and plain "
+                               "values") from None
+        raise StudentError(not_a_student) from None
+    except (RuntimeError, EOFError, OSError):
+        raise StudentError(not_a_student) from None
     if not isinstance(saved, dict) or saved.get("format") not in (STUDENT_FORMAT, "lacy-student-1"):
-        raise StudentError(f"{path} is not a lacy-stream student labeler (made by lacy-stream distill-labeler)")
+        raise StudentError(not_a_student)
     if saved["format"] == "lacy-student-1":
         saved["state"] = _taps_from_conv1d(saved["state"])
     if saved["rules"] != RULES_VERSION:

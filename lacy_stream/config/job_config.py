@@ -47,7 +47,10 @@ class DataConfig:
     allow_pipe: bool = False
     """Allow ``pipe:`` shard URLs, which run a shell command."""
     http_timeout_s: float = StreamOptions.timeout_s
-    """Connect and read timeout of http(s) shards, in seconds."""
+    """Connect and read timeout of http(s) shards, in seconds (each socket read, not the whole download)."""
+    http_deadline_s: float = StreamOptions.deadline_s
+    """How long one http request may wait for the server in all (connecting, the answer, the reads of its
+    body; not the time spent between reads), in seconds; past it the request is cut off like a timeout."""
     http_retries: int = StreamOptions.retries
     """Retries after a failed or dropped http request."""
     max_skip_ratio: float = MAX_SKIP_RATIO
@@ -147,6 +150,9 @@ class CheckpointConfig:
     """Continue from the newest checkpoint in ``train.run_dir`` when there is one."""
     export_hf: bool = True
     """Export the final model in the Hugging Face GPT-2 format."""
+    allow_config_change: bool = False
+    """Resume even when the settings that define the run (model, tokenizer, loss, data, optimizer) differ from
+    those it was started with (``lacy_stream.run_directory.FIXED_ON_RESUME``)."""
 
 
 @dataclass

@@ -27,6 +27,7 @@ import functools
 import hashlib
 import logging
 import warnings
+from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from typing import Protocol
@@ -36,8 +37,10 @@ import torch
 from torch.utils.data import IterableDataset, get_worker_info
 from torchdata.stateful_dataloader import StatefulDataLoader
 
+from .. import stop_signals
 from ..annotate.alignment import warm_up as warm_up_alignment
 from ..annotate.label_cache import (
+    LABEL_CACHE_COLUMNS,
     REFERENCE_CACHE_COLUMNS,
     LabelCache,
     default_cache_dir,
@@ -234,6 +237,10 @@ class PackedShardDataset(IterableDataset):
         self.cursor = Cursor()
         self.stats = ReadStats()
         self._stats_at_cursor = self.stats.as_dict()
+        self.label_counts: Counter[str] = Counter()
+        """Where the labeler got its labels (``DocumentLabeler.counts``: cached, annotated, cache_corrupt, ...).
+        The work done so far, not a position: it counts documents labeled ahead of the cursor, which a resumed
+        run labels again (and counts again)."""
 
     def layout(self) -> dict:
         worker = get_worker_info()
@@ -248,13 +255,15 @@ class PackedShardDataset(IterableDataset):
         }
 
     def state_dict(self) -> dict:
-        return {"layout": self.layout(), "cursor": asdict(self.cursor), "stats": self._stats_at_cursor}
+        return {"layout": self.layout(), "cursor": asdict(self.cursor), "stats": self._stats_at_cursor,
+                "labels": dict(self.label_counts)}
 
     def load_state_dict(self, state: dict) -> None:
         check_layout(state["layout"], self.layout())
         self.cursor = Cursor(**state["cursor"])
         self.stats = ReadStats.from_dict(state["stats"])
         self._stats_at_cursor = self.stats.as_dict()
+        self.label_counts = Counter(state.get("labels", {}))  # absent from states saved before it was kept
 
     def __iter__(self) -> Iterator[dict]:
         worker = get_worker_info()
@@ -268,6 +277,7 @@ class PackedShardDataset(IterableDataset):
         )
         tokenizer = Tokenizer(self.tokenizer_path)
         labeler = build_labeler(tokenizer, self.annotation, self.max_doc_chars, self.reference)
+        labeler.counts = self.label_counts
         resume = self.cursor
         documents = slot_documents(plan, self.source, self.stats, resume, self.max_skip_ratio)
         windows = packed_windows(labeler.label(documents), WindowPacker(self.seq_len), tokenizer.eos_id, resume)
@@ -304,17 +314,27 @@ def build_labeler(
     labeler = DocumentLabeler(tokenizer, annotator, batch_size=annotation.batch_size)
     cache_root = annotation.cache_dir or default_cache_dir()
     if annotation.cache and annotator is not None:
-        labeler.cache = LabelCache(cache_root, labeler.identity)
+        labeler.cache = _opened_cache(cache_root, labeler.identity, LABEL_CACHE_COLUMNS)
     if reference is not None:
         labeler.reference = reference()
         if annotation.cache:
             identity = f"{labeler.reference.identity}|tokenizer:{file_digest(tokenizer.model_path)}"
-            labeler.reference_cache = LabelCache(cache_root, identity, REFERENCE_CACHE_COLUMNS)
+            labeler.reference_cache = _opened_cache(cache_root, identity, REFERENCE_CACHE_COLUMNS)
     return labeler
 
 
+def _opened_cache(root: str, identity: str, columns: dict) -> LabelCache | None:
+    """The cache, or None (labels computed every epoch) where its directory cannot be made or written."""
+    try:
+        return LabelCache(root, identity, columns)
+    except OSError as error:
+        log.warning("label cache: cannot use %s (%s); labeling without a cache", root, error.strerror or error)
+        return None
+
+
 def stream_options(data: DataConfig) -> StreamOptions:
-    return StreamOptions(timeout_s=data.http_timeout_s, retries=data.http_retries, allow_pipe=data.allow_pipe)
+    return StreamOptions(timeout_s=data.http_timeout_s, deadline_s=data.http_deadline_s, retries=data.http_retries,
+                         allow_pipe=data.allow_pipe)
 
 
 def check_layout(saved: dict, current: dict) -> None:
@@ -383,6 +403,11 @@ class TokenLoader:
                 collate_fn=collate_windows,
                 prefetch_factor=prefetch_factor if num_workers > 0 else None,
                 persistent_workers=False,
+                # A stop signal to the process group is the trainer's to act on: it saves, then ends the workers.
+                worker_init_fn=_ignore_stop_signals,
+                # The workers' base seed from a generator of the loader's own, not torch's global one: drawing it
+                # there would shift the trainer's random stream by when a resumed run starts its iterator.
+                generator=torch.Generator().manual_seed(seed),
             )
 
     @classmethod
@@ -438,6 +463,13 @@ class TokenLoader:
             total.add_dict(state["stats"])
         return total.as_dict()
 
+    def label_counts(self) -> dict:
+        """Where this rank's workers got their labels (see ``PackedShardDataset.label_counts``), summed."""
+        total: Counter[str] = Counter()
+        for state in _dataset_states(self.loader.state_dict()):
+            total.update(state.get("labels", {}))
+        return dict(sorted(total.items()))
+
     def state_dict(self) -> dict:
         return {"layout": self._layout(), "loader": self.loader.state_dict()}
 
@@ -453,3 +485,7 @@ def _dataset_states(loader_state: dict) -> list[dict]:
         return [loader_state["dataset_state"]] if loader_state["dataset_state"] else []
     workers = loader_state.get("_snapshot", {}).get("_worker_snapshots", {})
     return [worker["dataset_state"] for worker in workers.values() if worker.get("dataset_state")]
+
+
+def _ignore_stop_signals(worker_id: int) -> None:
+    stop_signals.ignore()

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 import torch.distributed.checkpoint as dcp
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file
 
 from ..checkpoint import (
@@ -25,6 +26,7 @@ from ..checkpoint import (
     CheckpointManager,
     SafeFileSystemReader,
     check_model_fits,
+    reading_checkpoint,
     single_process_quietly,
 )
 from ..export import SENTENCEPIECE_FILE, WEIGHTS_FILE, state_dict_from_gpt2
@@ -99,7 +101,31 @@ def _run_config(run_dir: Path) -> dict:
     return json.loads(config_path.read_text())
 
 
+def check_loadable(path: str | Path) -> None:
+    """Everything :func:`load_lacy` would refuse in the files at ``path`` (a checkpoint index that is not DCP's
+    own or would unpickle an object, tensors of another shape, weights that are not a safetensors file), found
+    without reading the weights: for a caller that hands the path to other processes."""
+    source = resolve_model_path(Path(path))
+    if (source / WEIGHTS_FILE).is_file():
+        _safetensors_header(source / WEIGHTS_FILE)
+        return
+    args, _ = _checkpoint_args(source.parent.parent)
+    with torch.device("meta"):
+        state = {f"model.{name}": tensor for name, tensor in Transformer(args).state_dict().items()}
+    check_model_fits(SafeFileSystemReader.checked(source), state, source)
+
+
+def _safetensors_header(path: Path) -> None:
+    """Refuses ``path`` unless it is a safetensors file (a format of raw tensors that nothing executes)."""
+    try:
+        with safe_open(str(path), framework="pt") as weights:
+            weights.keys()
+    except (SafetensorError, OSError, ValueError) as error:
+        raise ValueError(f"{path} is not a safetensors file ({error}); refusing to load it") from None
+
+
 def _from_hf_export(directory: Path) -> tuple[Transformer, Tokenizer]:
+    _safetensors_header(directory / WEIGHTS_FILE)
     config = json.loads((directory / "config.json").read_text())
     if config.get("model_type") != "gpt2":
         raise ValueError(f"{directory} holds a {config.get('model_type')!r} model, not an exported GPT-2")
@@ -123,23 +149,29 @@ def _from_hf_export(directory: Path) -> tuple[Transformer, Tokenizer]:
     return model, _matching_tokenizer(tokenizer_path, args)
 
 
-def _from_checkpoint(checkpoint: Path, *, run_dir: Path) -> tuple[Transformer, Tokenizer]:
+def _checkpoint_args(run_dir: Path) -> tuple[ModelArgs, Path]:
+    """The architecture of a run's checkpoints and its tokenizer, from the run's resolved ``config.json``."""
     config = _run_config(run_dir)
-    tokenizer = Tokenizer(config["tokenizer"]["path"])
+    tokenizer_path = Path(config["tokenizer"]["path"])
     # Runs from before the padded vocabulary have no vocab_multiple in their config: their embedding is unpadded.
-    overrides = {"vocab_size": tokenizer.vocab_size, "vocab_multiple": config["model"].get("vocab_multiple", 1)}
+    overrides = {"vocab_size": Tokenizer(tokenizer_path).vocab_size,
+                 "vocab_multiple": config["model"].get("vocab_multiple", 1)}
     if config["model"].get("max_seq_len"):
         overrides["max_seq_len"] = config["model"]["max_seq_len"]
-    args = model_args(config["model"]["preset"], **overrides)
+    return model_args(config["model"]["preset"], **overrides), tokenizer_path
+
+
+def _from_checkpoint(checkpoint: Path, *, run_dir: Path) -> tuple[Transformer, Tokenizer]:
+    args, tokenizer_path = _checkpoint_args(run_dir)
     model = _empty_model(args)
     # The trainer checkpoints its TrainingModule, which holds the transformer as ``model``. DCP loads in
     # place, into the state dict's tensors, which share their storage with the parameters.
     state = {f"model.{name}": tensor for name, tensor in model.state_dict().items()}
     reader = SafeFileSystemReader.checked(checkpoint)
     check_model_fits(reader, state, checkpoint)
-    with single_process_quietly():
+    with reading_checkpoint(checkpoint), single_process_quietly():
         dcp.load({"model": state}, storage_reader=reader, no_dist=True)
-    return model, _matching_tokenizer(Path(config["tokenizer"]["path"]), args)
+    return model, _matching_tokenizer(tokenizer_path, args)
 
 
 def _empty_model(args: ModelArgs) -> Transformer:

@@ -26,7 +26,7 @@ import torch
 
 from ..annotate.labeling import file_digest
 from ..loss.lacy_loss import logit_stats
-from .loading import load_lacy, tokenizer_path_of
+from .loading import check_loadable, load_lacy, tokenizer_path_of
 
 
 class ReferenceMismatchError(ValueError):
@@ -89,6 +89,10 @@ def check_reference(path: str | Path, tokenizer_path: str | Path) -> None:
     except (FileNotFoundError, KeyError, ValueError) as error:
         raise ReferenceMismatchError(f"loss.reference {path}: not a readable lacy-stream model ({error})") from None
     check_same_tokenizer(reference_tokenizer, tokenizer_path, reference=path)
+    try:
+        check_loadable(path)
+    except ValueError as error:
+        raise ReferenceMismatchError(f"loss.reference {path}: {error}") from None
 
 
 def weights_digest(model: torch.nn.Module) -> str:

@@ -34,6 +34,7 @@ DOCUMENT_SKIP_REASONS = (
 REPAIR_REASONS = ("lone_surrogate",)
 """Repairs: the document is kept, the repair counted."""
 _NEVER_OPENED = ("unreachable_shard", "host_unreachable")
+_LONE_SURROGATE = re.compile("[\ud800-\udfff]")  # decoders join valid pairs, so any left is unpaired
 
 MAX_SKIP_RATIO = 1.0
 """Default of ``max_skip_ratio``: a read fails only when it skipped everything."""
@@ -148,6 +149,18 @@ class ReadStats:
         self.split_docs += state["split_docs"]
         self.skipped.update(state["skipped"])
         self.repaired.update(state.get("repaired", {}))  # absent from states saved before repairs were counted
+
+
+def repair_lone_surrogates(values: list[object], where: str, stats: ReadStats) -> list[object]:
+    """``values`` with each lone surrogate in its strings replaced by U+FFFD, one repair counted if any was.
+
+    UTF-8 cannot hold a lone surrogate (from a JSON ``"\\ud800"`` escape, or a tar member name that is not
+    UTF-8), so a string with one would fail whatever writes it out later. Other values are kept as they are.
+    """
+    if not any(isinstance(value, str) and _LONE_SURROGATE.search(value) for value in values):
+        return values
+    stats.repair("lone_surrogate", where)
+    return [_LONE_SURROGATE.sub("\ufffd", value) if isinstance(value, str) else value for value in values]
 
 
 def split_text(text: str, max_chars: int) -> list[str]:

@@ -12,6 +12,15 @@ Each document becomes one tar sample: ``{key}.txt`` holds the UTF-8 text and ``{
 Shards are ``{prefix}-{index:06d}.tar`` (``.tar.zst`` when zstd-compressed as a whole) and
 ``manifest.json`` lists them with their document count, size and sha256. Builds are reproducible: the
 same inputs give byte-identical shards.
+
+Publishing (``publish_shards``, shared with ``annotate --shards``): a build is written into a staging directory
+beside the output directory and, once complete with its manifest, takes the output directory's place whole
+(``lacy_stream.atomic.replace_directory``). A reader of the output directory finds the previous build or the new
+one, each with a manifest that matches its shards, never a mix (on file systems that cannot swap two paths in one
+step the directory can be missing for a moment; see ``lacy_stream.atomic``); a run killed while publishing is
+completed by the next one. Files of the output directory that are not a build's own (the manifest, the shards of
+the build's prefix and partial files next to them) are carried into the new directory, so a tokenizer or notes kept
+there stay; shards of the prefix that the new build did not write go with the old directory.
 """
 
 from __future__ import annotations
@@ -21,14 +30,14 @@ import json
 import logging
 import os
 import re
-from contextlib import suppress
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Iterable, Iterator
 
 import zstandard
 
-from ..atomic import move_files, staging_directory
+from ..atomic import replace_directory, staging_directory
 from .demo_corpus import DEMO_SOURCE, iter_demo_documents
 from .documents import MAX_SKIP_RATIO, ReadStats
 from .shard_reader import LABELS_MEMBER
@@ -101,7 +110,7 @@ def make_shards(
     out_dir = Path(out_dir)
     fields = FieldNames(text=text_field, id=id_field)
     skips = ReadStats()
-    with staging_directory(out_dir, prefix) as staging:
+    with shard_staging(out_dir) as staging:
         records = _iter_all_records(inputs, demo, fields, skips)
         shards = _write_shards(records, staging, prefix, compression, docs_per_shard)
         documents = skips.docs = sum(shard["documents"] for shard in shards)
@@ -379,30 +388,27 @@ class ShardFile:
         self.temp_path.unlink(missing_ok=True)
 
 
+@contextmanager
+def shard_staging(out_dir: Path) -> Iterator[Path]:
+    """The staging directory for a build of ``out_dir``, beside it; what a killed build left is recovered first."""
+    target = out_dir.resolve()  # a symlinked out_dir stays a link to the directory that is replaced
+    if target.exists() and not target.is_dir():
+        raise NotADirectoryError(f"{out_dir} is not a directory")
+    with staging_directory(target.parent, target.name) as staging:
+        yield staging
+
+
 def publish_shards(staging: Path, out_dir: Path, prefix: str, manifest: dict) -> None:
-    """Moves the manifest's shards from ``staging`` into ``out_dir`` and writes the manifest last.
-
-    The old manifest goes first and shards of ``prefix`` that the new build did not write are removed,
-    so a directory without ``manifest.json`` holds no finished build. Other files are kept.
-    """
-    names = [shard["name"] for shard in manifest["shards"]]
-    (out_dir / MANIFEST_NAME).unlink(missing_ok=True)
-    move_files(staging, out_dir, names)
-    _remove_stale_shards(out_dir, prefix, keep=set(names))
-    write_atomically(out_dir / MANIFEST_NAME, json.dumps(manifest, indent=2, ensure_ascii=False) + "\n")
+    """Writes ``manifest`` into ``staging`` (from ``shard_staging``), which holds its shards, and puts ``staging`` in
+    the place of ``out_dir``, carrying over the files that are not a build's own (see ``_is_build_file``): shards of
+    ``prefix`` that the new build did not write go with the old directory."""
+    (staging / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    replace_directory(staging, out_dir.resolve(), carry=lambda name: not _is_build_file(name, prefix))
 
 
-def _remove_stale_shards(out_dir: Path, prefix: str, keep: set[str]) -> None:
-    """Removes this prefix's shards (either compression) and leftover partial files that the build did not write."""
-    shard = rf"{re.escape(prefix)}-\d{{6}}\.tar(\.zst)?"
-    pattern = re.compile(rf"{shard}|\.{shard}\.partial")
-    for path in out_dir.iterdir():
-        if path.name not in keep and pattern.fullmatch(path.name) and path.is_file():
-            log.info("removing stale shard %s", path)
-            path.unlink()
-
-
-def write_atomically(path: Path, text: str) -> None:
-    temp_path = path.with_name(f".{path.name}.partial")
-    temp_path.write_text(text, encoding="utf-8")
-    os.replace(temp_path, path)
+def _is_build_file(name: str, prefix: str) -> bool:
+    """The manifest, the shards of ``prefix`` (either compression), and the partial files and staging directories
+    that killed builds of the earlier in-place publishing left among them."""
+    own = rf"{re.escape(MANIFEST_NAME)}|{re.escape(prefix)}-\d{{6}}\.tar(\.zst)?"
+    left_by_killed_builds = rf"\.({own})\.partial|\.{re.escape(prefix)}\.partial-.+"
+    return re.fullmatch(rf"{own}|{left_by_killed_builds}", name) is not None

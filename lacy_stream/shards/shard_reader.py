@@ -4,6 +4,12 @@ A sample is the group of consecutive tar members sharing a key (the member name 
 its base name): ``{key}.txt`` holds the UTF-8 text, ``{key}.json`` the metadata (``id``, ``title``,
 ``annotated_text``). A shard that cannot be opened, or that breaks off (corrupt tar, truncated zstd,
 dropped connection), ends with one skip naming the URL; the documents read before the break are kept.
+
+Whatever one sample's members hold, decoding it ends in a document or in one counted skip of that sample,
+never in an exception: text that is not UTF-8, metadata that is not a JSON object (malformed, nested too
+deep, an integer too long to convert, not UTF-8), an ``annotated_text`` that is not a string. Lone
+surrogates in the key or in the metadata's top-level strings become U+FFFD, a counted repair. A
+``labels.npz`` member is passed on undecoded (the labeler checks it); members of other extensions are ignored.
 """
 
 from __future__ import annotations
@@ -13,7 +19,7 @@ import os
 import tarfile
 from typing import BinaryIO, Iterator
 
-from .documents import Document, ReadStats, split_document
+from .documents import Document, ReadStats, repair_lone_surrogates, split_document
 from .urls import (
     HostUnreachableError,
     ShardOpenError,
@@ -115,10 +121,11 @@ def read_shard(
             for index, (key, members) in enumerate(iter_tar_samples(stream)):
                 if index < start or index % stride != offset:
                     continue
-                document = _decode_sample(url, shard, index, key, members, stats)
+                counted_before = resumed and index == start
+                document = _decode_sample(url, shard, index, key, members, ReadStats() if counted_before else stats)
                 if document is None:
                     continue
-                if not (resumed and index == start):
+                if not counted_before:
                     stats.docs += 1
                     stats.text_bytes += len(members[TEXT_MEMBER])
                     if len(document.text) > max_doc_chars:
@@ -150,11 +157,23 @@ def _decode_sample(
     meta: dict = {}
     if members.get(META_MEMBER) is not None:
         try:
-            meta = json.loads(members[META_MEMBER].decode("utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError) as error:
-            stats.skip("invalid_metadata", url, f"{key}.{META_MEMBER}", str(error))
+            meta = _decode_metadata(members[META_MEMBER])
+        except (ValueError, RecursionError) as error:
+            stats.skip("invalid_metadata", url, f"{key}.{META_MEMBER}", f"{type(error).__name__}: {error}")
             return None
-        if not isinstance(meta, dict):
-            stats.skip("invalid_metadata", url, f"{key}.{META_MEMBER}", "not a JSON object")
+        annotated_text = meta.get("annotated_text")
+        if annotated_text is not None and not isinstance(annotated_text, str):
+            stats.skip("non_string_annotated_text", url, f"{key}.{META_MEMBER}", type(annotated_text).__name__)
             return None
+    key, *values = repair_lone_surrogates([key, *meta.values()], f"{url}:{key}", stats)
+    meta = dict(zip(meta, values))
     return Document(text=text, key=key, url=url, shard=shard, index=index, meta=meta, labels=members.get(LABELS_MEMBER))
+
+
+def _decode_metadata(data: bytes) -> dict:
+    """The ``.json`` member as a dict; raises ``ValueError`` (undecodable, not an object) or ``RecursionError``
+    (nested deeper than the parser's recursion limit)."""
+    meta = json.loads(data.decode("utf-8"))
+    if not isinstance(meta, dict):
+        raise ValueError("not a JSON object")
+    return meta

@@ -14,10 +14,13 @@ Errors, by where they come from:
   its subclass ``HostUnreachableError`` without trying when the shard's host is considered down: after
   ``host_failure_limit`` shards in a row on one host could not connect (each after its retries), the
   host's remaining shards fail at once for ``HOST_RETRY_AFTER_S`` seconds, then one shard tries again.
+  An http request that waits longer than ``deadline_s`` for the server in all is cut off and counts as a
+  timeout (retried, then ``ShardOpenError``).
 * Reading the returned stream raises ``TruncatedStreamError`` when the shard ends early: a zstd stream that
   ends inside a frame, an http body that stays short after the allowed resumes, a pipe command that exits
   with a non-zero status. Corrupt zstd data is reported the same way: the bytes delivered before the error
-  are good, nothing after them can be read.
+  are good, nothing after them can be read. A body still arriving when its request's ``deadline_s`` has
+  passed (a server trickling bytes) is resumed like a dropped one.
 """
 
 from __future__ import annotations
@@ -28,15 +31,20 @@ import logging
 import os
 import re
 import signal
+import socket
 import subprocess
+import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, BinaryIO, cast
 from urllib.parse import quote, urljoin, urlsplit
 from urllib.request import pathname2url, url2pathname
 
 import requests
+import requests.adapters
+import urllib3
 import zstandard
 from braceexpand import UnbalancedBracesError, braceexpand
 
@@ -71,6 +79,10 @@ _BUFFER_SIZE = 1 << 20
 class StreamOptions:
     timeout_s: float = 30.0
     """Connect and read timeout of every http request (each socket read, not the whole download)."""
+    deadline_s: float = 600.0
+    """How long one http request (the first, a retry or a resume) may wait for the server in all: connecting,
+    the answer and every read of its body, not the time the reader spends between reads. A request past it
+    is cut off and handled as a timeout: retried or resumed within ``retries``, then the shard fails."""
     retries: int = 3
     """Retries after the first attempt on connection errors, timeouts, 5xx, 408 and 429; also how many
     times a dropped http body is resumed."""
@@ -82,10 +94,16 @@ class StreamOptions:
     """After this many shards in a row on one host failed to connect, the host's other shards fail at once."""
 
     def __post_init__(self) -> None:
-        if self.timeout_s <= 0 or self.retries < 0 or self.retry_backoff_s < 0 or self.host_failure_limit < 1:
+        if (
+            self.timeout_s <= 0
+            or self.deadline_s <= 0
+            or self.retries < 0
+            or self.retry_backoff_s < 0
+            or self.host_failure_limit < 1
+        ):
             raise ValueError(
-                f"invalid stream options {self}: need timeout_s > 0, retries >= 0, retry_backoff_s >= 0, "
-                "host_failure_limit >= 1"
+                f"invalid stream options {self}: need timeout_s > 0, deadline_s > 0, retries >= 0, "
+                "retry_backoff_s >= 0, host_failure_limit >= 1"
             )
 
 
@@ -420,7 +438,11 @@ class _HttpBody(_ChunkReader):
         super().__init__()
         self._url = url
         self._options = options
+        self._deadline = _RequestDeadline(options.deadline_s)
         self._session = requests.Session()
+        adapter = _SocketReportingAdapter(self._deadline.connected)
+        self._session.mount("http://", adapter)
+        self._session.mount("https://", adapter)
         self._response: requests.Response | None = None
         self._delivered = 0
         self._resumes = 0
@@ -444,9 +466,13 @@ class _HttpBody(_ChunkReader):
     def _next_chunk(self) -> bytes:
         while True:
             try:
-                chunk = next(self._chunks, b"")
+                with self._deadline.waiting():
+                    chunk = next(self._chunks, b"")
             except requests.RequestException as error:
-                self._resume(f"the connection broke ({error})")
+                self._resume(self._deadline.cut_off or f"the connection broke ({error})")
+                continue
+            if self._deadline.cut_off:
+                self._resume(self._deadline.cut_off)  # the bytes of this read, if any, are read again
                 continue
             if not chunk:
                 if self._length is not None and self._body_offset < self._length:
@@ -500,14 +526,21 @@ class _HttpBody(_ChunkReader):
             if attempt:
                 log.warning("%s: attempt %d of %d failed: %s", self._url, attempt, attempts, failure)
                 time.sleep(self._options.retry_backoff_s * 2 ** (attempt - 1))
+            self._deadline.start_request()
             try:
-                response = self._session.get(self._url, headers=headers, stream=True, timeout=timeout)
+                with self._deadline.waiting():
+                    response = self._session.get(self._url, headers=headers, stream=True, timeout=timeout)
             except (requests.ConnectionError, requests.Timeout) as error:
-                failure = str(error)
+                failure = self._deadline.cut_off or str(error)
                 reached_host = False
                 continue
             except requests.RequestException as error:
                 raise ShardOpenError(f"cannot open {self._url}: {error}") from error
+            if self._deadline.cut_off:
+                response.close()
+                failure = self._deadline.cut_off
+                reached_host = False
+                continue
             _HOSTS.connected(self._url)
             reached_host = True
             status = response.status_code
@@ -531,6 +564,127 @@ class _HttpBody(_ChunkReader):
     def _release(self) -> None:
         self._close_response()
         self._session.close()
+        self._deadline.close()
+
+
+class _RequestDeadline:
+    """Cuts off an http request that has waited ``deadline_s`` in all for the server.
+
+    requests' timeouts bound each socket read, so a server that trickles bytes never times out. The
+    request's network calls run inside :meth:`waiting`; the time spent there adds up, and a watchdog thread
+    shuts the request's socket down when the sum passes ``deadline_s``, which ends the blocked call. The time
+    between reads, while the reader works on what it got, does not count.
+    """
+
+    def __init__(self, deadline_s: float) -> None:
+        self._deadline_s = deadline_s
+        self._condition = threading.Condition(threading.Lock())
+        self._left_s = deadline_s
+        self._waiting_since: float | None = None
+        self._socket: socket.socket | None = None
+        self._expired = False
+        self._closed = False
+        self._watchdog_idle = False
+        threading.Thread(target=self._watch, name="http-deadline", daemon=True).start()
+
+    @property
+    def cut_off(self) -> str | None:
+        """Why the current request was cut off; None while it was not."""
+        if not self._expired:
+            return None
+        return f"the request waited {self._deadline_s:g} s for the server in all (deadline_s)"
+
+    def start_request(self) -> None:
+        with self._condition:
+            self._left_s, self._expired = self._deadline_s, False
+
+    def connected(self, connection_socket: socket.socket) -> None:
+        """Takes the socket of each connection the session opens; a request on a kept-alive connection uses
+        the last one."""
+        with self._condition:
+            self._socket = connection_socket
+            if self._expired:
+                _shut_down(connection_socket)
+
+    @contextmanager
+    def waiting(self) -> Iterator[None]:
+        with self._condition:
+            self._waiting_since = time.monotonic()
+            if self._watchdog_idle:
+                self._condition.notify()
+        try:
+            yield
+        finally:
+            with self._condition:
+                self._left_s -= time.monotonic() - self._waiting_since
+                self._waiting_since = None
+
+    def close(self) -> None:
+        with self._condition:
+            self._closed = True
+            self._condition.notify()
+
+    def _watch(self) -> None:
+        with self._condition:
+            while not self._closed:
+                if self._waiting_since is None or self._expired:
+                    self._watchdog_idle = True
+                    self._condition.wait()
+                    self._watchdog_idle = False
+                    continue
+                # A wait that started for an earlier read ends no later than this read's deadline: the time
+                # left only shrinks, and a new request starts its clock after the old one's read ended.
+                left_s = self._waiting_since + self._left_s - time.monotonic()
+                if left_s > 0:
+                    self._condition.wait(left_s)
+                    continue
+                self._expired = True
+                if self._socket is not None:
+                    _shut_down(self._socket)
+
+
+def _shut_down(connection_socket: socket.socket) -> None:
+    """Ends the socket's blocked reads (closing it from another thread would not wake them)."""
+    try:
+        # socket.socket's shutdown even for TLS: SSLSocket's would drop its TLS state under the reading thread
+        socket.socket.shutdown(connection_socket, socket.SHUT_RDWR)
+    except OSError:
+        pass  # closed in the meantime
+
+
+class _SocketReportingAdapter(requests.adapters.HTTPAdapter):
+    """Hands the socket of every connection it opens to ``on_connect``: requests offers no other handle on
+    a request in progress, and a deadline needs one to cut it off."""
+
+    def __init__(self, on_connect: Callable[[socket.socket], None]) -> None:
+        self._on_connect = on_connect  # before the base class makes its pool manager
+        super().__init__()
+
+    def init_poolmanager(self, *args, **kwargs) -> None:
+        super().init_poolmanager(*args, **kwargs)
+        self._report_sockets(self.poolmanager)
+
+    def proxy_manager_for(self, proxy, **proxy_kwargs) -> urllib3.PoolManager:
+        new = proxy not in self.proxy_manager
+        manager = super().proxy_manager_for(proxy, **proxy_kwargs)
+        if new:
+            self._report_sockets(manager)
+        return manager
+
+    def _report_sockets(self, manager: urllib3.PoolManager) -> None:
+        on_connect = self._on_connect
+
+        def reporting(pool_class: type) -> type:
+            class ReportingConnection(pool_class.ConnectionCls):
+                def connect(self) -> None:
+                    super().connect()
+                    on_connect(self.sock)
+
+            return type(pool_class.__name__, (pool_class,), {"ConnectionCls": ReportingConnection})
+
+        manager.pool_classes_by_scheme = {
+            scheme: reporting(pool_class) for scheme, pool_class in manager.pool_classes_by_scheme.items()
+        }
 
 
 class _HostCircuitBreaker:
