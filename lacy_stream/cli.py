@@ -14,6 +14,8 @@ import logging
 import os
 import sys
 import traceback
+from collections.abc import Iterator
+from itertools import islice
 from pathlib import Path
 
 from . import stop_signals
@@ -26,11 +28,11 @@ from .config.job_config import (
     load_job_config,
 )
 from .eval.options import add_eval_arguments
-from .gpu_check import add_arguments as add_gpu_check_arguments
+from .bench.gpu_check import add_arguments as add_gpu_check_arguments
 from .inference.call_policy import POLICY_NAMES, policy_from_name
 from .shards.documents import SKIP_WARNING_RATIO, TooManySkipsError
 from .shards.make_shards import ShardInputError
-from .shards.urls import PipeNotAllowedError, ShardOpenError
+from .shards.streams import PipeNotAllowedError, ShardOpenError
 
 DEMO_DIR = Path("shards/demo")
 DEMO_VOCAB_SIZE = 8000
@@ -75,7 +77,7 @@ def _share(text: str) -> float:
 
 
 def _options_from_arguments(args: argparse.Namespace):
-    from .shards.urls import StreamOptions
+    from .shards.streams import StreamOptions
 
     return StreamOptions(
         timeout_s=args.http_timeout, deadline_s=args.http_deadline, retries=args.http_retries,
@@ -107,27 +109,19 @@ def cmd_make_shards(args: argparse.Namespace) -> int:
     return 0
 
 
-def _document_texts(urls: list[str], options, max_docs: int | None = None, max_doc_chars: int = DataConfig.max_doc_chars,
-                    max_skip_ratio: float = DataConfig.max_skip_ratio):
-    from .shards.documents import ReadStats
-    from .shards.shard_reader import read_shard
+def _document_texts(source: str, options, *, max_docs: int | None = None,
+                    max_skip_ratio: float = DataConfig.max_skip_ratio) -> Iterator[str]:
+    from .shards.sources import read_documents
 
-    stats = ReadStats()
-    for shard, url in enumerate(urls):
-        for doc in read_shard(url, shard, stats, options=options, max_doc_chars=max_doc_chars):
-            if max_docs is not None and stats.docs > max_docs:
-                return
-            yield doc.text
-    stats.check_skips(max_skip_ratio, "the shards")
+    documents = read_documents(source, options=options, max_skip_ratio=max_skip_ratio)
+    return (document["text"] for document in islice(documents, max_docs))
 
 
 def cmd_train_tokenizer(args: argparse.Namespace) -> int:
-    from .shards.urls import expand_shard_spec
     from .tokenizer import train_tokenizer
 
-    options = _options_from_arguments(args)
-    urls = expand_shard_spec(args.shards, options)
-    texts = _document_texts(urls, options, args.max_docs, args.max_doc_chars, args.max_skip_ratio)
+    texts = _document_texts(args.shards, _options_from_arguments(args), max_docs=args.max_docs,
+                            max_skip_ratio=args.max_skip_ratio)
     tokenizer = train_tokenizer(texts, args.out, args.vocab_size)
     print(f"wrote {args.out}: {tokenizer.num_pieces} pieces, <CALL> = {tokenizer.call_id}, vocab {tokenizer.vocab_size}")
     return 0
@@ -136,7 +130,7 @@ def cmd_train_tokenizer(args: argparse.Namespace) -> int:
 def cmd_inspect(args: argparse.Namespace) -> int:
     from .shards.documents import ReadStats
     from .shards.inspection import inspect_shards
-    from .shards.urls import expand_shard_spec
+    from .shards.specs import expand_shard_spec
     from .tokenizer import Tokenizer
 
     options = _options_from_arguments(args)
@@ -158,9 +152,8 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from .data.loader import stream_options
     from .shards.make_shards import make_shards
-    from .shards.urls import expand_shard_spec
     from .tokenizer import train_tokenizer
-    from .train import train
+    from .trainer.train import train
 
     config = load_job_config(args.config or RUN_CONFIGS / "tiny_cpu.toml", args.overrides)
     shards = Path(config.data.shards)
@@ -170,8 +163,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     tokenizer_path = Path(config.tokenizer.path)
     if not tokenizer_path.exists():
         print(f"training a {DEMO_VOCAB_SIZE}-piece SentencePiece tokenizer on {config.data.shards} -> {tokenizer_path}")
-        options = stream_options(config.data)
-        texts = _document_texts(expand_shard_spec(config.data.shards, options), options)
+        texts = _document_texts(config.data.shards, stream_options(config.data))
         train_tokenizer(texts, tokenizer_path, DEMO_VOCAB_SIZE)
     print(f"training the {config.model.preset} model with {config.loss.method} for {config.train.steps} steps "
           f"(spaCy annotates in {config.data.num_workers} dataloader workers)")
@@ -224,7 +216,7 @@ def cmd_annotate(args: argparse.Namespace) -> int:
     if not args.out or not args.tokenizer:
         raise SystemExit("annotate: --shards needs --out and --tokenizer")
     from .annotate.annotate_shards import annotate_shards
-    from .shards.urls import expand_shard_spec
+    from .shards.specs import expand_shard_spec
 
     options = _options_from_arguments(args)
     reference = None
@@ -255,7 +247,7 @@ def cmd_annotate(args: argparse.Namespace) -> int:
 def cmd_compare(args: argparse.Namespace) -> int:
     from .eval.compare import compare_runs, write_comparison
     from .eval.factscore import read_entities
-    from .eval.report import EvalInputs
+    from .eval.config import EvalInputs
 
     entities = []
     if args.cascade:
@@ -305,7 +297,7 @@ def highlight_facts(text: str, spans: list[list], *, color: bool) -> str:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from .train import train
+    from .trainer.train import train
 
     summary = train(load_job_config(args.config, args.overrides))
     print(json.dumps(summary))
@@ -404,13 +396,13 @@ def cmd_distill_labeler(args: argparse.Namespace) -> int:
 
 def cmd_eval(args: argparse.Namespace) -> int:
     from .eval.options import config_from_arguments
-    from .eval.report import run_eval
+    from .eval.runner import run_eval
 
     return run_eval(config_from_arguments(args))
 
 
 def cmd_bench_annotate(args: argparse.Namespace) -> int:
-    from .bench_annotation import PAPER_TOKENS_PER_S_PER_CORE, bench_annotate
+    from .bench.annotation import PAPER_TOKENS_PER_S_PER_CORE, bench_annotate
 
     if (args.input is None) == (args.shards is None):
         raise SystemExit("bench annotate: give --input FILE.jsonl or --shards URL")
@@ -458,7 +450,7 @@ def cmd_bench_annotate(args: argparse.Namespace) -> int:
 
 
 def cmd_bench_stream(args: argparse.Namespace) -> int:
-    from .bench import bench_stream
+    from .bench.stream import bench_stream
 
     config = load_job_config(args.config, args.overrides)
     report = bench_stream(config, batches=args.batches)
@@ -467,7 +459,7 @@ def cmd_bench_stream(args: argparse.Namespace) -> int:
 
 
 def cmd_bench_loss(args: argparse.Namespace) -> int:
-    from .bench import bench_loss
+    from .bench.loss import bench_loss
 
     rows = bench_loss(hidden_sizes=tuple(args.hidden), tokens=args.tokens, vocab=args.vocab, repeats=args.repeats)
     if args.json:
@@ -486,7 +478,7 @@ def cmd_bench_loss(args: argparse.Namespace) -> int:
 
 
 def cmd_bench_gpu(args: argparse.Namespace) -> int:
-    from .gpu_check import run_check
+    from .bench.gpu_check import run_check
 
     return run_check(Path(args.out), budget_s=args.budget_s, dry_run=args.dry_run, corpus=args.corpus)
 

@@ -25,7 +25,7 @@ from lacy_stream.data.loader import TokenLoader
 from lacy_stream.shards.documents import ReadStats
 from lacy_stream.shards.make_shards import make_shards
 from lacy_stream.shards.shard_reader import read_shard
-from lacy_stream.shards.urls import expand_shard_spec
+from lacy_stream.shards.specs import expand_shard_spec
 from lacy_stream.tokenizer import train_tokenizer
 
 

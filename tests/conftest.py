@@ -78,9 +78,9 @@ def label_cache_in_tmp(tmp_path, monkeypatch):
 @pytest.fixture(autouse=True)
 def hosts_up_again(monkeypatch):
     """A host one test found down is not down for the next one (the OS reuses loopback ports)."""
-    from lacy_stream.shards import urls
+    from lacy_stream.shards import streams
 
-    monkeypatch.setattr(urls, "_HOSTS", urls._HostCircuitBreaker())
+    monkeypatch.setattr(streams, "_HOSTS", streams._HostCircuitBreaker())
 
 
 @pytest.fixture

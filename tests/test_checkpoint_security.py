@@ -19,7 +19,7 @@ from lacy_stream.checkpoint import CheckpointManager, SafeFileSystemReader, Unsa
 from lacy_stream.cli import main as cli_main
 from lacy_stream.config.job_config import load_job_config
 from lacy_stream.inference.loading import load_lacy
-from lacy_stream.train import train
+from lacy_stream.trainer.train import train
 
 PLANTED_ENTRY = "model.model.norm.weight"
 

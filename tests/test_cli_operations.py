@@ -27,8 +27,8 @@ from test_train import logged, overrides
 from lacy_stream.checkpoint import CheckpointManager, SafeFileSystemReader
 from lacy_stream.cli import EXIT_INTERRUPTED, EXIT_TOO_MANY_SKIPS, EXIT_USAGE, main
 from lacy_stream.config.job_config import load_job_config
-from lacy_stream.model import Transformer, model_args
-from lacy_stream.parallelize import TrainingModule
+from lacy_stream.models.gpt2 import Transformer, model_args
+from lacy_stream.trainer.parallelize import TrainingModule
 from lacy_stream.shards.documents import (
     DOCUMENT_SKIP_REASONS,
     REPAIR_REASONS,
@@ -36,7 +36,7 @@ from lacy_stream.shards.documents import (
 )
 from lacy_stream.shards.make_shards import make_shards
 from lacy_stream.tokenizer import Tokenizer
-from lacy_stream.train import build_optimizer
+from lacy_stream.trainer.optimizer import build_optimizer
 
 
 def cli(*args: str) -> int:
@@ -172,7 +172,7 @@ def test_make_shards_on_a_truncated_input_keeps_the_previous_build(tmp_path):
 _TRAIN_THEN_DIE_AT_STEP_5 = """
 import os, signal, sys
 from lacy_stream.config.job_config import load_job_config
-from lacy_stream.train import train
+from lacy_stream.trainer.train import train
 train(load_job_config(None, sys.argv[1:]), on_step=lambda step: step == 5 and os.kill(os.getpid(), signal.SIGKILL))
 """
 

@@ -13,7 +13,7 @@ from lacy_stream.config.job_config import load_job_config
 from lacy_stream.eval.compare import auc, read_heldout_batches
 from lacy_stream.inference.loading import load_lacy
 from lacy_stream.labels import JUDGE_CALL, JUDGE_UNKNOWN, TokenClass
-from lacy_stream.train import train
+from lacy_stream.trainer.train import train
 from test_methods import judged_corpus  # noqa: F401  (a fixture)
 from test_train import overrides
 

@@ -3,6 +3,7 @@ from __future__ import annotations
 import pytest
 
 from lacy_stream.config.job_config import ConfigError, load_job_config
+from lacy_stream.trainer.train import check_config
 
 
 def test_defaults_toml_and_overrides(tmp_path):
@@ -68,7 +69,9 @@ def test_shipped_run_configs_load_with_every_method(name):
         assert config.annotation.enabled is not name.endswith("baseline")
     for name, method in METHODS.items():
         reference = ["--loss.reference=runs/baseline"] if method.needs_reference else []
-        assert load_job_config(path, [f"--loss.method={name}", *reference]).loss.method == name
+        config = load_job_config(path, [f"--loss.method={name}", *reference])
+        check_config(config)
+        assert config.loss.method == name
 
 
 @pytest.mark.parametrize(
@@ -85,4 +88,4 @@ def test_shipped_run_configs_load_with_every_method(name):
 )
 def test_values_are_checked(override, message):
     with pytest.raises(ConfigError, match=message):
-        load_job_config(None, [override])
+        check_config(load_job_config(None, [override]))

@@ -22,9 +22,9 @@ from pathlib import Path
 import torch
 
 from lacy_stream.eval.chat_endpoint import ChatEndpoint
-from lacy_stream.export import export_hf
+from lacy_stream.models.hf_export import export_hf
 from lacy_stream.inference.loading import LacyModel, load_lacy
-from lacy_stream.model import Transformer, model_args
+from lacy_stream.models.gpt2 import Transformer, model_args
 from lacy_stream.tokenizer import Tokenizer
 
 TINY_CONTEXT = 64

@@ -12,7 +12,7 @@ from test_eval_helpers import RuleBasedJudge, one_token_partner, tiny_lacy
 from lacy_stream.cli import main
 from lacy_stream.eval.factscore import read_entities
 from lacy_stream.eval.options import SECTIONS, add_eval_arguments, config_from_arguments
-from lacy_stream.eval.report import run_eval
+from lacy_stream.eval.runner import run_eval
 
 pytest.importorskip("transformers")  # export_hf, the partner server
 

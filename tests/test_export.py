@@ -10,8 +10,8 @@ import torch
 transformers = pytest.importorskip("transformers")
 
 from safetensors.torch import load_file  # noqa: E402  (installed with transformers)
-from lacy_stream.export import PROBE_TEXTS, export_hf  # noqa: E402
-from lacy_stream.model import Transformer, model_args  # noqa: E402
+from lacy_stream.models.hf_export import PROBE_TEXTS, export_hf  # noqa: E402
+from lacy_stream.models.gpt2 import Transformer, model_args  # noqa: E402
 from lacy_stream.tokenizer import CALL_TOKEN, Tokenizer  # noqa: E402
 
 
@@ -108,7 +108,7 @@ def test_state_dict_needs_args(model: Transformer, tokenizer_path: str, tmp_path
 
 
 def test_a_failed_export_leaves_the_previous_one(model: Transformer, tokenizer_path: str, tmp_path: Path, monkeypatch) -> None:
-    import lacy_stream.export as export_module
+    import lacy_stream.models.hf_export as export_module
 
     export_hf(model, tokenizer_path, tmp_path / "hf")
     before = {path.name: path.read_bytes() for path in (tmp_path / "hf").iterdir()}

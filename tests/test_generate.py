@@ -12,7 +12,7 @@ import torch
 
 from lacy_stream.annotate.annotation import FactAnnotator
 from lacy_stream.cli import main
-from lacy_stream.export import export_hf
+from lacy_stream.models.hf_export import export_hf
 from lacy_stream.inference.call_policy import (
     ArgmaxCall,
     CalibratedCall,
@@ -29,7 +29,7 @@ from lacy_stream.inference.generate import (
     penalize_repetition,
     render,
 )
-from lacy_stream.model import Transformer, model_args
+from lacy_stream.models.gpt2 import Transformer, model_args
 from lacy_stream.tokenizer import Tokenizer
 
 PROMPTS = (

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from lacy_stream.gpu_check import SHARES
+from lacy_stream.bench.gpu_check import SHARES
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -46,7 +46,7 @@ def test_dry_run_passes_every_section(tmp_path):
 
 
 def test_a_section_past_its_share_is_cut_and_the_others_still_run(tmp_path):
-    from lacy_stream.gpu_check import Report
+    from lacy_stream.bench.gpu_check import Report
 
     report = Report(tmp_path, budget_s=0.0, dry_run=True)
     report.run("kernel_speed", lambda section: {"ran": section.may_start("first case")})
@@ -57,7 +57,7 @@ def test_a_section_past_its_share_is_cut_and_the_others_still_run(tmp_path):
 
 
 def test_the_gpu_runs_take_the_presets_batches_and_the_old_settings_run_beside_the_new():
-    from lacy_stream.gpu_check import GPU, preset_batches, training_runs
+    from lacy_stream.bench.gpu_check import GPU, preset_batches, training_runs
 
     assert preset_batches(GPU) == {"334m": (32, 131072), "1.3b": (16, 114688)}  # 4 and 7 micro-batches a step
     names = [run.name for run in training_runs(GPU)]
@@ -68,7 +68,7 @@ def test_the_gpu_runs_take_the_presets_batches_and_the_old_settings_run_beside_t
 
 
 def test_padded_tokenizer_encodes_as_before_with_the_papers_vocabulary(tokenizer_path, tmp_path):
-    from lacy_stream.gpu_check import PADDED_PIECES, pad_tokenizer
+    from lacy_stream.bench.gpu_check import PADDED_PIECES, pad_tokenizer
     from lacy_stream.tokenizer import Tokenizer
 
     padded = tmp_path / "padded.model"
@@ -94,7 +94,7 @@ def _spawned_process_groups() -> set[int]:
 @pytest.mark.timeout(120)
 def test_a_run_past_its_share_prints_its_stacks_and_leaves_no_process(tokenizer_path, tmp_path, capfd):
     from conftest import make_corpus
-    from lacy_stream.gpu_check import DRY_RUN, _timed_training_run, _training_overrides
+    from lacy_stream.bench.gpu_check import DRY_RUN, _timed_training_run, _training_overrides
 
     make_corpus(tmp_path / "shards", shards=2, docs_per_shard=20)
     overrides = _training_overrides(DRY_RUN, tmp_path / "runs" / "long", tmp_path / "shards", Path(tokenizer_path),

@@ -20,7 +20,7 @@ from lacy_stream.labels import JUDGE_CALL, JUDGE_UNKNOWN, TokenClass
 from lacy_stream.shards.documents import Document, ReadStats
 from lacy_stream.shards.make_shards import make_shards
 from lacy_stream.shards.shard_reader import read_shard
-from lacy_stream.shards.urls import expand_shard_spec
+from lacy_stream.shards.specs import expand_shard_spec
 from lacy_stream.tokenizer import Tokenizer, train_tokenizer
 
 DWIKI = SHARED_DIR / "data" / "dwiki-dev.jsonl"

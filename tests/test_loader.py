@@ -17,7 +17,7 @@ from lacy_stream.config.job_config import AnnotationConfig
 from lacy_stream.data.loader import ResumeMismatchError, TokenLoader, assign_shards
 from lacy_stream.data.packing import split_doc_uid
 from lacy_stream.shards.documents import TooManySkipsError
-from lacy_stream.shards.urls import expand_shard_spec
+from lacy_stream.shards.specs import expand_shard_spec
 from lacy_stream.tokenizer import Tokenizer
 
 SEQ_LEN = 32

@@ -13,7 +13,7 @@ from lacy_stream.cli import main as cli_main
 from lacy_stream.config.job_config import ConfigError, load_job_config
 from lacy_stream.loss.masks import METHODS
 from lacy_stream.tokenizer import train_tokenizer
-from lacy_stream.train import train
+from lacy_stream.trainer.train import check_config, train
 from test_train import logged, losses_by_step, overrides
 
 PEOPLE = ["Ada Lovelace", "Marie Curie", "Alan Turing", "Emmy Noether", "Niels Bohr", "Lise Meitner"]
@@ -99,9 +99,9 @@ def test_rho1_calls_the_tokens_the_reference_finds_easier(tmp_path, judged_corpu
 
 def test_reference_settings_are_checked_at_start_up(tmp_path, judged_corpus, tokenizer_path, reference_run, capsys):
     with pytest.raises(ConfigError, match="set loss.reference"):
-        load_job_config(None, ["--loss.method=spacy_refloss"])
+        check_config(load_job_config(None, ["--loss.method=spacy_refloss"]))
     with pytest.raises(ConfigError, match="unused by loss.method 'lacy'"):
-        load_job_config(None, ["--loss.method=lacy", f"--loss.reference={reference_run}"])
+        check_config(load_job_config(None, ["--loss.method=lacy", f"--loss.reference={reference_run}"]))
 
     other_tokenizer = tmp_path / "other.model"
     train_tokenizer([synthetic_text(random.Random(9), 20) for _ in range(200)], other_tokenizer, vocab_size=400)

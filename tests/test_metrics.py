@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from lacy_stream.metrics import MetricsLogger, StepTimer, mfu, peak_flops
-from lacy_stream.model import flops_per_token, model_args
+from lacy_stream.trainer.metrics import MetricsLogger, StepTimer, mfu, peak_flops
+from lacy_stream.models.gpt2 import flops_per_token, model_args
 
 TRAIN_VALUES = {
     "loss": 3.14159265358979,

@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from lacy_stream.model import PRESETS, KVCache, ModelArgs, Transformer, flops_per_token, model_args, num_params
+from lacy_stream.models.gpt2 import PRESETS, KVCache, ModelArgs, Transformer, flops_per_token, model_args, num_params
 
 VOCAB = 97
 

@@ -17,7 +17,7 @@ from lacy_stream.checkpoint import CheckpointManager, CheckpointWriteError
 from lacy_stream.cli import EXIT_TOO_MANY_SKIPS, main as cli_main
 from lacy_stream.config.job_config import load_job_config
 from lacy_stream.tokenizer import train_tokenizer
-from lacy_stream.train import train
+from lacy_stream.trainer.train import train
 
 
 def run_args(corpus: Path, tokenizer_path: str | Path, run_dir: Path, *extra: str) -> list[str]:
@@ -136,8 +136,8 @@ def test_a_full_disk_during_a_checkpoint_keeps_the_previous_one_and_leaves_no_pa
 def test_a_full_disk_during_an_export_is_one_os_error_and_leaves_nothing(tmp_path, tokenizer_path, monkeypatch):
     from safetensors import SafetensorError
 
-    import lacy_stream.export as export_module
-    from lacy_stream.model import Transformer, model_args
+    import lacy_stream.models.hf_export as export_module
+    from lacy_stream.models.gpt2 import Transformer, model_args
     from lacy_stream.tokenizer import Tokenizer
 
     small = tmp_path / "small-disk"

@@ -11,7 +11,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 from transformers.generation.logits_process import RepetitionPenaltyLogitsProcessor
 
-from lacy_stream.export import export_hf
+from lacy_stream.models.hf_export import export_hf
 from lacy_stream.inference.call_policy import RandomCall
 from lacy_stream.inference.generate import Generation, TokenSource, generate
 from lacy_stream.inference.partners import (
@@ -29,7 +29,7 @@ from lacy_stream.inference.partners import (
     partner_from_spec,
     person_from_prompt,
 )
-from lacy_stream.model import Transformer, model_args
+from lacy_stream.models.gpt2 import Transformer, model_args
 from lacy_stream.tokenizer import Tokenizer
 from openai_server import CompletionServer
 

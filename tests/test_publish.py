@@ -27,7 +27,7 @@ import lacy_stream.annotate.annotate_shards as annotate_module
 import lacy_stream.atomic as atomic
 import lacy_stream.shards.make_shards as make_shards_module
 from lacy_stream.shards.make_shards import ShardInputError, make_shards
-from lacy_stream.shards.urls import expand_shard_spec
+from lacy_stream.shards.specs import expand_shard_spec
 
 REPO = Path(__file__).resolve().parents[1]
 NOTES = b"a user's notes, kept across builds\n"

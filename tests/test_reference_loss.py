@@ -13,16 +13,16 @@ from conftest import make_corpus, synthetic_text
 from lacy_stream.annotate.annotate_shards import annotate_shards
 from lacy_stream.annotate.label_cache import REFERENCE_CACHE_COLUMNS, LabelCache
 from lacy_stream.annotate.labeling import DocumentLabeler
-from lacy_stream.export import export_hf
+from lacy_stream.models.hf_export import export_hf
 from lacy_stream.inference.reference_loss import (
     ReferenceMismatchError,
     ReferenceScorer,
     check_reference,
 )
-from lacy_stream.model import Transformer, model_args
+from lacy_stream.models.gpt2 import Transformer, model_args
 from lacy_stream.shards.documents import Document, ReadStats
 from lacy_stream.shards.shard_reader import read_shard
-from lacy_stream.shards.urls import expand_shard_spec
+from lacy_stream.shards.specs import expand_shard_spec
 from lacy_stream.tokenizer import Tokenizer, train_tokenizer
 
 CONTEXT = 32

@@ -15,8 +15,8 @@ from conftest import make_corpus
 from lacy_stream.checkpoint import CheckpointManager
 from lacy_stream.cli import main as cli_main
 from lacy_stream.config.job_config import ConfigError, load_job_config
-from lacy_stream.run_directory import HISTORY_FILE, RunDirectoryBusyError, RunLock
-from lacy_stream.train import train
+from lacy_stream.trainer.run_directory import HISTORY_FILE, RunDirectoryBusyError, RunLock
+from lacy_stream.trainer.train import train
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -36,7 +36,7 @@ def corpus(tmp_path: Path) -> Path:
 
 def test_a_second_holder_is_refused_and_a_dead_holders_lock_is_taken_over(tmp_path):
     holder = subprocess.Popen(
-        [sys.executable, "-c", "import sys, time\nfrom lacy_stream.run_directory import RunLock\n"
+        [sys.executable, "-c", "import sys, time\nfrom lacy_stream.trainer.run_directory import RunLock\n"
          f"with RunLock({str(tmp_path)!r}):\n    print('held', flush=True)\n    time.sleep(60)\n"],
         cwd=REPO, stdout=subprocess.PIPE, text=True)
     try:

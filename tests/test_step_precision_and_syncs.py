@@ -13,12 +13,12 @@ import torch.distributed as dist
 from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 
-import lacy_stream.parallelize as parallelize_module
+import lacy_stream.trainer.parallelize as parallelize_module
 from conftest import make_corpus
 from lacy_stream.config.job_config import load_job_config
 from lacy_stream.distributed import init_distributed
-from lacy_stream.metrics import StepTimer
-from lacy_stream.train import _Trainer, train
+from lacy_stream.trainer.metrics import StepTimer
+from lacy_stream.trainer.train import _Trainer, train
 
 aten = torch.ops.aten
 

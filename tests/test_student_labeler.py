@@ -29,7 +29,7 @@ from lacy_stream.data.loader import TokenLoader, check_annotation_config
 from lacy_stream.labels import TokenClass
 from lacy_stream.shards.documents import ReadStats
 from lacy_stream.shards.shard_reader import read_shard
-from lacy_stream.shards.urls import expand_shard_spec
+from lacy_stream.shards.specs import expand_shard_spec
 from lacy_stream.tokenizer import Tokenizer, train_tokenizer
 
 FACT, OTHER, GRAMMAR = TokenClass.FACT, TokenClass.OTHER, TokenClass.GRAMMAR

@@ -18,11 +18,12 @@ from lacy_stream.checkpoint import CheckpointManager
 from lacy_stream.cli import main as cli_main
 from lacy_stream.config.job_config import RUN_CONFIGS, ConfigError, load_job_config
 from lacy_stream.inference.loading import load_lacy, resolve_model_path
-from lacy_stream.model import Transformer, model_args
-from lacy_stream.parallelize import TrainingModule
+from lacy_stream.models.gpt2 import Transformer, model_args
+from lacy_stream.trainer.parallelize import TrainingModule
 from lacy_stream.tokenizer import Tokenizer
-import lacy_stream.train as train_module
-from lacy_stream.train import build_optimizer, micro_batches_per_step, train
+import lacy_stream.trainer.train as train_module
+from lacy_stream.trainer.optimizer import build_optimizer
+from lacy_stream.trainer.train import micro_batches_per_step, train
 
 # call_loss is logged only when something was called; mfu only on a GPU of the peak-FLOPs table.
 REPO = Path(__file__).resolve().parents[1]

@@ -24,7 +24,7 @@ from lacy_stream.labels import TokenClass, TokenLabels
 from lacy_stream.loss import lacy_loss
 from lacy_stream.shards.make_shards import make_shards
 from lacy_stream.tokenizer import train_tokenizer
-from lacy_stream.train import train
+from lacy_stream.trainer.train import train
 
 DWIKI = SHARED_DIR / "data" / "dwiki-dev.jsonl"
 SEQ_LEN = 64

@@ -18,12 +18,12 @@ from conftest import tar_bytes
 
 from lacy_stream.shards.documents import ReadStats
 from lacy_stream.shards.shard_reader import read_shard
-from lacy_stream.shards.urls import (
+from lacy_stream.shards.specs import expand_shard_spec
+from lacy_stream.shards.streams import (
     PipeNotAllowedError,
     ShardOpenError,
     StreamOptions,
     TruncatedStreamError,
-    expand_shard_spec,
     open_shard,
 )
 

@@ -19,7 +19,8 @@ from typing import Iterator
 from ..shards.documents import MAX_SKIP_RATIO, Document, ReadStats
 from ..shards.make_shards import ShardFile, publish_shards, shard_name, shard_staging
 from ..shards.shard_reader import read_shard
-from ..shards.urls import MANIFEST_FORMAT, MANIFEST_VERSION, StreamOptions
+from ..shards.specs import MANIFEST_FORMAT, MANIFEST_VERSION
+from ..shards.streams import StreamOptions
 from ..tokenizer import Tokenizer
 from .labeling import (
     DocumentLabeler,

@@ -17,6 +17,7 @@ import logging
 import math
 import multiprocessing
 import time
+from itertools import islice
 from pathlib import Path
 
 import numpy as np
@@ -24,11 +25,12 @@ import torch
 import torch.nn.functional as F
 
 from ..labels import TokenClass
+from ..shards.sources import read_documents
 from ..tokenizer import Tokenizer
 from .alignment import char_to_byte_offsets, encode_with_offsets, piece_classes
 from .annotation import FactAnnotator, Mention, WordLabels, first_mentions, local_labels
 from .label_cache import LabelCache, document_key
-from .labeling import file_digest
+from .label_cache import file_digest
 from .student_labeler import (
     BASE_CLASSES,
     BEGIN,
@@ -273,9 +275,6 @@ def distill(
     layers: int = StudentConfig.layers,
 ) -> dict:
     """Targets, training and held-out agreement; writes the student to ``out`` and returns its report."""
-    from ..bench_annotation import collect_documents
-    from ..shards.urls import StreamOptions
-
     tokenizer = Tokenizer(tokenizer_path)
     teacher = teacher_identity(spacy_model)
     cache = None
@@ -283,7 +282,7 @@ def distill(
         cache = LabelCache(cache_dir, f"distill-targets|{teacher}|tokenizer:{file_digest(tokenizer_path)}", TARGET_COLUMNS)
     texts, targets = [], []
     for source in sources:
-        source_texts = [d["text"] for d in collect_documents(source, max_docs, StreamOptions())]
+        source_texts = [document["text"] for document in islice(read_documents(source), max_docs)]
         texts += source_texts
         targets += gather_targets(
             source_texts, tokenizer_path, spacy_model=spacy_model, cache=cache, source=source, workers=workers

@@ -63,6 +63,11 @@ def default_cache_dir() -> Path:
     return Path(os.environ.get("LACY_CACHE_DIR") or Path.home() / ".cache" / "lacy-stream") / "labels"
 
 
+def file_digest(path: str | Path) -> str:
+    """A short hash of a file's content: the identity of a tokenizer (or a student) that labels depend on."""
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16]
+
+
 def document_key(text: str, annotated_text: str | None) -> bytes:
     digest = hashlib.blake2b(digest_size=KEY_BYTES)
     digest.update(text.encode("utf-8", "surrogatepass"))

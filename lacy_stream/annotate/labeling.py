@@ -26,7 +26,6 @@ reference's forward pass.
 
 from __future__ import annotations
 
-import hashlib
 import io
 import logging
 import sys
@@ -49,7 +48,7 @@ from .alignment import (
 )
 from .annotation import FactAnnotator, WordLabels
 from .judge import judge_spans
-from .label_cache import LabelCache, ShardLabelCache, document_key
+from .label_cache import LabelCache, ShardLabelCache, document_key, file_digest
 
 if TYPE_CHECKING:
     from .student_labeler import StudentAnnotator
@@ -65,10 +64,6 @@ Labels = dict[str, np.ndarray]
 with a reference), one entry per token, without the closing EOS."""
 FACT_LABELS = {"tokens": np.dtype(np.int64), "token_class": LABEL_COLUMNS["token_class"], "judge": LABEL_COLUMNS["judge"]}
 """The arrays every labeler produces; ``ref_loss`` comes on top with a reference."""
-
-
-def file_digest(path: str | Path) -> str:
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16]
 
 
 class TokenScorer(Protocol):

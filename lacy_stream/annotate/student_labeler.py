@@ -38,7 +38,7 @@ from .annotation import (
     mention_key,
     person_name_parts,
 )
-from .labeling import file_digest
+from .label_cache import file_digest
 
 OUTSIDE, BEGIN, INSIDE, BEGIN_PERSON, INSIDE_PERSON = range(5)
 """Span tags: a mention starts at a BEGIN tag and goes on over the INSIDE tags that follow."""

@@ -1,6 +1,9 @@
 """Typed job configuration: dataclass sections loaded from TOML, then ``--section.key=value`` overrides.
 
-Loading is strict: an unknown section or key, or a value of the wrong type, is an error naming it.
+Loading is strict: an unknown section or key, or a value of the wrong type, is an error naming it. The config
+declares what each component takes without importing the components: the one that owns a section checks the
+values only it knows (the model its presets, the loss its methods; ``lacy_stream.trainer.train.check_config``
+asks each), so a dataloader worker that reads ``DataConfig`` loads no loss, model or trainer.
 Override values are parsed as TOML values (``--data.seq_len=128``, ``--data.allow_pipe=true``); a value
 that is not valid TOML is taken as a string (``--data.shards=shards/demo``). ``--config`` takes a TOML file
 or the name of a shipped run config (``tiny_cpu``), from any directory.
@@ -14,12 +17,6 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-
-from ..loss.lacy_loss import IMPLEMENTATIONS
-from ..loss.masks import METHODS
-from ..model import PRESETS
-from ..shards.documents import MAX_SKIP_RATIO
-from ..shards.urls import StreamOptions
 
 
 class ConfigError(ValueError):
@@ -46,14 +43,14 @@ class DataConfig:
     """Longer documents are split into parts (spaCy's limit) at paragraph or sentence boundaries."""
     allow_pipe: bool = False
     """Allow ``pipe:`` shard URLs, which run a shell command."""
-    http_timeout_s: float = StreamOptions.timeout_s
+    http_timeout_s: float = 30.0
     """Connect and read timeout of http(s) shards, in seconds (each socket read, not the whole download)."""
-    http_deadline_s: float = StreamOptions.deadline_s
+    http_deadline_s: float = 600.0
     """How long one http request may wait for the server in all (connecting, the answer, the reads of its
     body; not the time spent between reads), in seconds; past it the request is cut off like a timeout."""
-    http_retries: int = StreamOptions.retries
+    http_retries: int = 3
     """Retries after a failed or dropped http request."""
-    max_skip_ratio: float = MAX_SKIP_RATIO
+    max_skip_ratio: float = 1.0
     """A dataloader worker fails when, at the end of an epoch, it skipped more than this share of its shards
     or documents (1.0: only when it read nothing); above 5% it warns."""
     prefetch_factor: int = 2
@@ -152,7 +149,7 @@ class CheckpointConfig:
     """Export the final model in the Hugging Face GPT-2 format."""
     allow_config_change: bool = False
     """Resume even when the settings that define the run (model, tokenizer, loss, data, optimizer) differ from
-    those it was started with (``lacy_stream.run_directory.FIXED_ON_RESUME``)."""
+    those it was started with (``lacy_stream.trainer.run_directory.FIXED_ON_RESUME``)."""
 
 
 @dataclass
@@ -169,9 +166,6 @@ class JobConfig:
 
 # Values that are checked beyond their type: (section, key) -> allowed choices or (low, high) bounds.
 _CHOICES = {
-    ("model", "preset"): tuple(PRESETS),
-    ("loss", "method"): tuple(METHODS),
-    ("loss", "implementation"): IMPLEMENTATIONS,
     ("optimizer", "schedule"): ("constant", "cosine"),
     ("train", "dtype"): ("auto", "bf16", "fp32"),
 }
@@ -203,22 +197,6 @@ def validate(config: JobConfig) -> None:
                 raise ConfigError(f"{name}: must be in [0, 1), got {value!r}")
             if key in _CLOSED_FRACTIONS and not 0 <= value <= 1:
                 raise ConfigError(f"{name}: must be in [0, 1], got {value!r}")
-    _check_reference(config.loss)
-
-
-def _check_reference(loss: LossConfig) -> None:
-    needs_reference = METHODS[loss.method].needs_reference
-    if needs_reference and not loss.reference:
-        raise ConfigError(
-            f"loss.method {loss.method!r} selects by a reference model's loss: set loss.reference to its run "
-            "directory, checkpoint or Hugging Face export (e.g. a baseline run on the same tokenizer)"
-        )
-    if loss.reference and not needs_reference:
-        users = ", ".join(name for name, method in METHODS.items() if method.needs_reference)
-        raise ConfigError(
-            f"loss.reference is set but unused by loss.method {loss.method!r} (only {users} use a reference); "
-            "remove it"
-        )
 
 
 def load_job_config(path: str | Path | None = None, overrides: list[str] = ()) -> JobConfig:

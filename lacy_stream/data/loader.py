@@ -44,20 +44,15 @@ from ..annotate.label_cache import (
     REFERENCE_CACHE_COLUMNS,
     LabelCache,
     default_cache_dir,
-)
-from ..annotate.labeling import (
-    DocumentLabeler,
-    Labels,
-    TokenScorer,
-    build_annotator,
     file_digest,
-    student_path,
 )
+from ..annotate.labeling import DocumentLabeler, Labels, TokenScorer, build_annotator, student_path
 from ..annotate.spacy_pipeline import resolve_model
 from ..config.job_config import AnnotationConfig, DataConfig
 from ..shards.documents import MAX_SKIP_RATIO, Document, ReadStats, TooManySkipsError
 from ..shards.shard_reader import read_shard
-from ..shards.urls import StreamOptions, expand_shard_spec
+from ..shards.specs import expand_shard_spec
+from ..shards.streams import StreamOptions
 from ..tokenizer import Tokenizer
 from .packing import COLUMNS, WindowPacker, document_columns
 

@@ -33,7 +33,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from ..annotate.labeling import file_digest
+from ..annotate.label_cache import file_digest
 from ..config.job_config import AnnotationConfig, DataConfig
 from ..data.loader import TokenLoader
 from ..inference.loading import LacyModel, load_lacy

@@ -1,9 +1,9 @@
 """Held-out documents for the evaluations that score text, and their packing into windows.
 
 Held-out text comes either as a record file (``.jsonl``, ``.jsonl.zst``, ``.parquet`` or ``hf:NAME`` with
-a ``text`` field per record, like ``dwiki-dev.jsonl``) or as shards (any shard spec the trainer accepts).
-Both are read with the readers that build and stream training data, so held-out text is decoded, validated
-and skipped exactly as training text is.
+a ``text`` field per record, like ``dwiki-dev.jsonl``) or as shards (any shard spec the trainer accepts), read
+by :func:`lacy_stream.shards.sources.read_documents`, so held-out text is decoded, validated and skipped exactly
+as training text is.
 
 Packing follows training (:mod:`lacy_stream.data.packing`): documents back to back with EOS between them,
 cut into windows of ``seq_len + 1`` tokens. The stream also starts with an EOS, so that the first token
@@ -12,39 +12,19 @@ of every document is predicted from a document boundary, as it is for every late
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from dataclasses import dataclass
 from itertools import islice
 
 import torch
 from torch import Tensor
 
-from ..shards.documents import ReadStats
-from ..shards.make_shards import FieldNames, iter_source_records
-from ..shards.shard_reader import read_shard
-from ..shards.urls import expand_shard_spec
-
-RECORD_FILE_SUFFIXES = (".jsonl", ".jsonl.zst", ".parquet")
+from ..shards.sources import read_documents
 
 
 def read_heldout_texts(source: str, *, limit: int | None = None) -> list[str]:
     """The texts of the first ``limit`` (all when None) documents of ``source``."""
-    return list(islice(_iter_texts(source), limit))
-
-
-def _iter_texts(source: str) -> Iterator[str]:
-    stats = ReadStats()
-    if source.startswith("hf:") or source.lower().endswith(RECORD_FILE_SUFFIXES):
-        for record in iter_source_records(source, FieldNames(), stats):
-            yield record["text"]
-        return
-    parts: list[str] = []
-    for shard, url in enumerate(expand_shard_spec(source)):
-        for document in read_shard(url, shard, stats):
-            parts.append(document.text)  # the reader cuts huge documents into parts; join them again
-            if document.is_last_part:
-                yield "".join(parts)
-                parts = []
+    return [document["text"] for document in islice(read_documents(source), limit)]
 
 
 @dataclass

@@ -6,26 +6,22 @@ from __future__ import annotations
 import argparse
 import os
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import torch
 
 from ..inference.call_policy import POLICY_NAMES
 from ..inference.generate import MAX_NEW_TOKENS
 from .chat_endpoint import API_KEY_ENVIRONMENT_VARIABLE
-
-if TYPE_CHECKING:
-    from .report import EvalConfig
-
-SECTIONS = ("validation", "nlu", "lm_eval", "acceptability", "fact_leakage", "factscore", "generation_throughput")
-DEFAULT_SECTIONS = tuple(name for name in SECTIONS if name != "lm_eval")
-PAPER_CALL_RATIO = 0.15
-"""Share of tokens in the validation call mask (Appendix A.4.3), the train-time call ratio."""
-PAPER_ACCEPTABILITY_DOCUMENTS = 112  # Sec. 3: one validation batch of 112 documents
-DEFAULT_POLICY = "calibrated"
-DEFAULT_CALL_RATE = 0.15
-"""As ``lacy-stream generate``. The paper's 15% target realised about 22% calls (Appendix A.5); the
-calibrated policy realises its target, so 0.22 gives the paper's call budget."""
+from .config import (
+    DEFAULT_CALL_RATE,
+    DEFAULT_POLICY,
+    DEFAULT_SECTIONS,
+    PAPER_ACCEPTABILITY_DOCUMENTS,
+    PAPER_CALL_RATIO,
+    SECTIONS,
+    EvalConfig,
+    EvalInputs,
+)
 
 
 def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
@@ -107,7 +103,6 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
 def config_from_arguments(args: argparse.Namespace) -> EvalConfig:
     """The typed evaluation config of ``lacy-stream eval``'s arguments."""
     from .chat_endpoint import ChatEndpoint
-    from .report import EvalConfig, EvalInputs
 
     if bool(args.judge_url) != bool(args.judge_model):
         raise ValueError("a judge needs both --judge-url and --judge-model")

@@ -21,7 +21,7 @@ from torch import Tensor
 
 from ..inference.loading import LacyModel
 from ..loss import logit_stats_of
-from ..model import Transformer
+from ..models.gpt2 import Transformer
 from ..tokenizer import Tokenizer
 
 

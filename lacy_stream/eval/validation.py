@@ -30,10 +30,10 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import Tensor
 
-from ..annotate.labeling import file_digest
+from ..annotate.label_cache import file_digest
 from ..inference.loading import LacyModel
 from .heldout import pack_windows
-from .options import PAPER_CALL_RATIO
+from .config import PAPER_CALL_RATIO
 from .scoring import TokenStatistics, token_statistics
 
 

@@ -24,7 +24,7 @@ from typing import Any, Protocol
 
 import torch
 
-from ..model import KVCache, Transformer
+from ..models.gpt2 import KVCache, Transformer
 from ..tokenizer import Tokenizer
 from .call_policy import CallPolicy, without_call
 

@@ -29,8 +29,8 @@ from ..checkpoint import (
     reading_checkpoint,
     single_process_quietly,
 )
-from ..export import SENTENCEPIECE_FILE, WEIGHTS_FILE, state_dict_from_gpt2
-from ..model import ModelArgs, Transformer, model_args
+from ..models.hf_export import SENTENCEPIECE_FILE, WEIGHTS_FILE, state_dict_from_gpt2
+from ..models.gpt2 import ModelArgs, Transformer, model_args
 from ..tokenizer import Tokenizer
 
 HF_ACTIVATIONS = ("gelu_pytorch_tanh", "gelu_new")  # both are GPT-2's tanh GELU, which our MLP computes

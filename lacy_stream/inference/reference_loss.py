@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..annotate.labeling import file_digest
+from ..annotate.label_cache import file_digest
 from ..loss.lacy_loss import logit_stats
 from .loading import check_loadable, load_lacy, tokenizer_path_of
 

@@ -27,7 +27,9 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from ..config.job_config import ConfigError, LossConfig
 from ..labels import JUDGE_CALL, TokenClass, TokenLabels
+from .implementation import IMPLEMENTATIONS
 
 
 @dataclass
@@ -193,6 +195,26 @@ def methods_table() -> str:
         needs = ", ".join(sorted(method.needs)) or "—"
         rows.append(f"| `{method.name}` | {method.call_mask} | {method.ignore_mask} | {needs} |")
     return "\n".join(rows)
+
+
+def check_loss_config(loss: LossConfig) -> None:
+    """The ``[loss]`` section's method, implementation and reference, as this package knows them."""
+    if loss.method not in METHODS:
+        raise ConfigError(f"loss.method: {loss.method!r} is not one of {', '.join(METHODS)}")
+    if loss.implementation not in IMPLEMENTATIONS:
+        raise ConfigError(f"loss.implementation: {loss.implementation!r} is not one of {', '.join(IMPLEMENTATIONS)}")
+    needs_reference = METHODS[loss.method].needs_reference
+    if needs_reference and not loss.reference:
+        raise ConfigError(
+            f"loss.method {loss.method!r} selects by a reference model's loss: set loss.reference to its run "
+            "directory, checkpoint or Hugging Face export (e.g. a baseline run on the same tokenizer)"
+        )
+    if loss.reference and not needs_reference:
+        users = ", ".join(name for name, method in METHODS.items() if method.needs_reference)
+        raise ConfigError(
+            f"loss.reference is set but unused by loss.method {loss.method!r} (only {users} use a reference); "
+            "remove it"
+        )
 
 
 def select_masks(

@@ -13,6 +13,8 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Iterator
 
+from ..config.job_config import DataConfig
+
 log = logging.getLogger(__name__)
 
 # Boundaries tried in order when a document must be split; each pattern matches the separator that ends a
@@ -34,9 +36,9 @@ DOCUMENT_SKIP_REASONS = (
 REPAIR_REASONS = ("lone_surrogate",)
 """Repairs: the document is kept, the repair counted."""
 _NEVER_OPENED = ("unreachable_shard", "host_unreachable")
-_LONE_SURROGATE = re.compile("[\ud800-\udfff]")  # decoders join valid pairs, so any left is unpaired
+LONE_SURROGATE = re.compile("[\ud800-\udfff]")  # decoders join valid pairs, so any left is unpaired
 
-MAX_SKIP_RATIO = 1.0
+MAX_SKIP_RATIO = DataConfig.max_skip_ratio
 """Default of ``max_skip_ratio``: a read fails only when it skipped everything."""
 SKIP_WARNING_RATIO = 0.05
 """A read that skipped more than this share of its shards or documents ends with a warning."""
@@ -157,10 +159,10 @@ def repair_lone_surrogates(values: list[object], where: str, stats: ReadStats) -
     UTF-8 cannot hold a lone surrogate (from a JSON ``"\\ud800"`` escape, or a tar member name that is not
     UTF-8), so a string with one would fail whatever writes it out later. Other values are kept as they are.
     """
-    if not any(isinstance(value, str) and _LONE_SURROGATE.search(value) for value in values):
+    if not any(isinstance(value, str) and LONE_SURROGATE.search(value) for value in values):
         return values
     stats.repair("lone_surrogate", where)
-    return [_LONE_SURROGATE.sub("\ufffd", value) if isinstance(value, str) else value for value in values]
+    return [LONE_SURROGATE.sub("\ufffd", value) if isinstance(value, str) else value for value in values]
 
 
 def split_text(text: str, max_chars: int) -> list[str]:

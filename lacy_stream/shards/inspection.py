@@ -7,7 +7,7 @@ import time
 from ..tokenizer import Tokenizer
 from .documents import ReadStats
 from .shard_reader import read_shard
-from .urls import StreamOptions
+from .streams import StreamOptions
 
 
 def inspect_shards(

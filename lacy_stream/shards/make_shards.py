@@ -39,16 +39,10 @@ import zstandard
 
 from ..atomic import replace_directory, staging_directory
 from .demo_corpus import DEMO_SOURCE, iter_demo_documents
-from .documents import MAX_SKIP_RATIO, ReadStats
+from .documents import LONE_SURROGATE, MAX_SKIP_RATIO, ReadStats, repair_lone_surrogates
 from .shard_reader import LABELS_MEMBER
-from .urls import (
-    MANIFEST_FORMAT,
-    MANIFEST_NAME,
-    MANIFEST_VERSION,
-    ShardOpenError,
-    TruncatedStreamError,
-    open_shard,
-)
+from .specs import MANIFEST_FORMAT, MANIFEST_NAME, MANIFEST_VERSION
+from .streams import ShardOpenError, TruncatedStreamError, open_shard
 
 log = logging.getLogger(__name__)
 
@@ -61,7 +55,6 @@ _PARQUET_BATCH_ROWS = 1024
 _KEY_DIGITS = 9
 _HF_DEFAULT_SPLIT = "train"
 _UTF8_BOM = b"\xef\xbb\xbf"
-_LONE_SURROGATE = re.compile("[\ud800-\udfff]")  # json.loads joins valid pairs, so any left is unpaired
 
 
 class ShardInputError(ValueError):
@@ -264,7 +257,7 @@ def record_from_object(obj: object, where: str, fields: FieldNames, skips: ReadS
     if not text.strip():
         skips.skip("empty_document", where)
         return None
-    if len(_LONE_SURROGATE.findall(text)) > len(text) / 2:
+    if len(LONE_SURROGATE.findall(text)) > len(text) / 2:
         skips.skip("invalid_utf8", where, detail="mostly lone surrogates")
         return None
     annotated_text = obj.get("annotated_text")
@@ -277,12 +270,7 @@ def record_from_object(obj: object, where: str, fields: FieldNames, skips: ReadS
     doc_id = obj.get(fields.id)
     if doc_id is not None and not isinstance(doc_id, (str, int, float)):
         doc_id = str(doc_id)
-    if any(isinstance(value, str) and _LONE_SURROGATE.search(value) for value in (text, title, annotated_text, doc_id)):
-        text, title, annotated_text, doc_id = (
-            _LONE_SURROGATE.sub("\ufffd", value) if isinstance(value, str) else value
-            for value in (text, title, annotated_text, doc_id)
-        )
-        skips.repair("lone_surrogate", where)
+    text, title, annotated_text, doc_id = repair_lone_surrogates([text, title, annotated_text, doc_id], where, skips)
     record = {"id": doc_id, "title": title, "text": text}
     if annotated_text is not None:
         record["annotated_text"] = annotated_text

@@ -20,13 +20,7 @@ import tarfile
 from typing import BinaryIO, Iterator
 
 from .documents import Document, ReadStats, repair_lone_surrogates, split_document
-from .urls import (
-    HostUnreachableError,
-    ShardOpenError,
-    StreamOptions,
-    TruncatedStreamError,
-    open_shard,
-)
+from .streams import HostUnreachableError, ShardOpenError, StreamOptions, TruncatedStreamError, open_shard
 
 TEXT_MEMBER = "txt"
 META_MEMBER = "json"

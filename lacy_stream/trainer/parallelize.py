@@ -30,11 +30,11 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.utils.checkpoint import checkpoint
 
-from .config.job_config import LossConfig
-from .distributed import is_distributed, world_size
-from .labels import TokenLabels
-from .loss.lacy_loss import LossOutput, lacy_loss
-from .model import Transformer
+from ..config.job_config import LossConfig
+from ..distributed import is_distributed, world_size
+from ..labels import TokenLabels
+from ..loss.lacy_loss import LossOutput, lacy_loss
+from ..models.gpt2 import Transformer
 
 
 class TrainingModule(nn.Module):

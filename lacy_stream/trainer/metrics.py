@@ -6,7 +6,7 @@ The trainer logs one dict per logging step (losses, CALL/fact ratios, throughput
 after dropping what the interrupted run logged past the checkpoint it resumes from, so that every step
 appears once.
 ``StepTimer`` splits step time into time blocked on the dataloader and the rest, and ``mfu`` turns the
-measured throughput into model FLOPs utilisation using ``lacy_stream.model.flops_per_token``.
+measured throughput into model FLOPs utilisation using ``lacy_stream.models.gpt2.flops_per_token``.
 """
 
 from __future__ import annotations

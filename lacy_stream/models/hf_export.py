@@ -4,7 +4,7 @@
 load offline: ``config.json``, ``generation_config.json``, ``model.safetensors`` and the tokenizer files,
 plus ``sentencepiece.model`` (our tokenizer, which ``lacy_stream.inference.loading`` reads back).
 
-Model. ``lacy_stream.model.Transformer`` is GPT-2 layer for layer (pre-LayerNorm blocks, learned positions,
+Model. ``lacy_stream.models.gpt2.Transformer`` is GPT-2 layer for layer (pre-LayerNorm blocks, learned positions,
 biases everywhere, tied output), so only names and layouts change:
 
     tok_embeddings / pos_embeddings      -> transformer.wte / transformer.wpe
@@ -53,7 +53,7 @@ from torch import nn
 from transformers import AutoTokenizer, GenerationConfig, GPT2Config, PreTrainedTokenizerFast
 
 from lacy_stream.atomic import replace_directory, staging_directory
-from lacy_stream.model import ModelArgs, Transformer
+from lacy_stream.models.gpt2 import ModelArgs, Transformer
 from lacy_stream.tokenizer import CALL_TOKEN, Tokenizer
 
 WEIGHTS_FILE = "model.safetensors"

@@ -146,7 +146,7 @@ def preset_batches(scale: Scale) -> dict[str, tuple[int, int]]:
     """``scale.batches``, or for the GPU the micro-batch and global batch of each preset's shipped run config."""
     if scale.batches:
         return scale.batches
-    from .config.job_config import load_job_config
+    from ..config.job_config import load_job_config
 
     batches = {}
     for preset in scale.presets:
@@ -321,7 +321,7 @@ def kernel_correctness(section: Section, scale: Scale) -> dict[str, Any]:
 
 
 def kernel_speed(section: Section, scale: Scale, dry_run: bool) -> dict[str, Any]:
-    from .bench import LOSS_CASES, loss_case_unavailable, measure_loss_case, with_floor_ratios
+    from .loss import LOSS_CASES, loss_case_unavailable, measure_loss_case, with_floor_ratios
 
     rows = []
     for tokens in scale.speed_tokens:
@@ -429,8 +429,8 @@ def keep_up(section: Section, scale: Scale, work: Path, corpus: str | None, trai
     """Tokens/s per core of the spaCy path and of a student labeler (distilled here from spaCy on the training
     corpus, briefly: its speed, not its quality, is measured), and the worker cores each needs to feed one GPU
     at the throughput the training section measured per preset."""
-    from .annotate.distill import distill
-    from .bench_annotation import bench_annotate
+    from ..annotate.distill import distill
+    from .annotation import bench_annotate
 
     if missing_training_packages():
         raise Skip("the training packages are missing (see the training section)")
@@ -532,7 +532,7 @@ def _loss_inputs(tokens: int, hidden_size: int, vocab: int, logit_scale: float, 
     90% valid targets, 15% calls."""
     import torch
 
-    from .bench import VOCAB_MULTIPLE
+    from .loss import VOCAB_MULTIPLE
 
     generator = torch.Generator().manual_seed(0)
     hidden = torch.randn(tokens, hidden_size, generator=generator, dtype=torch.float64)
@@ -546,8 +546,8 @@ def _loss_inputs(tokens: int, hidden_size: int, vocab: int, logit_scale: float, 
 
 
 def _loss_and_grads(implementation: str, hidden, weight, targets, valid, calls, vocab: int) -> tuple:
-    from .labels import TokenLabels
-    from .loss import lacy_loss
+    from ..labels import TokenLabels
+    from ..loss import lacy_loss
 
     hidden = hidden.detach().clone().requires_grad_(True)
     weight = weight.detach().clone().requires_grad_(True)
@@ -608,8 +608,8 @@ def _speed_targets(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
 def _training_data(work: Path, scale: Scale, corpus: str | None) -> tuple[Path, Path, Path]:
     """Shards, a tokenizer and the jsonl corpus they come from, in ``work`` (built once): from ``corpus`` or
     generated text; the tokenizer is padded to ``PADDED_PIECES`` pieces on the GPU."""
-    from .shards.make_shards import make_shards
-    from .tokenizer import train_tokenizer
+    from ..shards.make_shards import make_shards
+    from ..tokenizer import train_tokenizer
 
     shards, tokenizer = work / "shards", work / "tokenizer.model"
     corpus_path = Path(corpus) if corpus is not None else work / "corpus.jsonl"
@@ -723,8 +723,8 @@ def _training_process(overrides: list[str], result_file: str, profile: bool) -> 
     faulthandler.register(signal.SIGUSR1, all_threads=True)
     import torch
 
-    from .config.job_config import load_job_config
-    from .train import train
+    from ..config.job_config import load_job_config
+    from ..trainer.train import train
 
     config = load_job_config(None, overrides)
     result: dict[str, Any] = {"peak_memory_gib": None}

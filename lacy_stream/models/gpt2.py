@@ -22,6 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..config.job_config import ConfigError, ModelConfig
+
 INIT_STD = 0.02
 
 
@@ -62,6 +64,12 @@ PRESETS: dict[str, ModelArgs] = {
     "334m": ModelArgs(dim=1024, n_heads=16, n_layers=24),
     "1.3b": ModelArgs(dim=2048, n_heads=16, n_layers=24),
 }
+
+
+def check_model_config(model: ModelConfig) -> None:
+    """The ``[model]`` section's preset, as this module knows them."""
+    if model.preset not in PRESETS:
+        raise ConfigError(f"model.preset: {model.preset!r} is not one of {', '.join(PRESETS)}")
 
 
 def model_args(preset: str, **overrides: int | float) -> ModelArgs:

@@ -26,6 +26,7 @@ import statistics
 import tempfile
 import time
 from contextlib import contextmanager
+from itertools import islice
 from pathlib import Path
 from typing import Iterator
 
@@ -33,22 +34,24 @@ import numpy as np
 import torch
 from spacy.language import Language
 
-from .annotate.alignment import warm_up as warm_up_alignment
-from .annotate.annotation import FactAnnotator
-from .annotate.distill import agreement, split_held_out
-from .annotate.label_cache import LabelCache
-from .annotate.labeling import DocumentLabeler, student_path
-from .annotate.spacy_pipeline import load_pipeline
-from .annotate.student_labeler import StudentAnnotator
-from .config.job_config import AnnotationConfig
-from .data.loader import TokenLoader
-from .data.packing import WindowPacker, document_columns, split_doc_uid
-from .labels import JUDGE_CALL, TokenClass
-from .shards.documents import ReadStats
-from .shards.make_shards import make_shards
-from .shards.shard_reader import read_shard
-from .shards.urls import StreamOptions, expand_shard_spec
-from .tokenizer import Tokenizer
+from ..annotate.alignment import warm_up as warm_up_alignment
+from ..annotate.annotation import FactAnnotator
+from ..annotate.distill import agreement, split_held_out
+from ..annotate.label_cache import LabelCache
+from ..annotate.labeling import DocumentLabeler, student_path
+from ..annotate.spacy_pipeline import load_pipeline
+from ..annotate.student_labeler import StudentAnnotator
+from ..config.job_config import AnnotationConfig
+from ..data.loader import TokenLoader
+from ..data.packing import WindowPacker, document_columns, split_doc_uid
+from ..labels import JUDGE_CALL, TokenClass
+from ..shards.documents import ReadStats
+from ..shards.make_shards import make_shards
+from ..shards.shard_reader import read_shard
+from ..shards.sources import read_documents
+from ..shards.specs import expand_shard_spec
+from ..shards.streams import StreamOptions
+from ..tokenizer import Tokenizer
 
 
 @contextmanager
@@ -61,29 +64,6 @@ def one_core() -> Iterator[None]:
     finally:
         os.sched_setaffinity(0, allowed)
         torch.set_num_threads(threads)
-
-
-def collect_documents(source: str, max_docs: int, options: StreamOptions) -> list[dict]:
-    """Up to ``max_docs`` documents (id, text, annotated_text when present) from a jsonl file or shard URLs."""
-    documents = []
-    if source.endswith(".jsonl"):
-        with open(source, encoding="utf-8") as lines:
-            for line in lines:
-                if len(documents) == max_docs:
-                    break
-                record = json.loads(line)
-                documents.append({key: record[key] for key in ("id", "text", "annotated_text") if key in record})
-        return documents
-    stats = ReadStats()
-    for shard, url in enumerate(expand_shard_spec(source, options)):
-        for doc in read_shard(url, shard, stats, options=options, max_doc_chars=math.inf):
-            if len(documents) == max_docs:
-                return documents
-            record = {"id": doc.meta.get("id", doc.key), "text": doc.text}
-            if "annotated_text" in doc.meta:
-                record["annotated_text"] = doc.meta["annotated_text"]
-            documents.append(record)
-    return documents
 
 
 def bench_annotate(
@@ -99,7 +79,7 @@ def bench_annotate(
     options: StreamOptions = StreamOptions(),
     labeler: str = "spacy",
 ) -> dict:
-    documents = collect_documents(source, max_docs, options)
+    documents = list(islice(read_documents(source, options=options), max_docs))
     student = None
     if student_path(labeler):
         student = StudentAnnotator.load(student_path(labeler), Tokenizer(tokenizer_path))

@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 from types import TracebackType
 
-from .config.job_config import ConfigError, JobConfig
+from ..config.job_config import ConfigError, JobConfig
 
 CONFIG_FILE = "config.json"
 HISTORY_FILE = "config-history.jsonl"

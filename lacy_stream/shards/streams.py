@@ -1,21 +1,15 @@
-"""Shard URL specs and opening one shard as a stream of tar bytes.
+"""Opening one shard URL as a stream of tar bytes: local files, ``file:`` and ``http(s)://`` URLs (resumable, with
+retries, a per-read timeout and a per-request deadline), ``pipe:COMMAND`` sources, zstd decompressed on the fly.
 
-A shard spec is what users pass as ``--data.shards``: local paths, ``file:`` URLs, ``http(s)://`` URLs and
-``pipe:COMMAND`` sources, with brace expansion (``wiki-{000000..000127}.tar``), several specs joined by ``::``
-or given as a list, and shard directories (or their ``manifest.json``, also over http) that expand to the
-shards their manifest lists.
+Errors:
 
-Errors, by where they come from:
-
-* ``expand_shard_spec`` raises ``ValueError`` for a malformed spec or manifest and for a shard listed twice,
-  and ``ShardOpenError`` for what it cannot read or is not allowed to run (a directory without manifest, an
-  unreachable manifest URL, a ``pipe:`` source without ``allow_pipe``, an unsupported URL scheme).
 * ``open_shard`` raises ``ShardOpenError`` when the shard cannot be opened at all (nothing was read), and
   its subclass ``HostUnreachableError`` without trying when the shard's host is considered down: after
   ``host_failure_limit`` shards in a row on one host could not connect (each after its retries), the
   host's remaining shards fail at once for ``HOST_RETRY_AFTER_S`` seconds, then one shard tries again.
   An http request that waits longer than ``deadline_s`` for the server in all is cut off and counts as a
-  timeout (retried, then ``ShardOpenError``).
+  timeout (retried, then ``ShardOpenError``); ``PipeNotAllowedError`` for a ``pipe:`` source without
+  ``allow_pipe``, and ``ShardOpenError`` for an unsupported URL scheme.
 * Reading the returned stream raises ``TruncatedStreamError`` when the shard ends early: a zstd stream that
   ends inside a frame, an http body that stays short after the allowed resumes, a pipe command that exits
   with a non-zero status. Corrupt zstd data is reported the same way: the bytes delivered before the error
@@ -26,7 +20,6 @@ Errors, by where they come from:
 from __future__ import annotations
 
 import io
-import json
 import logging
 import os
 import re
@@ -35,32 +28,28 @@ import socket
 import subprocess
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, BinaryIO, cast
-from urllib.parse import quote, urljoin, urlsplit
+from urllib.parse import urlsplit
 from urllib.request import pathname2url, url2pathname
 
 import requests
 import requests.adapters
 import urllib3
 import zstandard
-from braceexpand import UnbalancedBracesError, braceexpand
+
+from ..config.job_config import DataConfig
 
 if TYPE_CHECKING:
     from _typeshed import WriteableBuffer
 
 log = logging.getLogger(__name__)
 
-MANIFEST_NAME = "manifest.json"
-MANIFEST_FORMAT = "lacy-stream-shards"
-MANIFEST_VERSION = 1
-
-_SPEC_SEPARATOR = "::"
-_PIPE_PREFIX = "pipe:"
-_HTTP_PREFIXES = ("http://", "https://")
-_FILE_PREFIX = "file:"
+PIPE_PREFIX = "pipe:"
+HTTP_PREFIXES = ("http://", "https://")
+FILE_PREFIX = "file:"
 _URL_SCHEME = re.compile(r"^([a-zA-Z][a-zA-Z0-9+.-]*)://")
 _ZSTD_SUFFIXES = (".zst", ".zstd")
 _ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
@@ -77,13 +66,15 @@ _BUFFER_SIZE = 1 << 20
 
 @dataclass(frozen=True)
 class StreamOptions:
-    timeout_s: float = 30.0
+    """How shard URLs are opened; the defaults are the job config's (``DataConfig``)."""
+
+    timeout_s: float = DataConfig.http_timeout_s
     """Connect and read timeout of every http request (each socket read, not the whole download)."""
-    deadline_s: float = 600.0
+    deadline_s: float = DataConfig.http_deadline_s
     """How long one http request (the first, a retry or a resume) may wait for the server in all: connecting,
     the answer and every read of its body, not the time the reader spends between reads. A request past it
     is cut off and handled as a timeout: retried or resumed within ``retries``, then the shard fails."""
-    retries: int = 3
+    retries: int = DataConfig.http_retries
     """Retries after the first attempt on connection errors, timeouts, 5xx, 408 and 429; also how many
     times a dropped http body is resumed."""
     retry_backoff_s: float = 1.0
@@ -125,34 +116,6 @@ class TruncatedStreamError(OSError):
     Content-Length that could not be resumed, a pipe command with a non-zero exit status."""
 
 
-def expand_shard_spec(spec: str | Sequence[str], options: StreamOptions = StreamOptions()) -> list[str]:
-    """Expands a shard spec into the list of shard URLs, in the order given.
-
-    Plain paths and URLs stay as written (after ``~`` expansion of local paths); shard directories and
-    ``manifest.json`` files or URLs become the shards their manifest lists, joined to the manifest's
-    location in the same notation. A shard that appears twice (under any spelling that names the same
-    file) is an error, since its documents would be read twice.
-    """
-    urls: list[str] = []
-    first_spelling: dict[str, str] = {}
-    for pattern in _split_spec(spec):
-        try:
-            expanded = list(braceexpand(pattern))
-        except UnbalancedBracesError as error:
-            raise ValueError(f"shard spec {pattern!r}: {error}") from error
-        for item in expanded:
-            for url in _expand_item(item, options):
-                identity = _shard_identity(url)
-                if identity in first_spelling:
-                    also = "" if first_spelling[identity] == url else f" (also as {first_spelling[identity]!r})"
-                    raise ValueError(
-                        f"shard {url!r} appears twice in the shard spec{also}; its documents would be read twice"
-                    )
-                first_spelling[identity] = url
-                urls.append(url)
-    return urls
-
-
 def open_shard(url: str, options: StreamOptions = StreamOptions()) -> BinaryIO:
     """Opens one shard URL (as returned by ``expand_shard_spec``) for reading its tar bytes.
 
@@ -165,18 +128,18 @@ def open_shard(url: str, options: StreamOptions = StreamOptions()) -> BinaryIO:
 
 
 def _open(url: str, options: StreamOptions) -> io.BufferedReader:
-    if url.startswith(_PIPE_PREFIX):
-        _require_pipe_allowed(url, options)
-        command_output = _buffered(_PipeOutput(url[len(_PIPE_PREFIX) :]))
+    if url.startswith(PIPE_PREFIX):
+        require_pipe_allowed(url, options)
+        command_output = _buffered(_PipeOutput(url[len(PIPE_PREFIX) :]))
         return _buffered(_ZstdReader(url, command_output, only_if_zstd=True))
-    if url.startswith(_HTTP_PREFIXES):
+    if url.startswith(HTTP_PREFIXES):
         source = _buffered(_HttpBody(url, options))
         name = urlsplit(url).path
-    elif url.startswith(_FILE_PREFIX):
-        source = _open_local_file(_file_url_path(url))
+    elif url.startswith(FILE_PREFIX):
+        source = _open_local_file(file_url_path(url))
         name = urlsplit(url).path
     else:
-        _reject_unsupported_scheme(url)
+        reject_unsupported_scheme(url)
         source = _open_local_file(os.path.expanduser(url))
         name = url
     if name.lower().endswith(_ZSTD_SUFFIXES):
@@ -184,106 +147,14 @@ def _open(url: str, options: StreamOptions) -> io.BufferedReader:
     return source
 
 
-# --- spec expansion -----------------------------------------------------------------------------------
-
-
-def _split_spec(spec: str | Sequence[str]) -> list[str]:
-    specs = [spec] if isinstance(spec, str) else list(spec)
-    parts = [part.strip() for item in specs for part in item.split(_SPEC_SEPARATOR)]
-    if not parts:
-        raise ValueError("empty shard spec")
-    if not all(parts):
-        raise ValueError(f"shard spec {spec!r} has an empty part (check for a stray '::' or an empty entry)")
-    return parts
-
-
-def _expand_item(item: str, options: StreamOptions) -> list[str]:
-    if item.startswith(_PIPE_PREFIX):
-        _require_pipe_allowed(item, options)
-        return [item]
-    if item.startswith(_HTTP_PREFIXES):
-        if urlsplit(item).path.endswith("/" + MANIFEST_NAME):
-            return _expand_http_manifest(item, options)
-        return [item]
-    if item.startswith(_FILE_PREFIX):
-        return _expand_local(_file_url_path(item), as_written=item, to_url=_path_to_file_url)
-    _reject_unsupported_scheme(item)
-    path = os.path.expanduser(item)
-    return _expand_local(path, as_written=path, to_url=lambda shard_path: shard_path)
-
-
-def _expand_local(path: str, as_written: str, to_url: Callable[[str], str]) -> list[str]:
-    """Expands a local directory or manifest file into its shards; any other path is a shard itself."""
-    if os.path.isdir(path):
-        manifest_path = os.path.join(path, MANIFEST_NAME)
-        if not os.path.isfile(manifest_path):
-            raise ShardOpenError(
-                f"{as_written} is a directory without {MANIFEST_NAME}; shard directories are written by "
-                f"`lacy-stream make-shards`, or name the shards with a brace pattern "
-                f"(e.g. {os.path.join(path, 'name-{000000..000009}.tar')})"
-            )
-    elif os.path.basename(path) == MANIFEST_NAME and os.path.isfile(path):
-        manifest_path = path
-    else:
-        return [as_written]
-    try:
-        with open(manifest_path, "rb") as manifest_file:
-            manifest = manifest_file.read()
-    except OSError as error:
-        raise ShardOpenError(f"cannot read {manifest_path}: {error}") from error
-    directory = os.path.dirname(manifest_path)
-    return [to_url(os.path.join(directory, name)) for name in _manifest_shard_names(manifest, manifest_path)]
-
-
-def _expand_http_manifest(manifest_url: str, options: StreamOptions) -> list[str]:
-    with open_shard(manifest_url, options) as stream:
-        manifest = stream.read()
-    return [urljoin(manifest_url, quote(name)) for name in _manifest_shard_names(manifest, manifest_url)]
-
-
-def _manifest_shard_names(manifest_bytes: bytes, where: str) -> list[str]:
-    try:
-        manifest = json.loads(manifest_bytes)
-    except ValueError as error:
-        raise ValueError(f"{where}: not valid JSON: {error}") from error
-    if not isinstance(manifest, dict) or manifest.get("format") != MANIFEST_FORMAT:
-        raise ValueError(f'{where}: not a lacy-stream shard manifest (expected "format": "{MANIFEST_FORMAT}")')
-    if manifest.get("version") != MANIFEST_VERSION:
-        raise ValueError(
-            f"{where}: manifest version {manifest.get('version')!r} is not supported (expected {MANIFEST_VERSION})"
-        )
-    shards = manifest.get("shards")
-    if not isinstance(shards, list) or not shards:
-        raise ValueError(f"{where}: the manifest lists no shards")
-    names = []
-    for entry in shards:
-        name = entry.get("name") if isinstance(entry, dict) else None
-        if not isinstance(name, str) or not _is_name_inside_directory(name):
-            raise ValueError(f"{where}: bad shard entry {entry!r} (need a relative name inside the directory)")
-        names.append(name)
-    return names
-
-
-def _is_name_inside_directory(name: str) -> bool:
-    return bool(name) and not name.startswith("/") and "\\" not in name and ".." not in name.split("/")
-
-
-def _shard_identity(url: str) -> str:
-    """What two spellings of the same shard have in common: the real path of local files, else the URL."""
-    if url.startswith(_PIPE_PREFIX) or url.startswith(_HTTP_PREFIXES):
-        return url
-    path = _file_url_path(url) if url.startswith(_FILE_PREFIX) else url
-    return _FILE_PREFIX + os.path.realpath(path)
-
-
-def _require_pipe_allowed(url: str, options: StreamOptions) -> None:
+def require_pipe_allowed(url: str, options: StreamOptions) -> None:
     if not options.allow_pipe:
         raise PipeNotAllowedError(
             f"refusing to run shard source {url!r}: pipe: sources run shell commands and are off by default"
         )
 
 
-def _reject_unsupported_scheme(url: str) -> None:
+def reject_unsupported_scheme(url: str) -> None:
     match = _URL_SCHEME.match(url)
     if match:
         raise ShardOpenError(
@@ -292,18 +163,15 @@ def _reject_unsupported_scheme(url: str) -> None:
         )
 
 
-def _file_url_path(url: str) -> str:
+def file_url_path(url: str) -> str:
     parts = urlsplit(url)
     if parts.netloc not in ("", "localhost"):
         raise ShardOpenError(f"cannot open {url!r}: file: URLs on another host ({parts.netloc}) are not supported")
     return url2pathname(parts.path)
 
 
-def _path_to_file_url(path: str) -> str:
-    return ("file://" if os.path.isabs(path) else _FILE_PREFIX) + pathname2url(path)
-
-
-# --- opening shards -----------------------------------------------------------------------------------
+def path_to_file_url(path: str) -> str:
+    return ("file://" if os.path.isabs(path) else FILE_PREFIX) + pathname2url(path)
 
 
 def _buffered(raw: io.RawIOBase) -> io.BufferedReader:
@@ -755,7 +623,7 @@ class _PipeOutput(io.RawIOBase):
             )
         except OSError as error:
             super().close()
-            raise ShardOpenError(f"cannot run {_PIPE_PREFIX}{command}: {error}") from error
+            raise ShardOpenError(f"cannot run {PIPE_PREFIX}{command}: {error}") from error
         self._stdout = cast(io.FileIO, self._process.stdout)
 
     def readable(self) -> bool:
@@ -767,7 +635,7 @@ class _PipeOutput(io.RawIOBase):
             status = self._process.wait()
             if status != 0:
                 how = f"was killed by signal {-status}" if status < 0 else f"exited with status {status}"
-                raise TruncatedStreamError(f"{_PIPE_PREFIX}{self._command} {how}")
+                raise TruncatedStreamError(f"{PIPE_PREFIX}{self._command} {how}")
         return size or 0
 
     def close(self) -> None:

@@ -46,20 +46,22 @@ from torch.distributed.checkpoint.state_dict import (
 )
 from torch.distributed.tensor import DTensor
 
-from .checkpoint import CheckpointManager, capture_rng_state, restore_rng_state
-from .config.job_config import ConfigError, JobConfig, OptimizerConfig
-from .data.loader import TokenLoader
-from . import stop_signals
-from .distributed import host_group, init_distributed, rank, world_size
-from .export import export_hf
-from .inference.reference_loss import reference_scorer_factory
-from .labels import TokenClass, TokenLabels
-from .loss.lacy_loss import LossOutput
+from ..checkpoint import CheckpointManager, capture_rng_state, restore_rng_state
+from ..config.job_config import ConfigError, JobConfig
+from ..data.loader import TokenLoader
+from .. import stop_signals
+from ..distributed import host_group, init_distributed, rank, world_size
+from ..models.hf_export import export_hf
+from ..inference.reference_loss import reference_scorer_factory
+from ..labels import TokenClass, TokenLabels
+from ..loss.lacy_loss import LossOutput
+from ..loss.masks import check_loss_config
 from .metrics import MetricsLogger, StepTimer, mfu, peak_flops
-from .model import Transformer, flops_per_token, model_args
+from .optimizer import build_optimizer, lr_factor
+from ..models.gpt2 import Transformer, check_model_config, flops_per_token, model_args
 from .parallelize import TrainingModule, parallelize
 from .run_directory import RunLock, check_resume, record_config
-from .tokenizer import Tokenizer
+from ..tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -70,6 +72,7 @@ COUNTS = ("valid", "facts", "calls", "call_loss_sum", "learned", "learned_loss_s
 
 def train(config: JobConfig, *, on_step: Callable[[int], None] | None = None) -> dict[str, Any]:
     """Train as ``config`` says; returns a summary. ``on_step(step)`` runs after every optimizer step."""
+    check_config(config)
     sixteen_bits = compute_dtype(config.train.dtype, training_device()) != torch.float32
     with stop_signals.handled():
         owns_group = init_distributed(even_alone=sixteen_bits)
@@ -78,6 +81,12 @@ def train(config: JobConfig, *, on_step: Callable[[int], None] | None = None) ->
         finally:
             if owns_group:
                 dist.destroy_process_group()
+
+
+def check_config(config: JobConfig) -> None:
+    """What ``load_job_config`` leaves to the components: each checks the section it owns (``ConfigError``)."""
+    check_model_config(config.model)
+    check_loss_config(config.loss)
 
 
 def micro_batches_per_step(global_batch_tokens: int, ranks: int, batch_size: int, seq_len: int) -> int:
@@ -106,30 +115,6 @@ def compute_dtype(name: str, device: torch.device) -> torch.dtype:
     if name == "auto":
         return torch.bfloat16 if device.type == "cuda" else torch.float32
     return torch.bfloat16 if name == "bf16" else torch.float32
-
-
-def build_optimizer(module: torch.nn.Module, config: OptimizerConfig) -> torch.optim.AdamW:
-    """AdamW with weight decay on matrices and embeddings only (not on biases and LayerNorm weights).
-
-    Fused (one kernel for all parameters, step counts on the device), on CUDA and on the CPU alike: the
-    foreach implementation reads every step count back to the host.
-    """
-    parameters = [p for p in module.parameters() if p.requires_grad]
-    groups = [
-        {"params": [p for p in parameters if p.dim() >= 2], "weight_decay": config.weight_decay},
-        {"params": [p for p in parameters if p.dim() < 2], "weight_decay": 0.0},
-    ]
-    return torch.optim.AdamW(groups, lr=config.lr, betas=(config.beta1, config.beta2), eps=config.eps, fused=True)
-
-
-def lr_factor(step: int, config: OptimizerConfig, total_steps: int) -> float:
-    """Multiplier of the peak learning rate for the optimizer step after ``step`` completed steps."""
-    if step < config.warmup_steps:
-        return (step + 1) / config.warmup_steps
-    if config.schedule == "constant":
-        return 1.0
-    progress = min(1.0, (step - config.warmup_steps) / max(1, total_steps - config.warmup_steps))
-    return config.min_lr_ratio + (1 - config.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
 class _Trainer:
