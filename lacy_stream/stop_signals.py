@@ -13,7 +13,10 @@ leave that to it (a worker killed under the trainer would end the run with a tra
   wait for the checkpoint presses Ctrl-C twice.
 - :func:`restore_defaults` hands the signals back to their default action, acting on one that came in the
   meantime: commands other than training stop at once, as any program does.
-- :func:`ignore` is for dataloader workers: they ignore both, and end when the trainer ends them.
+- :func:`leave_to_the_main_process` is for dataloader workers: they ignore SIGINT, and a SIGTERM ends them only
+  after a grace period, long enough for the trainer to finish its step and save (it then ends them itself).
+  A worker must still end on a SIGTERM meant for it alone: multiprocessing sends one to the workers left at
+  the exit of a process that never shut its loader down (after an error), and waits for them.
 
 No torch import here: this module must load in milliseconds.
 """
@@ -64,9 +67,18 @@ def restore_defaults() -> None:
         os.kill(os.getpid(), _received.pop(0))
 
 
-def ignore() -> None:
-    for number in STOP_SIGNALS:
-        signal.signal(number, signal.SIG_IGN)
+WORKER_GRACE_S = 120
+"""How long a dataloader worker lives on after a SIGTERM."""
+
+
+def leave_to_the_main_process(grace_s: int = WORKER_GRACE_S) -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGALRM, signal.SIG_DFL)  # the alarm ends the worker (no handler inherited from the trainer)
+
+    def end_later(number: int, frame: FrameType | None) -> None:
+        signal.alarm(signal.alarm(0) or grace_s)  # the first SIGTERM's deadline holds
+
+    signal.signal(signal.SIGTERM, end_later)
 
 
 def name(number: int | None) -> str:

@@ -22,6 +22,7 @@ from pathlib import Path
 
 from lacy_stream.config.job_config import AnnotationConfig
 from lacy_stream.data.loader import TokenLoader
+from lacy_stream.markdown import markdown_table
 from lacy_stream.shards.documents import ReadStats
 from lacy_stream.shards.make_shards import make_shards
 from lacy_stream.shards.shard_reader import read_shard
@@ -111,12 +112,11 @@ def main() -> None:
         print(json.dumps(results))
         return
     print(f"corpus: {results['corpus']} ({results['documents']} documents, {results['shards']} shards)\n")
-    print("| read (1 process) | docs/s | text MB/s |\n|---|---|---|")
-    for name, row in results["read"].items():
-        print(f"| {name} | {row['docs_per_s']} | {row['text_mb_per_s']} |")
-    print(f"\n| loader (seq_len {args.seq_len}, batch 8) | tokens/s |\n|---|---|")
-    for name, row in results["loader"].items():
-        print(f"| {name} | {row['tokens_per_s']} |")
+    print(markdown_table(["read (1 process)", "docs/s", "text MB/s"],
+                         [[name, row["docs_per_s"], row["text_mb_per_s"]] for name, row in results["read"].items()]))
+    print()
+    print(markdown_table([f"loader (seq_len {args.seq_len}, batch 8)", "tokens/s"],
+                         [[name, row["tokens_per_s"]] for name, row in results["loader"].items()]))
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@ import pytest
 import spacy
 from spacy.tokens import Doc
 
+from helpers import SHARED_DIR
 from lacy_stream.annotate.annotation import (
     RULES_VERSION,
     FactAnnotator,
@@ -432,12 +433,9 @@ def test_annotate_input_of_nothing_usable_exits_65_without_a_traceback(tmp_path,
     assert not (tmp_path / "out.jsonl").exists() and not (tmp_path / ".out.jsonl.partial").exists()
 
 
+@pytest.mark.needs_shared
 def test_pruned_pipeline_gives_the_labels_of_the_full_pipeline(annotator):
-    from conftest import SHARED_DIR
-
     source = SHARED_DIR / "data" / "dwiki-dev.jsonl"
-    if not source.exists():
-        pytest.skip(f"{source} not found (set LACY_SHARED_DIR)")
     texts = [json.loads(line)["text"] for line in source.read_text().splitlines()[200:215]]
     full = FactAnnotator(prune=False)
     assert "lemmatizer" in full.nlp.pipe_names and "lemmatizer" not in annotator.nlp.pipe_names

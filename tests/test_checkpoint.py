@@ -9,54 +9,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from torch import nn
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
-from conftest import spawn_gloo
-from lacy_stream.checkpoint import CheckpointManager, SafeFileSystemReader, capture_rng_state, restore_rng_state
+from helpers import checkpoint_extra_state, spawn_gloo, toy_batches, toy_model, toy_train_step, toy_training
+from lacy_stream.checkpoint import CheckpointManager, SafeFileSystemReader, restore_rng_state
 
 # DCP warns that it saves "in a single process" whenever no process group is initialized.
 pytestmark = pytest.mark.filterwarnings("ignore:torch.distributed is disabled")
-
-STEPS = 6
-
-
-def make_model(seed: int) -> nn.Module:
-    torch.manual_seed(seed)
-    # Dropout makes the losses depend on the restored torch RNG state.
-    return nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Dropout(0.2), nn.Linear(16, 1))
-
-
-def make_training(seed: int) -> tuple[nn.Module, torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
-    model = make_model(seed)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0 / (1 + step))
-    return model, optimizer, scheduler
-
-
-def batches() -> list[tuple[torch.Tensor, torch.Tensor]]:
-    generator = torch.Generator().manual_seed(123)
-    return [(torch.randn(4, 8, generator=generator), torch.randn(4, 1, generator=generator)) for _ in range(STEPS)]
-
-
-def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, scheduler, batch) -> float:
-    inputs, targets = batch
-    loss = nn.functional.mse_loss(model(inputs), targets)
-    optimizer.zero_grad()
-    loss.backward()
-    optimizer.step()
-    scheduler.step()
-    return loss.item()
-
-
-def extra_state(step: int, scheduler) -> dict:
-    return {
-        "step": step,
-        "tokens_seen": 4096 * step,
-        "scheduler": scheduler.state_dict(),
-        "rng": capture_rng_state(),
-        "dataloader": {"shard": 3, "offsets": [7, 11], "epoch": 0, "name": "train"},
-    }
 
 
 def next_random_numbers() -> tuple:
@@ -64,15 +23,15 @@ def next_random_numbers() -> tuple:
 
 
 def test_round_trip_restores_model_optimizer_scheduler_rng_and_extra(tmp_path: Path) -> None:
-    model, optimizer, scheduler = make_training(seed=0)
-    for batch in batches()[:3]:
-        train_step(model, optimizer, scheduler, batch)
+    model, optimizer, scheduler = toy_training(seed=0)
+    for batch in toy_batches()[:3]:
+        toy_train_step(model, optimizer, scheduler, batch)
     manager = CheckpointManager(tmp_path)
-    extra = extra_state(3, scheduler)
+    extra = checkpoint_extra_state(3, scheduler)
     manager.save(3, model=model, optimizer=optimizer, extra=extra)
     expected_numbers = next_random_numbers()
 
-    restored_model, restored_optimizer, restored_scheduler = make_training(seed=1)
+    restored_model, restored_optimizer, restored_scheduler = toy_training(seed=1)
     restored_extra = manager.load(None, model=restored_model, optimizer=restored_optimizer)
     restored_scheduler.load_state_dict(restored_extra["scheduler"])
     restore_rng_state(restored_extra["rng"])
@@ -92,31 +51,31 @@ def test_round_trip_restores_model_optimizer_scheduler_rng_and_extra(tmp_path: P
 
 
 def test_resumed_training_matches_uninterrupted_run(tmp_path: Path) -> None:
-    data = batches()
-    model, optimizer, scheduler = make_training(seed=0)
-    uninterrupted = [train_step(model, optimizer, scheduler, batch) for batch in data]
+    data = toy_batches()
+    model, optimizer, scheduler = toy_training(seed=0)
+    uninterrupted = [toy_train_step(model, optimizer, scheduler, batch) for batch in data]
 
-    model, optimizer, scheduler = make_training(seed=0)
-    before = [train_step(model, optimizer, scheduler, batch) for batch in data[:3]]
+    model, optimizer, scheduler = toy_training(seed=0)
+    before = [toy_train_step(model, optimizer, scheduler, batch) for batch in data[:3]]
     manager = CheckpointManager(tmp_path)
-    manager.save(3, model=model, optimizer=optimizer, extra=extra_state(3, scheduler))
+    manager.save(3, model=model, optimizer=optimizer, extra=checkpoint_extra_state(3, scheduler))
     torch.rand(100)  # the crashed run moves on; the resumed one must not notice
 
-    model, optimizer, scheduler = make_training(seed=7)
+    model, optimizer, scheduler = toy_training(seed=7)
     extra = manager.load(None, model=model, optimizer=optimizer)
     scheduler.load_state_dict(extra["scheduler"])
     restore_rng_state(extra["rng"])
-    after = [train_step(model, optimizer, scheduler, batch) for batch in data[extra["step"] :]]
+    after = [toy_train_step(model, optimizer, scheduler, batch) for batch in data[extra["step"] :]]
 
     assert before + after == uninterrupted
 
 
 def test_keeps_newest_checkpoints_and_ignores_incomplete_ones(tmp_path: Path) -> None:
-    model, optimizer, scheduler = make_training(seed=0)
+    model, optimizer, scheduler = toy_training(seed=0)
     manager = CheckpointManager(tmp_path, keep=2)
     assert manager.latest() is None
     for step in range(1, 5):
-        train_step(model, optimizer, scheduler, batches()[0])
+        toy_train_step(model, optimizer, scheduler, toy_batches()[0])
         manager.save(step, model=model, optimizer=optimizer, extra={"step": step})
 
     assert manager.steps() == [3, 4]
@@ -137,7 +96,7 @@ def test_keeps_newest_checkpoints_and_ignores_incomplete_ones(tmp_path: Path) ->
 
 
 def test_loading_a_missing_checkpoint_is_a_clear_error(tmp_path: Path) -> None:
-    model, optimizer, _ = make_training(seed=0)
+    model, optimizer, _ = toy_training(seed=0)
     manager = CheckpointManager(tmp_path)
     with pytest.raises(FileNotFoundError, match="no complete checkpoint"):
         manager.load(None, model=model, optimizer=optimizer)
@@ -147,9 +106,10 @@ def test_loading_a_missing_checkpoint_is_a_clear_error(tmp_path: Path) -> None:
 
 
 def test_checkpoint_holds_no_pickled_objects(tmp_path: Path) -> None:
-    model, optimizer, scheduler = make_training(seed=0)
-    train_step(model, optimizer, scheduler, batches()[0])
-    path = CheckpointManager(tmp_path).save(1, model=model, optimizer=optimizer, extra=extra_state(1, scheduler))
+    model, optimizer, scheduler = toy_training(seed=0)
+    toy_train_step(model, optimizer, scheduler, toy_batches()[0])
+    path = CheckpointManager(tmp_path).save(1, model=model, optimizer=optimizer,
+                                            extra=checkpoint_extra_state(1, scheduler))
 
     # DCP stores every non-tensor entry with torch.save; only tensor entries means nothing to unpickle.
     metadata = SafeFileSystemReader(path).read_metadata()
@@ -168,7 +128,7 @@ class _RunsCode:
 
 
 def test_loading_refuses_metadata_that_would_run_code(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    model, optimizer, _ = make_training(seed=0)
+    model, optimizer, _ = toy_training(seed=0)
     manager = CheckpointManager(tmp_path)
     path = manager.save(1, model=model, optimizer=optimizer, extra={})
     metadata = SafeFileSystemReader(path).read_metadata()
@@ -185,7 +145,7 @@ def _two_rank_worker(rank: int, world: int, run_dir: Path) -> dict:
     from torch.distributed.fsdp import fully_shard
 
     def sharded_training(seed: int):
-        model = make_model(seed)
+        model = toy_model(seed)
         mesh = init_device_mesh("cpu", (world,))
         for layer in (model[0], model[3]):
             fully_shard(layer, mesh=mesh)
@@ -194,10 +154,10 @@ def _two_rank_worker(rank: int, world: int, run_dir: Path) -> dict:
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
         return model, optimizer, scheduler
 
-    data = batches()
+    data = toy_batches()
     model, optimizer, scheduler = sharded_training(seed=0)
     for batch in data[:2]:
-        train_step(model, optimizer, scheduler, batch)
+        toy_train_step(model, optimizer, scheduler, batch)
     manager = CheckpointManager(run_dir)
     dataloader_state = {"rank": rank, "position": 100 + rank, "buffer": [rank] * (rank + 1)}
     manager.save(2, model=model, optimizer=optimizer, extra={"dataloader": dataloader_state})
@@ -217,6 +177,7 @@ def _two_rank_worker(rank: int, world: int, run_dir: Path) -> dict:
     }
 
 
+@pytest.mark.slow
 def test_two_ranks_each_get_their_own_dataloader_state_back(tmp_path: Path) -> None:
     results = spawn_gloo(_two_rank_worker, 2, tmp_path, tmp_path / "run")
     for rank in (0, 1):

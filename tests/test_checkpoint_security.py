@@ -14,7 +14,7 @@ import torch
 from torch.distributed.checkpoint.filesystem import _StorageInfo
 from torch.distributed.checkpoint.metadata import BytesStorageMetadata, MetadataIndex
 
-from conftest import make_corpus
+from helpers import make_corpus
 from lacy_stream.checkpoint import CheckpointManager, SafeFileSystemReader, UnsafeCheckpointError
 from lacy_stream.cli import main as cli_main
 from lacy_stream.config.job_config import load_job_config

@@ -1,68 +1,54 @@
-"""The command line as a user runs it: make-shards -> train-tokenizer -> inspect, the demo, clear errors."""
+"""The command line as a user runs it: make-shards -> train-tokenizer -> inspect, the demo, the benchmarks,
+clear errors. Every test starts ``lacy-stream`` in a subprocess: all are slow."""
 
 from __future__ import annotations
 
 import json
-import os
 import re
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-from conftest import SHARED_DIR, tar_bytes
+from helpers import SHARED_DIR, run_cli, tar_bytes
 from lacy_stream.tokenizer import Tokenizer
 
-REPO = Path(__file__).resolve().parents[1]
-
-
-def run(*args: str, cwd: Path | None = None, check: bool = True) -> subprocess.CompletedProcess:
-    result = subprocess.run(
-        [sys.executable, "-m", "lacy_stream", *args], cwd=cwd, capture_output=True, text=True, timeout=300,
-        env={**os.environ, "HF_DATASETS_OFFLINE": "1", "PYTHONPATH": str(REPO)},  # this checkout, from any cwd
-    )
-    if check and result.returncode != 0:
-        raise AssertionError(f"lacy-stream {' '.join(args)} failed:\n{result.stdout}\n{result.stderr}")
-    return result
+pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
 def dwiki_jsonl(tmp_path_factory) -> Path:
-    """200 real dwiki documents plus a few bad lines."""
-    source = SHARED_DIR / "data" / "dwiki-dev.jsonl"
-    if not source.exists():
-        pytest.skip(f"{source} not found (set LACY_SHARED_DIR)")
-    lines = source.read_text().splitlines()[:200]
+    """200 real dwiki documents plus a few bad lines (for tests marked ``needs_shared``)."""
+    lines = (SHARED_DIR / "data" / "dwiki-dev.jsonl").read_text().splitlines()[:200]
     path = tmp_path_factory.mktemp("input") / "dwiki.jsonl"
     path.write_text("\n".join(lines[:100] + ["{broken json", '{"id": 1, "text": ""}'] + lines[100:]) + "\n")
     return path
 
 
+@pytest.mark.needs_shared
 def test_make_shards_train_tokenizer_inspect(tmp_path, dwiki_jsonl):
     out = tmp_path / "dwiki"
-    made = run("make-shards", str(dwiki_jsonl), "--out", str(out), "--docs-per-shard", "64", "--compress", "zstd", "--prefix", "dwiki")
+    made = run_cli("make-shards", str(dwiki_jsonl), "--out", str(out), "--docs-per-shard", "64", "--compress", "zstd", "--prefix", "dwiki")
     assert "wrote 4 shards, 200 documents" in made.stdout
     assert "invalid_json" in made.stdout and "empty_document" in made.stdout
 
-    run("train-tokenizer", "--shards", str(out), "--vocab-size", "2000", "--out", str(out / "tok.model"))
+    run_cli("train-tokenizer", "--shards", str(out), "--vocab-size", "2000", "--out", str(out / "tok.model"))
     tokenizer = Tokenizer(out / "tok.model")
     assert tokenizer.call_id == 2000
 
-    report = json.loads(run("inspect", "--shards", str(out), "--tokenizer", str(out / "tok.model"), "--json").stdout)
+    report = json.loads(run_cli("inspect", "--shards", str(out), "--tokenizer", str(out / "tok.model"), "--json").stdout)
     assert report["docs"] == 200 and report["shards"] == 4 and report["skipped"] == {}
     texts = [json.loads(line)["text"] for line in dwiki_jsonl.read_text().splitlines() if line.startswith('{"id": "dwiki')]
     assert report["tokens"] == sum(len(tokenizer.encode(text)) + 1 for text in texts)
 
     spec = str(out / "dwiki-{000000..000001}.tar.zst")
-    assert json.loads(run("inspect", "--shards", spec, "--json").stdout)["docs"] == 128
+    assert json.loads(run_cli("inspect", "--shards", spec, "--json").stdout)["docs"] == 128
 
 
 def test_inspect_counts_skips_by_reason(tmp_path):
     good = [(f"{i:03d}", {"txt": b"A fine document."}) for i in range(3)]
     (tmp_path / "a.tar").write_bytes(tar_bytes(good + [("100", {"txt": b"\xff"}), ("101", {"json": b"{}"})]))
     (tmp_path / "b.tar").write_bytes(tar_bytes(good)[:1500])
-    report = json.loads(run("inspect", "--shards", f"{tmp_path}/{{a,b,c}}.tar", "--json").stdout)
+    report = json.loads(run_cli("inspect", "--shards", f"{tmp_path}/{{a,b,c}}.tar", "--json").stdout)
     assert report["docs"] == 3
     assert report["skipped"] == {"invalid_utf8": 1, "missing_text": 1, "corrupt_tar": 1, "unreachable_shard": 1}
 
@@ -80,15 +66,15 @@ def test_inspect_counts_skips_by_reason(tmp_path):
 def test_clear_errors(tmp_path, args, message):
     (tmp_path / "nonexistent-dir").mkdir()
     args = [a.replace("/nonexistent-dir/", str(tmp_path / "nonexistent-dir")) for a in args]
-    result = run(*args, cwd=tmp_path, check=False)
+    result = run_cli(*args, cwd=tmp_path, check=False)
     assert result.returncode != 0
     assert message in result.stderr and "Traceback" not in result.stderr
 
 
 def test_demo_main_job(tmp_path):
     """The README's main command, on a small budget: builds the demo shards and tokenizer, then trains."""
-    result = run("demo", "--train.steps=4", "--train.log_every=2", "--checkpoint.every=2", "--data.seq_len=64",
-                 "--data.batch_size=2", cwd=tmp_path)
+    result = run_cli("demo", "--train.steps=4", "--train.log_every=2", "--checkpoint.every=2", "--data.seq_len=64",
+                     "--data.batch_size=2", cwd=tmp_path)
     assert (tmp_path / "shards/demo/manifest.json").exists() and (tmp_path / "shards/demo/tokenizer.model").exists()
     run_dir = tmp_path / "runs/tiny-cpu"
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
@@ -104,14 +90,15 @@ def test_demo_main_job(tmp_path):
 
 
 def test_annotate_text_brackets_facts_when_not_a_terminal():
-    result = run("annotate", "--text", "Marie Curie was born in Warsaw in 1867. Curie studied physics.")
+    result = run_cli("annotate", "--text", "Marie Curie was born in Warsaw in 1867. Curie studied physics.")
     assert result.stdout.strip() == "[Marie Curie] was born in [Warsaw] in [1867]. Curie studied [physics]."
 
 
+@pytest.mark.needs_shared
 def test_annotate_jsonl_for_tools(tmp_path, dwiki_jsonl):
     source = tmp_path / "few.jsonl"
     source.write_text("\n".join(dwiki_jsonl.read_text().splitlines()[98:103]) + "\n")
-    result = run("annotate", "--input", str(source), "--output", str(tmp_path / "out.jsonl"))
+    result = run_cli("annotate", "--input", str(source), "--output", str(tmp_path / "out.jsonl"))
     assert "skipped {'invalid_json': 1}" in result.stderr
     records = [json.loads(line) for line in (tmp_path / "out.jsonl").read_text().splitlines()]
     texts = {json.loads(line)["id"]: json.loads(line)["text"] for line in source.read_text().splitlines() if line.startswith('{"id": "')}
@@ -125,21 +112,23 @@ def test_annotate_jsonl_for_tools(tmp_path, dwiki_jsonl):
         assert sum(name == "fact" for _, _, name in record["spans"]) > 5
 
 
+@pytest.mark.needs_shared
 def test_annotate_shards_offline_then_inspect(tmp_path, dwiki_jsonl, tokenizer_path):
     source = tmp_path / "few.jsonl"
     source.write_text("\n".join(dwiki_jsonl.read_text().splitlines()[:6]) + "\n")
-    run("make-shards", str(source), "--out", str(tmp_path / "raw"), "--docs-per-shard", "3")
-    result = run("annotate", "--shards", str(tmp_path / "raw"), "--out", str(tmp_path / "annotated"), "--tokenizer", tokenizer_path)
+    run_cli("make-shards", str(source), "--out", str(tmp_path / "raw"), "--docs-per-shard", "3")
+    result = run_cli("annotate", "--shards", str(tmp_path / "raw"), "--out", str(tmp_path / "annotated"), "--tokenizer", tokenizer_path)
     assert "wrote 2 annotated shards, 6 documents" in result.stdout
     manifest = json.loads((tmp_path / "annotated" / "manifest.json").read_text())
     assert "tokenizer:" in manifest["labeler"]
-    report = json.loads(run("inspect", "--shards", str(tmp_path / "annotated"), "--json").stdout)
+    report = json.loads(run_cli("inspect", "--shards", str(tmp_path / "annotated"), "--json").stdout)
     assert report["docs"] == 6 and report["skipped"] == {}
 
 
+@pytest.mark.needs_shared
 def test_bench_annotate_reports_every_case(tmp_path, dwiki_jsonl, tokenizer_path):
-    result = run("bench", "annotate", "--input", str(dwiki_jsonl), "--max-docs", "4", "--workers", "1", "--repeats", "1",
-                 "--tokenizer", tokenizer_path, "--json")
+    result = run_cli("bench", "annotate", "--input", str(dwiki_jsonl), "--max-docs", "4", "--workers", "1", "--repeats", "1",
+                     "--tokenizer", tokenizer_path, "--json")
     report = json.loads(result.stdout)
     for case in ("spacy_full", "full_path", "cache_write", "cached_epoch"):
         assert report[case]["tokens_per_s"] > 0, case
@@ -158,6 +147,6 @@ def test_bench_annotate_reports_every_case(tmp_path, dwiki_jsonl, tokenizer_path
     ],
 )
 def test_annotate_clear_errors(tmp_path, args, message):
-    result = run(*args, cwd=tmp_path, check=False)
+    result = run_cli(*args, cwd=tmp_path, check=False)
     assert result.returncode != 0
     assert message in result.stderr and "Traceback" not in result.stderr

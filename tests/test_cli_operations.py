@@ -3,6 +3,7 @@ or not at all, resume bookkeeping, progress in logs, and errors a person can rea
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import http.server
@@ -20,9 +21,7 @@ from pathlib import Path
 
 import pytest
 import zstandard
-from conftest import make_corpus
-from test_cli import REPO, run
-from test_train import logged, overrides
+from helpers import REPO, logged, make_corpus, overrides, run_cli, tiny_lacy
 
 from lacy_stream.checkpoint import CheckpointManager, SafeFileSystemReader
 from lacy_stream.cli import EXIT_INTERRUPTED, EXIT_TOO_MANY_SKIPS, EXIT_USAGE, main
@@ -121,12 +120,13 @@ def test_train_tokenizer_and_annotate_on_nothing_exit_65_and_write_nothing(tmp_p
 
 
 @pytest.mark.timeout(120)
+@pytest.mark.slow
 def test_a_dead_host_costs_two_shards_of_retries_then_fails_its_others_at_once(tmp_path, file_server, dead_host):
     make_corpus(tmp_path, shards=2, docs_per_shard=3)
     spec = f"{file_server}/part-{{000000..000001}}.tar::{dead_host}/part-{{000002..000014}}.tar"
     started = time.monotonic()
-    result = run("inspect", "--shards", spec, "--json", "--http-retries", "1", "--http-timeout", "5",
-                 "--max-skip-ratio", "0.5", check=False)
+    result = run_cli("inspect", "--shards", spec, "--json", "--http-retries", "1", "--http-timeout", "5",
+                     "--max-skip-ratio", "0.5", check=False)
     seconds = time.monotonic() - started
     report = json.loads(result.stdout)
     assert report["docs"] == 6
@@ -137,9 +137,10 @@ def test_a_dead_host_costs_two_shards_of_retries_then_fails_its_others_at_once(t
 
 
 @pytest.mark.timeout(180)
+@pytest.mark.slow
 def test_training_on_a_dead_host_ends_with_its_reason_on_one_line(tmp_path, tokenizer_path, dead_host):
-    result = run("train", *overrides(f"{dead_host}/part-{{000000..000003}}.tar", tokenizer_path, tmp_path / "run",
-                                     "--data.num_workers=1", "--data.http_retries=0"), check=False)
+    result = run_cli("train", *overrides(f"{dead_host}/part-{{000000..000003}}.tar", tokenizer_path, tmp_path / "run",
+                                         "--data.num_workers=1", "--data.http_retries=0"), check=False)
     assert result.returncode == EXIT_TOO_MANY_SKIPS
     assert "Traceback" not in result.stderr
     message = last_line(result.stderr)
@@ -150,6 +151,7 @@ def test_training_on_a_dead_host_ends_with_its_reason_on_one_line(tmp_path, toke
 # --- 3. outputs appear whole or not at all ------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_make_shards_on_a_truncated_input_keeps_the_previous_build(tmp_path):
     out = tmp_path / "out"
     previous = make_shards([str(write_jsonl(tmp_path / "docs.jsonl", [{"text": f"doc {i}"} for i in range(5)]))], out,
@@ -159,7 +161,7 @@ def test_make_shards_on_a_truncated_input_keeps_the_previous_build(tmp_path):
     compressed = zstandard.ZstdCompressor().compress(lines)
     (tmp_path / "cut.jsonl.zst").write_bytes(compressed[: len(compressed) * 2 // 3])
 
-    result = run("make-shards", str(tmp_path / "cut.jsonl.zst"), "--out", str(out), "--docs-per-shard", "100", check=False)
+    result = run_cli("make-shards", str(tmp_path / "cut.jsonl.zst"), "--out", str(out), "--docs-per-shard", "100", check=False)
     assert result.returncode == EXIT_TOO_MANY_SKIPS  # an unusable input: EX_DATAERR
     assert "truncated" in result.stderr and "cut.jsonl.zst" in result.stderr
     assert "Traceback" not in result.stderr and "Exception ignored" not in result.stderr
@@ -178,6 +180,7 @@ train(load_job_config(None, sys.argv[1:]), on_step=lambda step: step == 5 and os
 
 
 @pytest.mark.timeout(180)
+@pytest.mark.slow
 def test_a_run_killed_between_checkpoints_logs_every_step_once_after_resuming(tmp_path, tokenizer_path):
     make_corpus(tmp_path / "corpus", shards=2, docs_per_shard=4)
     run_dir = tmp_path / "run"
@@ -193,6 +196,7 @@ def test_a_run_killed_between_checkpoints_logs_every_step_once_after_resuming(tm
 
 
 @pytest.mark.timeout(180)
+@pytest.mark.slow
 def test_sigterm_saves_and_exits_75_with_progress_lines_in_the_log(tmp_path, tokenizer_path):
     make_corpus(tmp_path / "corpus", shards=2, docs_per_shard=4)
     run_dir = tmp_path / "run"
@@ -221,12 +225,12 @@ def test_sigterm_saves_and_exits_75_with_progress_lines_in_the_log(tmp_path, tok
 
 
 @pytest.mark.timeout(180)
+@pytest.mark.slow
 def test_eval_prints_one_line_per_failed_section(tmp_path, tokenizer_path):
-    from test_eval_helpers import tiny_lacy
-
     tiny_lacy(tokenizer_path, tmp_path / "model", seed=0)
-    result = run("eval", "--ckpt", str(tmp_path / "model"), "--out", str(tmp_path / "report"),
-                 "--shared", str(tmp_path / "no-shared-data"), "--sections", "validation,nlu,fact_leakage", check=False)
+    result = run_cli("eval", "--ckpt", str(tmp_path / "model"), "--out", str(tmp_path / "report"),
+                     "--shared", str(tmp_path / "no-shared-data"), "--sections", "validation,nlu,fact_leakage",
+                     check=False)
     assert result.returncode == 1
     assert "Traceback" not in result.stderr
     failures = [line for line in result.stderr.splitlines() if "eval: section" in line]
@@ -291,31 +295,64 @@ def test_a_lone_surrogate_is_repaired_and_its_document_kept(tmp_path, capsys):
 # --- SLURM: the requeue decision -------------------------------------------------------------------------------
 
 
-def test_slurm_script_requeues_and_exits_75_when_signalled_before_the_time_limit(tmp_path):
-    """scripts/slurm_train.sbatch with stand-ins for srun, scontrol and torchrun (which exits 1 on SIGTERM)."""
+# torchrun while it trains: a worker stopped by SIGTERM makes it exit 1
+TRAINING = "trap 'kill $sleeper; exit 1' TERM; sleep 60 & sleeper=$!; touch {started}; wait"
+
+
+def slurm_job(tmp_path: Path, torchrun: str, **environment: str) -> subprocess.Popen:
+    """scripts/slurm_train.sbatch as job 42 in its own process group, with stand-ins for srun, scontrol (which
+    appends the job ids it requeues to tmp_path/requeued) and torchrun (the bash script ``torchrun``)."""
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
     stand_ins = {
         "scontrol": f'if [ "$1" = requeue ]; then echo "$2" >> {tmp_path}/requeued; else echo node1; fi',
         "srun": 'while [ "${1#--}" != "$1" ]; do shift; done; exec "$@"',
-        "torchrun": f"trap 'kill $sleeper; exit 1' TERM; sleep 60 & sleeper=$!; touch {tmp_path}/started; wait",
+        "torchrun": torchrun,
     }
     for name, body in stand_ins.items():
         (bin_dir / name).write_text(f"#!/bin/bash\n{body}\n")
         (bin_dir / name).chmod(0o755)
     environment = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "SLURM_JOB_ID": "42",
-                   "SLURM_JOB_NODELIST": "node1", "SLURM_JOB_NUM_NODES": "1"}
-    job = subprocess.Popen(["bash", str(REPO / "scripts" / "slurm_train.sbatch"), "tiny_cpu"], env=environment,
-                           stderr=subprocess.PIPE, text=True)
+                   "SLURM_JOB_NODELIST": "node1", "SLURM_JOB_NUM_NODES": "1", **environment}
+    return subprocess.Popen(["bash", str(REPO / "scripts" / "slurm_train.sbatch"), "tiny_cpu"], env=environment,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+
+
+def signal_while_training(tmp_path: Path, job: subprocess.Popen, send) -> str:
+    """Once the training has started, ``send(job)``; the job's stderr when it has ended."""
     try:
         deadline = time.monotonic() + 20
         while not (tmp_path / "started").exists():
             assert time.monotonic() < deadline
             time.sleep(0.05)
         time.sleep(0.5)  # for the script to set its traps after starting the training
-        job.send_signal(signal.SIGUSR1)  # what --signal=B:USR1@120 sends
-        _, stderr = job.communicate(timeout=20)
+        send(job)
+        return job.communicate(timeout=20)[1]
     finally:
-        job.kill()
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(job.pid, signal.SIGKILL)
+
+
+def test_slurm_script_requeues_and_exits_75_when_signalled_before_the_time_limit(tmp_path):
+    job = slurm_job(tmp_path, TRAINING.format(started=tmp_path / "started"))
+    stderr = signal_while_training(tmp_path, job, lambda job: job.send_signal(signal.SIGUSR1))  # --signal=B:USR1@120
     assert job.returncode == EXIT_INTERRUPTED, stderr
     assert (tmp_path / "requeued").read_text() == "42\n"
+
+
+@pytest.mark.parametrize("requeue", ["1", "0"])
+def test_slurm_script_exits_75_when_preempted_and_requeues_unless_told_not_to(tmp_path, requeue):
+    job = slurm_job(tmp_path, TRAINING.format(started=tmp_path / "started"), REQUEUE=requeue)
+    # Preemption: SLURM sends SIGTERM to the training and to the script.
+    stderr = signal_while_training(tmp_path, job, lambda job: os.killpg(job.pid, signal.SIGTERM))
+    assert job.returncode == EXIT_INTERRUPTED, stderr
+    assert "lacy-stream: stopped for the time limit or preemption" in stderr
+    assert (tmp_path / "requeued").read_text() == "42\n" if requeue == "1" else not (tmp_path / "requeued").exists()
+
+
+@pytest.mark.parametrize("status", [0, EXIT_TOO_MANY_SKIPS])
+def test_slurm_script_exits_with_the_status_of_a_training_that_ends_on_its_own(tmp_path, status):
+    job = slurm_job(tmp_path, f"exit {status}")
+    _, stderr = job.communicate(timeout=20)
+    assert job.returncode == status, stderr
+    assert not (tmp_path / "requeued").exists()

@@ -8,18 +8,17 @@ from pathlib import Path
 import pytest
 import torch
 
+from helpers import overrides
 from lacy_stream.cli import main as cli_main
 from lacy_stream.config.job_config import load_job_config
 from lacy_stream.eval.compare import auc, read_heldout_batches
 from lacy_stream.inference.loading import load_lacy
 from lacy_stream.labels import JUDGE_CALL, JUDGE_UNKNOWN, TokenClass
 from lacy_stream.trainer.train import train
-from test_methods import judged_corpus  # noqa: F401  (a fixture)
-from test_train import overrides
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory, judged_corpus, tokenizer_path) -> dict[str, Path]:  # noqa: F811
+def runs(tmp_path_factory, judged_corpus, tokenizer_path) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("runs")
     made = {}
     for method, steps in (("baseline", 4), ("lacy", 4), ("llm_judge", 3)):
@@ -39,7 +38,8 @@ def test_auc_counts_ties_as_half():
 
 
 @pytest.mark.timeout(240)
-def test_compare_writes_the_table_and_its_numbers_are_right(tmp_path, runs, judged_corpus):  # noqa: F811
+@pytest.mark.slow
+def test_compare_writes_the_table_and_its_numbers_are_right(tmp_path, runs, judged_corpus):
     out = tmp_path / "comparison"
     with pytest.raises(SystemExit) as exit_info:
         cli_main(["compare", "--runs", str(runs["baseline"]), str(runs["lacy"]), str(runs["llm_judge"]),

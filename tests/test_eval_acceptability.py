@@ -7,7 +7,7 @@ import random
 import pytest
 import torch
 
-from conftest import synthetic_text
+from helpers import RuleBasedJudge, acceptability_rule, synthetic_text, tiny_lacy
 from lacy_stream.eval.acceptability import (
     JUDGE_PROMPT,
     evaluate_acceptability,
@@ -19,9 +19,6 @@ from lacy_stream.eval.acceptability import (
 )
 from lacy_stream.eval.chat_endpoint import JudgeError
 from lacy_stream.labels import TokenClass
-from test_eval_helpers import RuleBasedJudge, acceptability_rule, tiny_lacy
-
-pytest.importorskip("transformers")  # export_hf
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
@@ -96,6 +93,7 @@ def test_scores_are_the_models_view_of_each_target(lacy, texts):
         assert token.is_fact == (int(documents[0]["token_class"][token.position]) == TokenClass.FACT)
 
 
+@pytest.mark.slow
 def test_acceptability_with_the_judge_test_double(lacy, texts, tmp_path):
     with RuleBasedJudge() as judge:
         result = evaluate_acceptability(

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from conftest import SHARED_DIR, needs_shared
+from helpers import SHARED_DIR, tiny_lacy
 from lacy_stream.eval.fact_leakage import (
     OUTPUTS_FILE,
     QAExample,
@@ -22,7 +22,6 @@ from lacy_stream.eval.fact_leakage import (
 )
 from lacy_stream.inference.call_policy import ArgmaxCall
 from lacy_stream.inference.generate import generate
-from test_eval_helpers import tiny_lacy
 
 POPQA = SHARED_DIR / "eval" / "popqa_longtail.jsonl"
 BIGBENCH = SHARED_DIR / "eval" / "bigbench_qa_wikidata.jsonl"
@@ -40,7 +39,7 @@ def test_normalisation_and_whole_word_alias_containment():
     assert not contains_answer("", ["Paris"])
 
 
-@needs_shared
+@pytest.mark.needs_shared
 def test_popqa_questions_become_knowledge_completions():
     assert popqa_prompt("What is Ufa the capital of?", "capital of") == "What is Ufa the capital of? Ufa is the capital of"
     assert popqa_prompt("What is Henry Feilden's occupation?", "occupation") == (
@@ -58,7 +57,7 @@ def test_popqa_questions_become_knowledge_completions():
         popqa_prompt("Who is the spouse of Ufa?", "spouse")
 
 
-@needs_shared
+@pytest.mark.needs_shared
 def test_demonstrations_are_fixed_distinct_and_excluded_from_scoring():
     examples = read_popqa(POPQA)
     demonstrations, scored = split_demonstrations(examples)

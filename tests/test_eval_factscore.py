@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from conftest import SHARED_DIR, needs_shared
+from helpers import SHARED_DIR, RuleBasedJudge
 from lacy_stream.eval.factscore import (
     DECISIONS_FILE,
     Bio,
@@ -19,7 +19,6 @@ from lacy_stream.eval.factscore import (
     read_entities,
     write_factscore_input,
 )
-from test_eval_helpers import RuleBasedJudge
 
 KNOWLEDGE = [
     {"title": "Kang Ji-hwan", "text": ["Kang Ji-hwan is a South Korean actor.", "He was born in Seoul."]},
@@ -28,7 +27,7 @@ KNOWLEDGE = [
 ]
 
 
-@needs_shared
+@pytest.mark.needs_shared
 def test_entities_and_prompts():
     entities = read_entities(SHARED_DIR / "eval" / "factscore_prompt_entities_183.txt")
     assert len(entities) == 183 and entities[0] == "Kang Ji-hwan"

@@ -10,14 +10,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import SHARED_DIR, needs_shared
+from helpers import SHARED_DIR, tiny_lacy
+from lacy_stream.eval.lm_eval_model import LacyLM, evaluate_with_lm_eval, shared_task_files
 from lacy_stream.eval.nlu import evaluate_nlu
-from test_eval_helpers import tiny_lacy
-
-pytest.importorskip("transformers")  # export_hf
-pytest.importorskip("lm_eval")
-
-from lacy_stream.eval.lm_eval_model import LacyLM, evaluate_with_lm_eval, shared_task_files  # noqa: E402
 
 # A context of 256 tokens: the tiny test tokenizer spells the shared tasks' words in many pieces.
 CONTEXT = 256
@@ -42,7 +37,8 @@ class _Request:
         self.args = args
 
 
-@needs_shared
+@pytest.mark.needs_shared
+@pytest.mark.slow
 def test_simple_evaluate_on_local_tasks_matches_our_scoring(lacy, tmp_path):
     tasks = shared_task_files(SHARED_DIR)
     harness = evaluate_with_lm_eval(lacy, tasks, tmp_path / "tasks", limit=4, batch_size=4)
@@ -98,7 +94,8 @@ def test_generate_until_is_greedy_without_call_and_stops(lacy):
         lm.generate_until([_Request(context, {"do_sample": True})])
 
 
-@needs_shared
+@pytest.mark.needs_shared
+@pytest.mark.slow
 def test_lm_eval_command_line_runs_the_lacy_model_offline(model_dir, tmp_path):
     env = dict(os.environ, HF_DATASETS_OFFLINE="1", HF_HUB_OFFLINE="1", HF_HOME=str(tmp_path / "hf-home"))
     command = [

@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import SHARED_DIR, needs_shared
+from helpers import SHARED_DIR, tiny_lacy
 from lacy_stream.eval.nlu import (
     MultipleChoiceExample,
     choice_loglikelihoods,
@@ -17,9 +17,6 @@ from lacy_stream.eval.nlu import (
     read_multiple_choice,
 )
 from lacy_stream.eval.scoring import encode_pair, score_continuations
-from test_eval_helpers import tiny_lacy
-
-pytest.importorskip("transformers")  # export_hf
 
 EXAMPLES = [
     MultipleChoiceExample(
@@ -72,7 +69,7 @@ def test_call_logit_does_not_change_the_scores(lacy, tokenizer_path, tmp_path):
     )
 
 
-@needs_shared
+@pytest.mark.needs_shared
 def test_shared_tasks_are_scored_with_limit(lacy):
     tasks = {"arc_easy": SHARED_DIR / "eval" / "arc_easy.jsonl", "piqa": SHARED_DIR / "eval" / "piqa.jsonl"}
     result = evaluate_nlu(lacy, tasks, limit=3, batch_size=4)

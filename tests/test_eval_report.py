@@ -6,17 +6,13 @@ import argparse
 import json
 
 import pytest
-from conftest import SHARED_DIR, needs_shared
-from test_eval_helpers import RuleBasedJudge, one_token_partner, tiny_lacy
 
+from helpers import SHARED_DIR, CompletionServer, RuleBasedJudge, one_token_partner, tiny_lacy
 from lacy_stream.cli import main
+from lacy_stream.cli.evaluation import add_eval_arguments, config_from_arguments
+from lacy_stream.eval.config import SECTIONS
 from lacy_stream.eval.factscore import read_entities
-from lacy_stream.eval.options import SECTIONS, add_eval_arguments, config_from_arguments
 from lacy_stream.eval.runner import run_eval
-
-pytest.importorskip("transformers")  # export_hf, the partner server
-
-from openai_server import CompletionServer  # noqa: E402 (needs transformers)
 
 CONTEXT = 256  # the tiny test tokenizer spells real text in many pieces
 
@@ -30,7 +26,8 @@ def parse(*arguments: str) -> argparse.Namespace:
     return parser.parse_args(list(arguments))
 
 
-@needs_shared
+@pytest.mark.needs_shared
+@pytest.mark.slow
 def test_report_on_a_tiny_checkpoint_with_every_section_filled(tokenizer_path, tmp_path):
     tiny_lacy(tokenizer_path, tmp_path / "model", seed=21, call_scale=3.0, max_seq_len=CONTEXT)
     tiny_lacy(tokenizer_path, tmp_path / "baseline", seed=22, max_seq_len=CONTEXT)
@@ -104,7 +101,7 @@ def test_report_on_a_tiny_checkpoint_with_every_section_filled(tokenizer_path, t
     assert "Cascade speed relative to generation without calls:" in markdown
 
 
-@needs_shared
+@pytest.mark.needs_shared
 def test_failures_are_reported_and_generation_runs_without_a_partner(tokenizer_path, tmp_path):
     tiny_lacy(tokenizer_path, tmp_path / "model", seed=21, max_seq_len=CONTEXT)
     missing = tmp_path / "missing.jsonl"

@@ -8,13 +8,10 @@ import random
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import synthetic_text
-from test_eval_helpers import TINY_CONTEXT, tiny_lacy
 
+from helpers import TINY_CONTEXT, synthetic_text, tiny_lacy
 from lacy_stream.eval.heldout import pack_windows, read_heldout_texts
 from lacy_stream.eval.validation import call_mask, evaluate_validation
-
-pytest.importorskip("transformers")  # export_hf
 
 BATCH = 3
 RATIO = 0.15

@@ -6,13 +6,12 @@ from pathlib import Path
 
 import pytest
 import torch
+import transformers
+from safetensors.torch import load_file
 
-transformers = pytest.importorskip("transformers")
-
-from safetensors.torch import load_file  # noqa: E402  (installed with transformers)
-from lacy_stream.models.hf_export import PROBE_TEXTS, export_hf  # noqa: E402
-from lacy_stream.models.gpt2 import Transformer, model_args  # noqa: E402
-from lacy_stream.tokenizer import CALL_TOKEN, Tokenizer  # noqa: E402
+from lacy_stream.models.hf_export import PROBE_TEXTS, export_hf
+from lacy_stream.models.gpt2 import Transformer, model_args
+from lacy_stream.tokenizer import CALL_TOKEN, Tokenizer
 
 
 @pytest.fixture(scope="module")
@@ -82,10 +81,17 @@ def test_tokenizer_reproduces_ours(hf_tokenizer, tokenizer: Tokenizer) -> None:
     assert hf_tokenizer.decode(called) == tokenizer.decode(called)
 
 
-def test_greedy_generate(hf_model, hf_tokenizer) -> None:
-    prompt = hf_tokenizer("The museum was founded in", return_tensors="pt")
-    output = hf_model.generate(**prompt, max_new_tokens=4, do_sample=False, min_new_tokens=4)
-    assert output.shape[1] == prompt["input_ids"].shape[1] + 4
+def test_greedy_generate_picks_our_models_most_likely_tokens(model: Transformer, hf_model,
+                                                             tokenizer: Tokenizer) -> None:
+    """transformers' generate, with its own KV cache, continues a prompt as our model does token by token."""
+    prompt = tokenizer.encode("The museum was founded in")
+    expected = list(prompt)
+    with torch.no_grad():
+        while len(expected) < len(prompt) + 8 and expected[-1] != tokenizer.eos_id:
+            expected.append(int(model.logits(model(torch.tensor([expected])))[0, -1].argmax()))
+    generated = hf_model.generate(torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+                                  max_new_tokens=8, do_sample=False)
+    assert generated[0].tolist() == expected
 
 
 def test_directory_holds_safetensors_and_no_pickle(export_dir: Path) -> None:

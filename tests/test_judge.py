@@ -6,12 +6,11 @@ import random
 import re
 
 import pytest
-from conftest import SHARED_DIR
+from helpers import SHARED_DIR
 
 from lacy_stream.annotate.judge import JudgeStats, judge_spans, strip_markup
 
 DWIKI = SHARED_DIR / "data" / "dwiki-dev.jsonl"
-needs_dwiki = pytest.mark.skipif(not DWIKI.exists(), reason=f"{DWIKI} not found (set LACY_SHARED_DIR)")
 
 
 def lookup(entity: str, relation: str, value: str) -> str:
@@ -101,7 +100,7 @@ def _dwiki() -> list[dict]:
         return [json.loads(line) for line in lines]
 
 
-@needs_dwiki
+@pytest.mark.needs_shared
 def test_dwiki_values_map_to_their_text():
     totals = JudgeStats()
     for doc in _dwiki():
@@ -126,7 +125,7 @@ def test_dwiki_values_map_to_their_text():
     assert totals.mapped >= 0.87 * totals.values
 
 
-@needs_dwiki
+@pytest.mark.needs_shared
 def test_one_long_document():
     """A 100k+ character document (a hundred articles, each after its title line) maps as well."""
     docs = _dwiki()[:100]

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import synthetic_text
+from helpers import synthetic_text
 
 from lacy_stream.annotate.annotation import FactAnnotator
 from lacy_stream.annotate.label_cache import LabelCache, document_key
@@ -231,7 +231,7 @@ def test_a_cache_that_cannot_be_written_is_a_warning_and_labels_stay_right(tmp_p
 
 
 def test_the_label_sources_reach_the_loaders_read_counters(tmp_path, tokenizer_path):
-    from conftest import make_corpus
+    from helpers import make_corpus
     from lacy_stream.config.job_config import AnnotationConfig, DataConfig
     from lacy_stream.data.loader import TokenLoader
 

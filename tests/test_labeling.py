@@ -7,7 +7,7 @@ import random
 
 import numpy as np
 import pytest
-from conftest import SHARED_DIR, synthetic_text
+from helpers import SHARED_DIR, synthetic_text
 
 from lacy_stream.annotate import annotation
 from lacy_stream.annotate.annotate_shards import annotate_shards
@@ -24,7 +24,6 @@ from lacy_stream.shards.specs import expand_shard_spec
 from lacy_stream.tokenizer import Tokenizer, train_tokenizer
 
 DWIKI = SHARED_DIR / "data" / "dwiki-dev.jsonl"
-needs_dwiki = pytest.mark.skipif(not DWIKI.exists(), reason=f"{DWIKI} not found (set LACY_SHARED_DIR)")
 
 
 @pytest.fixture(scope="module")
@@ -105,7 +104,7 @@ def test_cache_serves_later_epochs_and_is_invalidated_by_any_input(tmp_path, tok
     assert new_rules.counts["annotated"] == 10
 
 
-@needs_dwiki
+@pytest.mark.needs_shared
 def test_judge_labels_mark_the_values_of_the_markup(tokenizer_path, annotator):
     tokenizer = Tokenizer(tokenizer_path)
     record = json.loads(DWIKI.open().readline())
@@ -137,7 +136,8 @@ def all_batches_of_epoch_zero(loader: TokenLoader, limit: int = 400) -> dict[str
     return {name: np.concatenate(parts) for name, parts in columns.items()}
 
 
-@needs_dwiki
+@pytest.mark.needs_shared
+@pytest.mark.slow
 def test_offline_annotated_shards_give_the_online_labels(tmp_path, tokenizer_path, annotator):
     urls = dwiki_shards(tmp_path)
     manifest = annotate_shards(urls, tmp_path / "annotated", tokenizer_path, batch_size=5, max_doc_chars=3000)
@@ -170,7 +170,8 @@ def test_offline_annotated_shards_give_the_online_labels(tmp_path, tokenizer_pat
     assert other_split.counts["stored_labels_stale"] > 0, "labels stored for another split are not used"
 
 
-@needs_dwiki
+@pytest.mark.needs_shared
+@pytest.mark.slow
 def test_loader_yields_labeled_batches_with_workers_and_resumes_exactly(tmp_path, tokenizer_path):
     urls = dwiki_shards(tmp_path, documents=8)
     config = AnnotationConfig(batch_size=3)

@@ -9,10 +9,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 PACKAGE = Path(__file__).resolve().parents[1] / "lacy_stream"
 
 LAYERS: list[tuple[str, ...]] = [
-    ("labels", "atomic", "stop_signals", "distributed"),
+    ("labels", "atomic", "stop_signals", "distributed", "markdown"),
     ("config", "tokenizer", "checkpoint"),
     ("shards",),
     ("annotate",),
@@ -134,6 +136,7 @@ def test_no_import_cycle_anywhere():
     assert not cycles, "import cycles: " + "; ".join(" <-> ".join(cycle) for cycle in cycles)
 
 
+@pytest.mark.slow
 def test_a_dataloader_worker_loads_no_loss_model_or_trainer():
     program = ("import sys, lacy_stream.data.loader\n"
                "print(' '.join(sorted(name for name in sys.modules if name.startswith('lacy_stream'))))")

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import make_corpus
+from helpers import make_corpus
 
 from lacy_stream.config.job_config import AnnotationConfig
 from lacy_stream.data.loader import ResumeMismatchError, TokenLoader, assign_shards
@@ -57,7 +57,8 @@ def batches_until_epoch_one(loader: TokenLoader, workers: int, limit: int = 2000
 
 
 @pytest.mark.parametrize("world", [1, 2, 4])
-@pytest.mark.parametrize("workers", [0, 1, 3])
+@pytest.mark.parametrize("workers", [0, pytest.param(1, marks=pytest.mark.slow),  # workers are processes
+                                     pytest.param(3, marks=pytest.mark.slow)])
 @pytest.mark.parametrize("shards", [7, 2], ids=["shards>=slots", "fewer-shards-than-slots"])
 def test_every_document_exactly_once_per_epoch(tmp_path, tokenizer_path, world, workers, shards):
     texts = make_corpus(tmp_path, shards=shards, docs_per_shard=60 // shards)
@@ -171,6 +172,7 @@ def test_a_worker_that_skips_more_than_max_skip_ratio_fails_at_the_end_of_its_ep
             pass
 
 
+@pytest.mark.slow
 def test_skip_counters_reach_the_loader(tmp_path, tokenizer_path):
     make_corpus(tmp_path, shards=2, docs_per_shard=5)
     spec = f"{tmp_path}::{tmp_path / 'missing-000000.tar'}"

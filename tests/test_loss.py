@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from conftest import spawn_gloo
+from helpers import spawn_gloo
 from lacy_stream.labels import TokenClass, TokenLabels
 from lacy_stream.loss import METHODS, lacy_loss
 
@@ -146,6 +146,7 @@ def _two_rank_worker(rank: int, world: int) -> tuple:
 
 
 @pytest.mark.timeout(120)
+@pytest.mark.slow
 def test_two_ranks_add_up_to_one_process(tmp_path):
     results = spawn_gloo(_two_rank_worker, 2, tmp_path)
     hidden, weight, targets, valid, labels = make_batch(4, n=2 * N)

@@ -17,11 +17,11 @@ import pytest
 import webdataset
 import zstandard
 
+from helpers import SHARED_DIR
 from lacy_stream.shards.demo_corpus import wikitext_to_plain
 from lacy_stream.shards.documents import TooManySkipsError
 from lacy_stream.shards.make_shards import ShardInputError, make_shards, parse_hf_spec
 
-SHARED_DIR = Path(os.environ.get("LACY_SHARED_DIR", Path(__file__).resolve().parents[1].parent / "shared"))
 DWIKI_DEV = SHARED_DIR / "data" / "dwiki-dev.jsonl"
 
 RECORDS = [
@@ -364,6 +364,7 @@ def demo_build(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
     return out_dir, make_shards([], out_dir, docs_per_shard=16, demo=True, prefix="wiki")
 
 
+@pytest.mark.slow
 def test_demo_corpus_gives_clean_articles(demo_build: tuple[Path, dict]) -> None:
     out_dir, manifest = demo_build
     assert manifest["documents"] > 50
@@ -388,7 +389,7 @@ def test_demo_corpus_gives_clean_articles(demo_build: tuple[Path, dict]) -> None
     assert not [title for title in titles if ":" in title]
 
 
-@pytest.mark.skipif(not DWIKI_DEV.is_file(), reason=f"{DWIKI_DEV} is not available")
+@pytest.mark.needs_shared
 def test_shared_dwiki_converts_with_annotations(tmp_path: Path) -> None:
     records = [json.loads(line) for line in DWIKI_DEV.read_text(encoding="utf-8").splitlines() if line.strip()]
     assert len(records) == 749

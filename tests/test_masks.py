@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from conftest import spawn_gloo
+from helpers import spawn_gloo
 from lacy_stream.labels import JUDGE_CALL, JUDGE_KEEP, TokenClass, TokenLabels
 from lacy_stream.loss.masks import METHODS, MaskInputs, methods_table, select_masks
 
@@ -167,6 +167,7 @@ def _global_selection_worker(rank: int, world: int) -> dict:
 
 
 @pytest.mark.timeout(120)
+@pytest.mark.slow
 def test_global_selection_over_two_gloo_processes_equals_one_process(tmp_path):
     results = spawn_gloo(_global_selection_worker, 2, tmp_path)
     whole = random_inputs(600, seed=11)

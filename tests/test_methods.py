@@ -2,50 +2,17 @@
 
 from __future__ import annotations
 
-import json
 import random
 from pathlib import Path
 
 import pytest
 
-from conftest import spawn_gloo, synthetic_text, write_manifest, write_tar
+from helpers import logged, losses_by_step, overrides, spawn_gloo, synthetic_text, train_on_rank
 from lacy_stream.cli import main as cli_main
 from lacy_stream.config.job_config import ConfigError, load_job_config
 from lacy_stream.loss.masks import METHODS
 from lacy_stream.tokenizer import train_tokenizer
 from lacy_stream.trainer.train import check_config, train
-from test_train import logged, losses_by_step, overrides
-
-PEOPLE = ["Ada Lovelace", "Marie Curie", "Alan Turing", "Emmy Noether", "Niels Bohr", "Lise Meitner"]
-CITIES = ["Paris", "Warsaw", "London", "Vienna", "Copenhagen", "Berlin"]
-
-
-def judged_document(rng: random.Random, index: int) -> tuple[str, str]:
-    """A document and its LLM-judge markup: the birth year and city of a person are delegated."""
-    person, city, year = PEOPLE[index % len(PEOPLE)], rng.choice(CITIES), rng.randint(1800, 1950)
-    before = f"{person} was born in "
-    after = " " + synthetic_text(rng, rng.randint(2, 6))
-    text = f"{before}{year} in {city}.{after}"
-    annotated = (f"{before}[dblookup('{person}', 'birth year') -> {year}] {year} in "
-                 f"[dblookup('{person}', 'birth place') -> {city}] {city}.{after}")
-    return text, annotated
-
-
-@pytest.fixture(scope="module")
-def judged_corpus(tmp_path_factory) -> Path:
-    directory = tmp_path_factory.mktemp("judged")
-    rng = random.Random(3)
-    names = []
-    for shard in range(2):
-        samples = []
-        for index in range(6):
-            text, annotated = judged_document(rng, index)
-            meta = {"id": f"{shard}-{index}", "annotated_text": annotated}
-            samples.append((f"{shard:03d}{index:05d}", {"txt": text.encode(), "json": json.dumps(meta).encode()}))
-        names.append(f"judged-{shard:06d}.tar")
-        write_tar(directory / names[-1], samples)
-    write_manifest(directory, names, [6, 6])
-    return directory
 
 
 @pytest.fixture(scope="module")
@@ -132,17 +99,14 @@ def test_resumed_reference_run_continues_with_the_same_losses(tmp_path, judged_c
     assert logged(resumed)[-1]["ref_loss"] == pytest.approx(logged(straight)[-1]["ref_loss"], abs=1e-6)
 
 
-def _train_on_rank(rank: int, world: int, config_args: list[str]) -> dict:
-    return train(load_job_config(None, config_args))
-
-
 @pytest.mark.timeout(180)
+@pytest.mark.slow
 def test_reference_method_on_two_gloo_ranks(tmp_path, judged_corpus, tokenizer_path, reference_run):
     run_dir = tmp_path / "two"
     args = overrides(judged_corpus, tokenizer_path, run_dir, "--train.steps=3", "--loss.method=spacy_refloss",
                      f"--loss.reference={reference_run}", "--checkpoint.export_hf=false")
     args.remove("--annotation.enabled=false")
-    summaries = spawn_gloo(_train_on_rank, 2, tmp_path, args)
+    summaries = spawn_gloo(train_on_rank, 2, tmp_path, args)
     assert summaries[0]["step"] == summaries[1]["step"] == 3
     records = logged(run_dir)
     assert [record["step"] for record in records] == [1, 2, 3]

@@ -9,7 +9,6 @@ import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from lacy_stream.trainer.metrics import MetricsLogger, StepTimer, mfu, peak_flops
-from lacy_stream.models.gpt2 import flops_per_token, model_args
 
 TRAIN_VALUES = {
     "loss": 3.14159265358979,
@@ -111,13 +110,13 @@ def test_peak_flops_lookup(device_name: str, dtype: str, expected: float | None)
     assert peak_flops(device_name, dtype) == (None if expected is None else pytest.approx(expected))
 
 
-def test_mfu_arithmetic() -> None:
+def test_mfu_of_known_cases() -> None:
     assert mfu(tokens_per_s=1000.0, flops_per_token=1e9, peak=4e12) == pytest.approx(0.25)
+    # 250,000 tokens/s of 1.979 GFLOP each is 494.75 TFLOP/s: half an H100's dense bf16 peak of 989.5 TFLOP/s.
+    assert mfu(250_000.0, 1.979e9, peak_flops("NVIDIA H100 80GB HBM3", "bf16")) == pytest.approx(0.5)
     assert mfu(1000.0, 1e9, peak=None) is None
-    args = model_args("tiny")
-    per_token = flops_per_token(args, args.max_seq_len)
-    peak = peak_flops("NVIDIA H100 80GB HBM3", "bf16")
-    assert mfu(2e5, per_token, peak) == pytest.approx(2e5 * per_token / 989.5e12)
+    assert mfu(1000.0, 1e9, peak=0.0) is None
+    assert mfu(1000.0, 1e9, peak_flops("cpu", "float32")) is None  # no known peak: no MFU, never a made-up one
 
 
 class FakeClock:

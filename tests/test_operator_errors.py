@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import make_corpus, synthetic_text
+from helpers import checkpoint_extra_state, make_corpus, synthetic_text, toy_batches, toy_train_step, toy_training
 from lacy_stream.checkpoint import CheckpointManager, CheckpointWriteError
 from lacy_stream.cli import EXIT_TOO_MANY_SKIPS, main as cli_main
 from lacy_stream.config.job_config import load_job_config
@@ -104,15 +104,13 @@ def _tmpfs(path: Path, size: str):
 @pytest.mark.timeout(120)
 def test_a_full_disk_during_a_checkpoint_keeps_the_previous_one_and_leaves_no_partial_directory(tmp_path, monkeypatch):
     """On a real 600 KiB tmpfs where the machine allows mounting one (else the write fails as a full disk would)."""
-    from test_checkpoint import batches, extra_state, make_training, train_step
-
     small = tmp_path / "small-disk"
     mounted = _tmpfs(small, "600k")
     try:
-        model, optimizer, scheduler = make_training(seed=0)
-        train_step(model, optimizer, scheduler, batches()[0])
+        model, optimizer, scheduler = toy_training(seed=0)
+        toy_train_step(model, optimizer, scheduler, toy_batches()[0])
         manager = CheckpointManager(small / "run")
-        first = manager.save(1, model=model, optimizer=optimizer, extra=extra_state(1, scheduler))
+        first = manager.save(1, model=model, optimizer=optimizer, extra=checkpoint_extra_state(1, scheduler))
         before = {file.name: file.read_bytes() for file in first.iterdir()}
         big = torch.nn.Linear(400, 400)
         big_optimizer = torch.optim.AdamW(big.parameters())

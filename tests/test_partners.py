@@ -11,6 +11,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 from transformers.generation.logits_process import RepetitionPenaltyLogitsProcessor
 
+from helpers import CompletionServer
 from lacy_stream.models.hf_export import export_hf
 from lacy_stream.inference.call_policy import RandomCall
 from lacy_stream.inference.generate import Generation, TokenSource, generate
@@ -31,7 +32,6 @@ from lacy_stream.inference.partners import (
 )
 from lacy_stream.models.gpt2 import Transformer, model_args
 from lacy_stream.tokenizer import Tokenizer
-from openai_server import CompletionServer
 
 PROMPT = "Tell me a bio of Wolfgang Amadeus Mozart. Wolfgang Amadeus Mozart was born in"
 LONG_TEXT = PROMPT + " the river city museum" * 20  # longer than the partners' 64 positions
@@ -226,6 +226,7 @@ def test_openai_partner_over_http_runs_the_model(
     assert requests[1]["prompt"] == tokenizer.decode(cascade.calls[0][0])
 
 
+@pytest.mark.slow
 def test_openai_partner_errors_are_clear_and_never_hang(partner_dir: Path) -> None:
     with CompletionServer(partner_dir, "tiny-partner") as server:
         with pytest.raises(PartnerError, match="HTTP 404.*does not exist"):

@@ -29,7 +29,11 @@ import lacy_stream.shards.make_shards as make_shards_module
 from lacy_stream.shards.make_shards import ShardInputError, make_shards
 from lacy_stream.shards.specs import expand_shard_spec
 
+# Not from helpers: the subprocesses run this file as a script, and helpers imports the trainer and transformers.
 REPO = Path(__file__).resolve().parents[1]
+
+pytestmark = pytest.mark.slow  # every case runs make-shards or annotate in a subprocess
+
 NOTES = b"a user's notes, kept across builds\n"
 OTHER_PREFIX_SHARD = b"a shard of another prefix"
 OLD_TEXTS = [f"old document number {index}" for index in range(3)]

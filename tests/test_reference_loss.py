@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import make_corpus, synthetic_text
+from helpers import make_corpus, synthetic_text
 
 from lacy_stream.annotate.annotate_shards import annotate_shards
 from lacy_stream.annotate.label_cache import REFERENCE_CACHE_COLUMNS, LabelCache
@@ -86,6 +86,7 @@ def label_all(labeler: DocumentLabeler, docs: list[Document]) -> list[np.ndarray
     return [labels["ref_loss"] for _, _, labels in labeler.label((None, doc) for doc in docs)]
 
 
+@pytest.mark.slow
 def test_reference_cache_hits_misses_on_another_reference_and_survives_corruption(references, tokenizer_path, tmp_path):
     docs = documents(5)
     first = labeler_with(references[0], tokenizer_path, tmp_path)
@@ -111,6 +112,7 @@ def test_reference_cache_hits_misses_on_another_reference_and_survives_corruptio
     np.testing.assert_allclose(recomputed[0], scored[0], rtol=1e-6)
 
 
+@pytest.mark.slow
 def test_offline_shards_store_reference_losses(references, tokenizer_path, tmp_path):
     make_corpus(tmp_path / "corpus", shards=1, docs_per_shard=4)
     urls = expand_shard_spec(str(tmp_path / "corpus"))

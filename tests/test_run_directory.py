@@ -11,14 +11,12 @@ from pathlib import Path
 
 import pytest
 
-from conftest import make_corpus
+from helpers import REPO, make_corpus
 from lacy_stream.checkpoint import CheckpointManager
 from lacy_stream.cli import main as cli_main
 from lacy_stream.config.job_config import ConfigError, load_job_config
 from lacy_stream.trainer.run_directory import HISTORY_FILE, RunDirectoryBusyError, RunLock
 from lacy_stream.trainer.train import train
-
-REPO = Path(__file__).resolve().parents[1]
 
 
 def run_args(corpus: Path, tokenizer_path: str, run_dir: Path, *extra: str) -> list[str]:
@@ -51,6 +49,7 @@ def test_a_second_holder_is_refused_and_a_dead_holders_lock_is_taken_over(tmp_pa
 
 
 @pytest.mark.timeout(120)
+@pytest.mark.slow
 def test_a_second_trainer_on_a_live_run_is_refused_in_one_line(tmp_path, corpus, tokenizer_path):
     run_dir = tmp_path / "run"
     args = run_args(corpus, tokenizer_path, run_dir, "--train.steps=100000", "--checkpoint.every=100000")
@@ -71,6 +70,7 @@ def test_a_second_trainer_on_a_live_run_is_refused_in_one_line(tmp_path, corpus,
 
 
 @pytest.mark.timeout(120)
+@pytest.mark.slow
 def test_resuming_with_another_method_or_learning_rate_is_refused_unless_allowed(tmp_path, corpus, tokenizer_path,
                                                                                 capsys):
     run_dir = tmp_path / "run"
@@ -96,6 +96,7 @@ def test_resuming_with_another_method_or_learning_rate_is_refused_unless_allowed
 
 
 @pytest.mark.timeout(120)
+@pytest.mark.slow
 def test_a_resumed_run_ends_with_the_rng_state_of_a_straight_run(tmp_path, corpus, tokenizer_path):
     """Python, numpy and torch generators, saved in the last checkpoint: equal after 4 straight steps and after
     2 + 2 resumed ones (with two dataloader workers, whose seeds are drawn from torch's generator)."""

@@ -15,7 +15,7 @@ import tarfile
 
 import numpy as np
 import pytest
-from conftest import synthetic_text
+from helpers import synthetic_text
 
 from lacy_stream.cli import EXIT_TOO_MANY_SKIPS, main
 from lacy_stream.shards.documents import DOCUMENT_SKIP_REASONS, SHARD_SKIP_REASONS, ReadStats

@@ -9,7 +9,7 @@ import tarfile
 
 import pytest
 import zstandard
-from conftest import tar_bytes
+from helpers import tar_bytes
 
 from lacy_stream.shards.documents import ReadStats
 from lacy_stream.shards.shard_reader import read_shard

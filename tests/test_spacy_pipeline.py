@@ -7,11 +7,11 @@ from itertools import islice
 
 import pytest
 import spacy
-from conftest import SHARED_DIR
 from spacy.language import Language
 from spacy.pipeline import AttributeRuler
 from spacy.tokens import Doc
 
+from helpers import SHARED_DIR
 from lacy_stream.annotate.spacy_pipeline import (
     POS_RULES_FACTORY,
     PosRules,
@@ -56,8 +56,6 @@ def pruned() -> Language:
 
 @pytest.fixture(scope="module")
 def real_texts() -> list[str]:
-    if not DWIKI.exists():
-        pytest.skip(f"{DWIKI} not found (set LACY_SHARED_DIR)")
     with DWIKI.open() as lines:
         return [json.loads(line)["text"] for line in islice(lines, REAL_DOCUMENTS)]
 
@@ -76,6 +74,8 @@ def assert_same_annotations(expected: list[Doc], actual: list[Doc]) -> None:
         assert annotations(got) == annotations(want), f"document {number}: {want.text[:80]!r}"
 
 
+@pytest.mark.needs_shared
+@pytest.mark.slow
 def test_pruned_matches_full_on_real_documents(
     full: Language, pruned: Language, real_texts: list[str]
 ) -> None:

@@ -14,7 +14,7 @@ from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import lacy_stream.trainer.parallelize as parallelize_module
-from conftest import make_corpus
+from helpers import make_corpus
 from lacy_stream.config.job_config import load_job_config
 from lacy_stream.distributed import init_distributed
 from lacy_stream.trainer.metrics import StepTimer
@@ -100,6 +100,7 @@ def one_process_group(dtype: str):
 
 @pytest.mark.timeout(300)
 @pytest.mark.parametrize(("dtype", "method"), [("fp32", "lacy"), ("bf16", "lacy"), ("bf16", "rho1")])
+@pytest.mark.slow
 def test_a_training_step_reads_nothing_back_from_the_device(tmp_path, tokenizer_path, dtype, method):
     """Masks, budgets, counts, the loss, gradient clipping and the optimizer step run without a single host read;
     the batches are read beforehand (the loader's work is the host's own)."""

@@ -14,12 +14,10 @@ from pathlib import Path
 
 import pytest
 
-from conftest import make_corpus
+from helpers import REPO, make_corpus
 from lacy_stream import stop_signals
 from lacy_stream.checkpoint import CheckpointManager
 from lacy_stream.cli import EXIT_INTERRUPTED
-
-REPO = Path(__file__).resolve().parents[1]
 
 
 def test_a_signal_is_recorded_and_a_second_one_acts(tmp_path):
@@ -64,6 +62,7 @@ def finish(process: subprocess.Popen) -> tuple[str, str]:
 
 @pytest.mark.timeout(200)
 @pytest.mark.parametrize("stop", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+@pytest.mark.slow
 def test_a_signal_to_the_process_group_saves_and_exits_75(tmp_path, tokenizer_path, stop):
     process, run_dir = start_training(tmp_path, tokenizer_path)
     wait_for_steps(process, run_dir, 2)
@@ -77,6 +76,7 @@ def test_a_signal_to_the_process_group_saves_and_exits_75(tmp_path, tokenizer_pa
 
 
 @pytest.mark.timeout(200)
+@pytest.mark.slow
 def test_a_signal_while_the_program_loads_exits_75_without_a_traceback(tmp_path, tokenizer_path):
     process, run_dir = start_training(tmp_path, tokenizer_path)
     time.sleep(0.5)  # torch and the command line are still loading
@@ -100,3 +100,25 @@ def test_a_second_sigterm_ends_the_process_at_once():
     )
     finished = subprocess.run([sys.executable, "-c", program], cwd=REPO, timeout=60)
     assert finished.returncode == -signal.SIGTERM
+
+
+def test_a_worker_ignores_sigint_and_outlives_a_sigterm_for_its_grace_period_only():
+    program = (
+        "import time\n"
+        "from lacy_stream import stop_signals\n"
+        "stop_signals.leave_to_the_main_process(grace_s=1)\n"
+        "print('ready', flush=True)\n"
+        "time.sleep(30)\n"
+    )
+    worker = subprocess.Popen([sys.executable, "-c", program], cwd=REPO, stdout=subprocess.PIPE, text=True)
+    try:
+        assert worker.stdout.readline().strip() == "ready"
+        worker.send_signal(signal.SIGINT)
+        worker.send_signal(signal.SIGTERM)
+        time.sleep(0.3)
+        assert worker.poll() is None  # still serving the trainer, which ends it when it is done
+        worker.send_signal(signal.SIGTERM)  # a second one does not move the deadline
+        assert worker.wait(timeout=10) == -signal.SIGALRM
+    finally:
+        worker.kill()
+        worker.wait()

@@ -10,12 +10,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import make_corpus, synthetic_text
+from helpers import make_corpus, synthetic_text
 
 from lacy_stream.annotate import student_labeler
 from lacy_stream.annotate.annotate_shards import annotate_shards
 from lacy_stream.annotate.distill import distill
-from lacy_stream.annotate.labeling import DocumentLabeler, build_annotator
+from lacy_stream.annotate.labeling import Audit, DocumentLabeler, audit_figures, build_annotator
 from lacy_stream.annotate.student_labeler import (
     BEGIN,
     BEGIN_PERSON,
@@ -24,10 +24,12 @@ from lacy_stream.annotate.student_labeler import (
     StudentError,
     resolve_pieces,
 )
+from lacy_stream.cli import main
 from lacy_stream.config.job_config import AnnotationConfig
 from lacy_stream.data.loader import TokenLoader, check_annotation_config
 from lacy_stream.labels import TokenClass
-from lacy_stream.shards.documents import ReadStats
+from lacy_stream.bench.annotation import cores_to_keep_up
+from lacy_stream.shards.documents import Document, ReadStats
 from lacy_stream.shards.shard_reader import read_shard
 from lacy_stream.shards.specs import expand_shard_spec
 from lacy_stream.tokenizer import Tokenizer, train_tokenizer
@@ -130,7 +132,25 @@ def test_distillation_reports_agreement_with_the_teacher(student):
     assert report["held_out"]["pieces"] > 0 and report["held_out"]["agreement"] > 0.4
 
 
-def student_loader(directory: Path, tokenizer_path: str, student_path: str, workers: int) -> TokenLoader:
+@pytest.mark.slow
+@pytest.mark.timeout(120)
+def test_distill_labeler_command_writes_a_student_the_loader_labels_with(tmp_path, tokenizer_path, capsys):
+    make_corpus(tmp_path / "corpus", shards=2, docs_per_shard=6)
+    out = tmp_path / "student.pt"
+    with pytest.raises(SystemExit) as exit_info:
+        main(["distill-labeler", "--shards", str(tmp_path / "corpus"), "--tokenizer", tokenizer_path, "--out", str(out),
+              "--epochs", "1", "--workers", "1", "--no-cache"])
+    output = capsys.readouterr()
+    assert exit_info.value.code == 0, output.err
+    report = json.loads(output.out)
+    assert report["documents"] == 12 and report["training_pieces"] > 0 and report["held_out"]["pieces"] > 0
+    assert f"wrote {out}; use it with --annotation.labeler=student:{out}" in output.err
+    batch = next(iter(student_loader(tmp_path / "corpus", tokenizer_path, str(out), workers=0)))
+    assert set(batch["token_class"].unique().tolist()) <= {-1, FACT, OTHER, GRAMMAR}
+
+
+def student_loader(directory: Path, tokenizer_path: str, student_path: str, workers: int,
+                   audit_ratio: float = 0.0) -> TokenLoader:
     return TokenLoader(
         expand_shard_spec(str(directory)),
         tokenizer_path,
@@ -138,7 +158,7 @@ def student_loader(directory: Path, tokenizer_path: str, student_path: str, work
         batch_size=2,
         num_workers=workers,
         seed=1,
-        annotation=AnnotationConfig(labeler=f"student:{student_path}"),
+        annotation=AnnotationConfig(labeler=f"student:{student_path}", audit_ratio=audit_ratio),
     )
 
 
@@ -168,6 +188,63 @@ def test_exact_resume_with_a_student(tmp_path, tokenizer_path, student):
     for want, got in zip(expected, resumed):
         for name in want:
             torch.testing.assert_close(want[name], got[name], rtol=0, atol=0, equal_nan=True, msg=name)
+
+
+def test_the_audit_counts_the_students_agreement_with_spacy_and_resume_stays_exact(tmp_path, tokenizer_path, student):
+    """Every document audited: the counts describe all the pieces the student labeled, the figures follow from
+    them, and the batches are those of a run without an audit, before and after a resume."""
+    make_corpus(tmp_path / "shards", shards=2, docs_per_shard=[4, 3])
+    audited = student_loader(tmp_path / "shards", tokenizer_path, student[0], workers=1, audit_ratio=1.0)
+    plain = student_loader(tmp_path / "shards", tokenizer_path, student[0], workers=1)
+    iterator = iter(audited)
+    first = [next(iterator) for _ in range(3)]
+    state = audited.state_dict()
+    expected = [next(iterator) for _ in range(6)]
+    for want, got in zip(first + expected, plain):
+        torch.testing.assert_close(want["token_class"], got["token_class"], rtol=0, atol=0)
+    counts = audited.label_counts()
+    assert counts["audit_documents"] == counts["annotated"] > 0 and counts["audit_pieces"] > 0
+    figures = audit_figures(counts)
+    assert figures["student_agreement"] == counts["audit_agree"] / counts["audit_pieces"]
+    assert 0 <= figures["student_fact_precision"] <= 1 and 0 <= figures["student_fact_recall"] <= 1
+    resumed = student_loader(tmp_path / "shards", tokenizer_path, student[0], workers=1, audit_ratio=1.0)
+    resumed.load_state_dict(state)
+    for want, got in zip(expected, resumed):
+        for name in want:
+            torch.testing.assert_close(want[name], got[name], rtol=0, atol=0, equal_nan=True, msg=name)
+
+
+def test_the_audit_samples_the_same_share_of_documents_wherever_it_runs():
+    documents = [Document(synthetic_text(random.Random(seed), 2), str(seed), "mem://", 0, seed) for seed in range(2000)]
+    audit = Audit(annotator=None, ratio=0.1)
+    sampled = [doc.key for doc in documents if audit.samples(doc)]
+    assert 150 < len(sampled) < 250
+    assert sampled == [doc.key for doc in documents if Audit(annotator=None, ratio=0.1).samples(doc)]
+
+
+def test_the_trainer_logs_the_audit_and_warns_below_the_minimum(tmp_path, tokenizer_path, student, monkeypatch, caplog):
+    from helpers import logged, overrides
+
+    from lacy_stream.config.job_config import load_job_config
+    from lacy_stream.trainer import train as train_module
+
+    monkeypatch.setattr(train_module, "MIN_AUDITED_PIECES", 1)
+    make_corpus(tmp_path / "corpus", shards=1, docs_per_shard=4)
+    args = overrides(tmp_path / "corpus", tokenizer_path, tmp_path / "run", "--train.steps=2",
+                     "--checkpoint.export_hf=false", f"--annotation.labeler=student:{student[0]}",
+                     "--annotation.audit_ratio=1.0", "--annotation.audit_min_agreement=1.0")
+    args.remove("--annotation.enabled=false")
+    train_module.train(load_job_config(None, args))
+    record = logged(tmp_path / "run")[-1]
+    assert 0 < record["annotation/student_agreement"] <= 1 and record["annotation/audited_pieces"] > 0
+    warnings = [r.message for r in caplog.records if "agrees with spaCy" in r.message]
+    assert len(warnings) == 1 and "below annotation.audit_min_agreement = 100%" in warnings[0]
+
+
+def test_the_planner_rounds_up_to_whole_cores():
+    plan = cores_to_keep_up({"spacy": 9_000, "student": 130_000}, {"334m": 68_647, "1.3b": 31_443})
+    assert plan == [{"consumer": "334m", "gpu_tokens_per_s": 68_647, "spacy_cores": 8, "student_cores": 1},
+                    {"consumer": "1.3b", "gpu_tokens_per_s": 31_443, "spacy_cores": 4, "student_cores": 1}]
 
 
 def test_offline_shards_annotated_by_a_student_serve_a_student_run(tmp_path, tokenizer_path, student):

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import make_corpus, spawn_gloo
+from helpers import REPO, logged, losses_by_step, make_corpus, overrides, spawn_gloo, train_on_rank
 from lacy_stream.checkpoint import CheckpointManager
 from lacy_stream.cli import main as cli_main
 from lacy_stream.config.job_config import RUN_CONFIGS, ConfigError, load_job_config
@@ -26,36 +26,8 @@ from lacy_stream.trainer.optimizer import build_optimizer
 from lacy_stream.trainer.train import micro_batches_per_step, train
 
 # call_loss is logged only when something was called; mfu only on a GPU of the peak-FLOPs table.
-REPO = Path(__file__).resolve().parents[1]
-
 REQUIRED_METRICS = ("loss", "noncall_loss", "call_ratio", "fact_ratio", "tokens_per_s", "grad_norm",
                     "lr", "data_wait_share", "data/docs")
-
-
-def overrides(corpus: Path, tokenizer_path: str, run_dir: Path, *extra: str) -> list[str]:
-    return [
-        f"--data.shards={corpus}",
-        f"--tokenizer.path={tokenizer_path}",
-        f"--train.run_dir={run_dir}",
-        "--model.preset=tiny",
-        "--model.max_seq_len=32",
-        "--data.seq_len=32",
-        "--data.batch_size=2",
-        "--data.num_workers=0",
-        "--annotation.enabled=false",
-        "--optimizer.lr=3e-3",
-        "--optimizer.warmup_steps=2",
-        "--train.log_every=1",
-        *extra,
-    ]
-
-
-def logged(run_dir: Path) -> list[dict]:
-    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-
-
-def losses_by_step(run_dir: Path) -> dict[int, float]:
-    return {record["step"]: record["loss"] for record in logged(run_dir)}
 
 
 @pytest.fixture
@@ -128,11 +100,8 @@ def test_resumed_run_continues_with_the_same_losses(tmp_path, corpus, tokenizer_
         assert actual[step] == pytest.approx(expected[step], abs=1e-6), step
 
 
-def _train_on_rank(rank: int, world: int, config_args: list[str]) -> dict:
-    return train(load_job_config(None, config_args))
-
-
 @pytest.mark.timeout(180)
+@pytest.mark.slow
 def test_two_ranks_match_one_process_accumulating_two_micro_batches(tmp_path, corpus, tokenizer_path):
     # The same windows either way: the loader's slots are rank x workers + worker, and one process with two
     # workers takes its batches from worker 0 and worker 1 in turn, so micro-batch i of a step there is
@@ -141,7 +110,7 @@ def test_two_ranks_match_one_process_accumulating_two_micro_batches(tmp_path, co
     one = tmp_path / "one"
     train(load_job_config(None, overrides(corpus, tokenizer_path, one, "--data.num_workers=2", *common)))
     two = tmp_path / "two"
-    spawn_gloo(_train_on_rank, 2, tmp_path, overrides(corpus, tokenizer_path, two, *common))
+    spawn_gloo(train_on_rank, 2, tmp_path, overrides(corpus, tokenizer_path, two, *common))
 
     expected, actual = losses_by_step(one), losses_by_step(two)
     assert sorted(actual) == [1, 2, 3, 4]
@@ -221,6 +190,7 @@ def test_a_run_from_before_the_padded_vocabulary_loads_and_resumes_only_with_its
 
 
 @pytest.mark.timeout(300)
+@pytest.mark.slow
 def test_two_node_torchrun_on_localhost_trains(tmp_path, corpus, tokenizer_path):
     """scripts/multinode_train.sh on two "nodes" of one process each, meeting over TCP on localhost."""
     run_dir = tmp_path / "run"

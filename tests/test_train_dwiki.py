@@ -15,8 +15,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import SHARED_DIR
 
+from helpers import SHARED_DIR
 from lacy_stream.config.job_config import AnnotationConfig, DataConfig, load_job_config
 from lacy_stream.data.loader import TokenLoader
 from lacy_stream.inference.loading import load_lacy
@@ -29,12 +29,12 @@ from lacy_stream.trainer.train import train
 DWIKI = SHARED_DIR / "data" / "dwiki-dev.jsonl"
 SEQ_LEN = 64
 
+pytestmark = [pytest.mark.needs_shared, pytest.mark.slow]
+
 
 @pytest.fixture(scope="module")
 def dwiki_shards(tmp_path_factory) -> tuple[Path, str]:
     """dwiki as five shards of 150 documents, and a 1,000-piece tokenizer trained on the first 300 texts."""
-    if not DWIKI.is_file():
-        pytest.skip(f"{DWIKI} not found (set LACY_SHARED_DIR)")
     directory = tmp_path_factory.mktemp("dwiki")
     make_shards([str(DWIKI)], directory / "shards", docs_per_shard=150)
     texts = [json.loads(line)["text"] for line in itertools.islice(DWIKI.open(), 300)]

@@ -14,7 +14,7 @@ from urllib.parse import urlsplit
 
 import pytest
 import zstandard
-from conftest import tar_bytes
+from helpers import tar_bytes
 
 from lacy_stream.shards.documents import ReadStats
 from lacy_stream.shards.shard_reader import read_shard
@@ -435,6 +435,7 @@ def test_http_silent_server_times_out() -> None:
         assert time.monotonic() - started < 5.0
 
 
+@pytest.mark.slow
 def test_http_trickling_body_is_cut_off_at_the_deadline_then_the_shard_is_a_counted_skip(
     http_server: RunningServer,
 ) -> None:
@@ -449,6 +450,7 @@ def test_http_trickling_body_is_cut_off_at_the_deadline_then_the_shard_is_a_coun
     assert len(http_server.script.requests) == 2
 
 
+@pytest.mark.slow
 def test_http_trickling_body_without_retries_fails_after_one_deadline(http_server: RunningServer) -> None:
     http_server.script.files["/s/a.tar"] = shard_bytes(1000)
     http_server.script.trickles["/s/a.tar"] = 0.2
@@ -462,6 +464,7 @@ def test_http_trickling_body_without_retries_fails_after_one_deadline(http_serve
     assert time.monotonic() - started < 2.0
 
 
+@pytest.mark.slow
 def test_http_trickling_headers_are_cut_off_at_the_deadline(http_server: RunningServer) -> None:
     http_server.script.files["/s/a.tar"] = shard_bytes(1000)
     http_server.script.header_trickles["/s/a.tar"] = 0.1
@@ -472,6 +475,7 @@ def test_http_trickling_headers_are_cut_off_at_the_deadline(http_server: Running
     assert time.monotonic() - started < 2.0
 
 
+@pytest.mark.slow
 def test_http_deadline_counts_waiting_for_the_server_not_the_reader(http_server: RunningServer) -> None:
     data = shard_bytes(2_000_000)
     http_server.script.files["/s/a.tar"] = data

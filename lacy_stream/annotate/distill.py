@@ -280,10 +280,12 @@ def distill(
     cache = None
     if cache_dir is not None:
         cache = LabelCache(cache_dir, f"distill-targets|{teacher}|tokenizer:{file_digest(tokenizer_path)}", TARGET_COLUMNS)
-    texts, targets = [], []
+    texts, targets, origins = [], [], []
     for source in sources:
-        source_texts = [document["text"] for document in islice(read_documents(source), max_docs)]
+        documents = list(islice(read_documents(source), max_docs))
+        source_texts = [document["text"] for document in documents]
         texts += source_texts
+        origins += [document.get("source", source) for document in documents]
         targets += gather_targets(
             source_texts, tokenizer_path, spacy_model=spacy_model, cache=cache, source=source, workers=workers
         )
@@ -294,12 +296,20 @@ def distill(
     )
     student = StudentAnnotator(network, tokenizer, identity="distilling")
     teacher_classes = [targets[i]["token_class"] for i in held_out]
+    student_classes = [student.label_text(texts[i]).classes for i in held_out]
     available = sum(len(targets[i]["tokens"]) for i in training)
+    by_origin: dict[str, list[int]] = {}
+    for position, document in enumerate(held_out):
+        by_origin.setdefault(origins[document], []).append(position)
     report = {
         "documents": len(texts),
         "training_pieces": min(available, max_pieces or available),
         "training_s": round(time.monotonic() - started, 1),
-        "held_out": agreement(teacher_classes, [student.label_text(texts[i]).classes for i in held_out]),
+        "held_out": agreement(teacher_classes, student_classes),
+        "held_out_by_source": {
+            origin: agreement([teacher_classes[i] for i in positions], [student_classes[i] for i in positions])
+            for origin, positions in sorted(by_origin.items())
+        },
         "perfect_student": agreement(teacher_classes, [rules_on_targets(texts[i], targets[i], tokenizer) for i in held_out]),
     }
     save_student(out, network, tokenizer=file_digest(tokenizer_path), teacher=teacher, report=report)

@@ -18,6 +18,10 @@ tokenizer's range is counted in ``counts["stored_labels_corrupt"]``; a cache ent
 (see :mod:`.label_cache`) or has such ids in ``counts["cache_corrupt"]`` (``reference_cache_corrupt`` for
 reference losses). Either way the labels are computed again, with a warning once per shard or cache segment.
 
+With a student annotator and an :class:`Audit`, a deterministic sample of the documents the student labels
+is also labeled by spaCy, and the two compared piece by piece (``counts["audit_*"]``): the student's
+agreement on the user's own text, as the run goes.
+
 With a reference model (a :class:`TokenScorer`, :mod:`lacy_stream.inference.reference_loss`), every
 document also gets its per-token reference loss,
 from the first source that has it: the offline shard (same reference), the reference-loss cache, or the
@@ -30,6 +34,7 @@ import io
 import logging
 import sys
 import zipfile
+import zlib
 from collections import Counter
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Iterable, Iterator, Protocol, TypeVar
@@ -87,6 +92,7 @@ class DocumentLabeler:
         first_batch_size: int = 1,
         reference: TokenScorer | None = None,
         reference_cache: LabelCache | None = None,
+        audit: Audit | None = None,
     ) -> None:
         self.tokenizer = tokenizer
         self.annotator = annotator
@@ -96,6 +102,7 @@ class DocumentLabeler:
         self.cache = cache
         self.reference = reference
         self.reference_cache = reference_cache
+        self.audit = audit
         self.counts: Counter[str] = Counter()
         self._shard_caches: dict[str, ShardLabelCache] = {}
         self._reference_shard_caches: dict[str, ShardLabelCache] = {}
@@ -232,20 +239,44 @@ class DocumentLabeler:
             words = self.annotator.annotate(doc.text for doc in missing)
         else:
             words = iter([None] * len(missing))
+        annotated: list[tuple[Document, Labels]] = []
+        completed: list[tuple[Item, Document, Labels]] = []
         for item, doc, shard_cache, key, labels in waiting:
             if labels is None:
                 labels = self._annotate(doc, next(words))
                 self.counts["annotated"] += 1
+                annotated.append((doc, labels))
                 if shard_cache is not None and key is not None:
                     shard_cache.put(key, labels)
             if self.reference is not None and "ref_loss" not in labels:
                 labels["ref_loss"] = self._reference_loss(doc, key, labels["tokens"])
-            yield item, doc, labels
+            completed.append((item, doc, labels))
+        if self.audit is not None:  # before the batch goes on, so that the counts travel with it
+            self._audit([(doc, labels) for doc, labels in annotated if self.audit.samples(doc)])
+        yield from completed
         # A shard's entries are complete once a later shard has started: write them out.
         current = waiting[-1][1].url if waiting else None
         for caches in (self._shard_caches, self._reference_shard_caches):
             for url in [url for url in caches if url != current]:
                 caches.pop(url).flush()
+
+    def _audit(self, labeled: list[tuple[Document, Labels]]) -> None:
+        """spaCy's labels of the sampled documents against the student's, counted piece by piece."""
+        if not labeled:
+            return
+        teacher_words = self.audit.annotator.annotate(doc.text for doc, _ in labeled)
+        for (doc, student), words in zip(labeled, teacher_words):
+            teacher = self._annotate(doc, words)["token_class"]
+            predicted = student["token_class"]
+            if len(teacher) != len(predicted):  # the same tokenizer over the same text: never, but do not guess
+                continue
+            fact, predicted_fact = teacher == TokenClass.FACT, predicted == TokenClass.FACT
+            self.counts["audit_documents"] += 1
+            self.counts["audit_pieces"] += len(teacher)
+            self.counts["audit_agree"] += int((teacher == predicted).sum())
+            self.counts["audit_fact_true_positive"] += int((fact & predicted_fact).sum())
+            self.counts["audit_fact_false_positive"] += int((~fact & predicted_fact).sum())
+            self.counts["audit_fact_false_negative"] += int((fact & ~predicted_fact).sum())
 
     def _reference_loss(self, doc: Document, key: bytes | None, tokens: np.ndarray) -> np.ndarray:
         shard_cache = None
@@ -306,6 +337,35 @@ class DocumentLabeler:
         judge[:] = JUDGE_KEEP
         judge[called] = JUDGE_CALL
         return judge
+
+
+class Audit:
+    """spaCy (``annotator``) labeling the share ``ratio`` of the documents a student labels, chosen by a hash of
+    the text, so the same documents are audited whatever the worker, the epoch or a resume."""
+
+    def __init__(self, annotator: FactAnnotator, ratio: float) -> None:
+        self.annotator = annotator
+        self.ratio = ratio
+
+    def samples(self, doc: Document) -> bool:
+        return zlib.crc32(doc.text.encode("utf-8", "surrogatepass")) < self.ratio * 2**32
+
+
+def audit_figures(counts: dict[str, int]) -> dict[str, float]:
+    """The student's agreement with spaCy, and its fact precision and recall, from the ``audit_*`` counts
+    (empty before any document was audited)."""
+    pieces = counts.get("audit_pieces", 0)
+    if not pieces:
+        return {}
+    true_positive = counts.get("audit_fact_true_positive", 0)
+    predicted = true_positive + counts.get("audit_fact_false_positive", 0)
+    actual = true_positive + counts.get("audit_fact_false_negative", 0)
+    return {
+        "student_agreement": counts.get("audit_agree", 0) / pieces,
+        "student_fact_precision": true_positive / predicted if predicted else 1.0,
+        "student_fact_recall": true_positive / actual if actual else 1.0,
+        "audited_pieces": pieces,
+    }
 
 
 def student_path(labeler: str) -> str | None:

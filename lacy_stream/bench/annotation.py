@@ -78,7 +78,11 @@ def bench_annotate(
     seq_len: int = 1024,
     options: StreamOptions = StreamOptions(),
     labeler: str = "spacy",
+    gpu_tokens_per_s: dict[str, float] | None = None,
 ) -> dict:
+    """Every case of the module docstring on the first ``max_docs`` documents of ``source``; with
+    ``gpu_tokens_per_s`` (a name -> the tokens/s a GPU trains at), the worker cores each labeler needs to keep
+    up with each (:func:`cores_to_keep_up`)."""
     documents = list(islice(read_documents(source, options=options), max_docs))
     student = None
     if student_path(labeler):
@@ -127,6 +131,9 @@ def bench_annotate(
         scaling = [_loader_throughput(urls, tokenizer_path, count, spacy_model, batch_size, seq_len, path["tokens"])
                    for count in range(1, workers + 1)]
 
+    per_core = {"spacy": path["tokens_per_s"]}
+    if comparison:
+        per_core["student"] = comparison["full_path"]["tokens_per_s"]
     single = scaling[0]["tokens_per_s"]
     for row in scaling:
         row["speedup"] = round(row["tokens_per_s"] / single, 2)
@@ -147,7 +154,19 @@ def bench_annotate(
         "workers": scaling,
         "labels": {**path["labels"], "word_fact_fraction": round(float((word_classes == TokenClass.FACT).mean()), 4)},
         "student": comparison,
+        "keep_up": cores_to_keep_up(per_core, gpu_tokens_per_s or {}),
     }
+
+
+def cores_to_keep_up(tokens_per_s_per_core: dict[str, float], gpu_tokens_per_s: dict[str, float]) -> list[dict]:
+    """For each GPU consumer (name -> tokens/s it trains at), the worker cores each labeler (name -> tokens/s
+    its full path labels on one core) needs to feed it: consumption over per-core throughput, rounded up to
+    whole cores (dataloader workers scale about linearly with cores: the ``workers`` case measures it)."""
+    return [
+        {"consumer": consumer, "gpu_tokens_per_s": rate,
+         **{f"{labeler}_cores": math.ceil(rate / per_core) for labeler, per_core in tokens_per_s_per_core.items()}}
+        for consumer, rate in gpu_tokens_per_s.items()
+    ]
 
 
 def _student_report(

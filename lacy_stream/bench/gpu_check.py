@@ -53,6 +53,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from ..markdown import markdown_table
+
 SHARES = {"environment": 0.02, "kernel_correctness": 0.08, "kernel_speed": 0.15, "training": 0.62, "keep_up": 0.08,
           "multi_gpu": 0.05}
 """Each section's share of the time budget."""
@@ -430,7 +432,7 @@ def keep_up(section: Section, scale: Scale, work: Path, corpus: str | None, trai
     corpus, briefly: its speed, not its quality, is measured), and the worker cores each needs to feed one GPU
     at the throughput the training section measured per preset."""
     from ..annotate.distill import distill
-    from .annotation import bench_annotate
+    from .annotation import bench_annotate, cores_to_keep_up
 
     if missing_training_packages():
         raise Skip("the training packages are missing (see the training section)")
@@ -447,10 +449,8 @@ def keep_up(section: Section, scale: Scale, work: Path, corpus: str | None, trai
     for row in training_section.get("rows", []):
         if row.get("tokens_per_s") and row["variant"] == "bf16, V padded":
             gpu_tokens_per_s[row["preset"]] = max(gpu_tokens_per_s.get(row["preset"], 0), row["tokens_per_s"])
-    cores = [{"preset": preset, "gpu_tokens_per_s": rate,
-              **{f"{labeler}_cores": round(rate / per_core[labeler], 2) for labeler in per_core}}
-             for preset, rate in gpu_tokens_per_s.items()]
-    return {"tokens_per_s_per_core": per_core, "documents": report["documents"], "cores_per_gpu": cores,
+    return {"tokens_per_s_per_core": per_core, "documents": report["documents"],
+            "cores_per_gpu": cores_to_keep_up(per_core, gpu_tokens_per_s),
             "student_agreement": report["student"]["agreement"], "student_training_s": distilled["training_s"]}
 
 
@@ -500,21 +500,19 @@ def render_markdown(summary: dict[str, Any]) -> str:
         body = {key: value for key, value in section.items() if key not in ("status", "detail", "seconds", "share_s")}
         for key, value in body.items():
             if key == "rows":
-                lines += _markdown_table(value)
+                lines += _table_of_records(value)
             else:
                 lines.append(f"- {key}: {json.dumps(value)}")
         lines.append("")
     return "\n".join(lines)
 
 
-def _markdown_table(rows: list[dict[str, Any]]) -> list[str]:
+def _table_of_records(rows: list[dict[str, Any]]) -> list[str]:
+    """A section's rows as a markdown table, one column per key of any row."""
     if not rows:
         return ["(no rows)"]
     columns = list(dict.fromkeys(key for row in rows for key in row))
-    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
-    for row in rows:
-        lines.append("| " + " | ".join(str(row.get(key, "")) for key in columns) + " |")
-    return lines + [""]
+    return [markdown_table(columns, [[row.get(key, "") for key in columns] for row in rows]), ""]
 
 
 def _nvidia_smi(field: str) -> str | None:

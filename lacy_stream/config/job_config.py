@@ -70,6 +70,11 @@ class AnnotationConfig:
     """Write labels through to the label cache so that later epochs skip spaCy."""
     cache_dir: str = ""
     """Label cache root; empty: ``$LACY_CACHE_DIR/labels`` or ``~/.cache/lacy-stream/labels``."""
+    audit_ratio: float = 0.02
+    """With a student labeler, the share of documents the dataloader workers also label with spaCy, to report
+    how well the student agrees (``annotation/student_agreement`` in the metrics); 0: no audit."""
+    audit_min_agreement: float = 0.9
+    """Warn when the audited agreement falls below this."""
 
 
 @dataclass
@@ -176,7 +181,8 @@ _POSITIVE = {("data", "seq_len"), ("data", "batch_size"), ("data", "max_doc_char
 _NON_NEGATIVE = {("data", "num_workers"), ("model", "max_seq_len"), ("optimizer", "weight_decay"),
                  ("optimizer", "grad_clip"), ("optimizer", "warmup_steps"), ("train", "global_batch_tokens")}
 _FRACTIONS = {("optimizer", "beta1"), ("optimizer", "beta2"), ("optimizer", "min_lr_ratio")}
-_CLOSED_FRACTIONS = {("loss", "call_ratio"), ("loss", "ignore_ratio"), ("data", "max_skip_ratio")}  # may be 1
+_CLOSED_FRACTIONS = {("loss", "call_ratio"), ("loss", "ignore_ratio"), ("data", "max_skip_ratio"),
+                     ("annotation", "audit_ratio"), ("annotation", "audit_min_agreement")}  # may be 1
 
 
 def validate(config: JobConfig) -> None:

@@ -46,7 +46,7 @@ from ..annotate.label_cache import (
     default_cache_dir,
     file_digest,
 )
-from ..annotate.labeling import DocumentLabeler, Labels, TokenScorer, build_annotator, student_path
+from ..annotate.labeling import Audit, DocumentLabeler, Labels, TokenScorer, build_annotator, student_path
 from ..annotate.spacy_pipeline import resolve_model
 from ..config.job_config import AnnotationConfig, DataConfig
 from ..shards.documents import MAX_SKIP_RATIO, Document, ReadStats, TooManySkipsError
@@ -307,6 +307,10 @@ def build_labeler(
             max_doc_chars=max_doc_chars,
         )
     labeler = DocumentLabeler(tokenizer, annotator, batch_size=annotation.batch_size)
+    if annotator is not None and student_path(annotation.labeler) and annotation.audit_ratio > 0:
+        teacher = build_annotator("spacy", tokenizer, spacy_model=annotation.spacy_model,
+                                  batch_size=annotation.batch_size, max_doc_chars=max_doc_chars)
+        labeler.audit = Audit(teacher, annotation.audit_ratio)
     cache_root = annotation.cache_dir or default_cache_dir()
     if annotation.cache and annotator is not None:
         labeler.cache = _opened_cache(cache_root, labeler.identity, LABEL_CACHE_COLUMNS)
@@ -399,7 +403,7 @@ class TokenLoader:
                 prefetch_factor=prefetch_factor if num_workers > 0 else None,
                 persistent_workers=False,
                 # A stop signal to the process group is the trainer's to act on: it saves, then ends the workers.
-                worker_init_fn=_ignore_stop_signals,
+                worker_init_fn=_leave_stop_signals_to_the_trainer,
                 # The workers' base seed from a generator of the loader's own, not torch's global one: drawing it
                 # there would shift the trainer's random stream by when a resumed run starts its iterator.
                 generator=torch.Generator().manual_seed(seed),
@@ -441,8 +445,9 @@ class TokenLoader:
         return layout
 
     def __iter__(self) -> Iterator[dict]:
+        batches = iter(self.loader)
         try:
-            yield from self.loader
+            yield from batches
         except TooManySkipsError as error:
             # From a worker process, the error's message is the worker's whole traceback; its own message,
             # the traceback's last line, is what the user needs.
@@ -450,6 +455,12 @@ class TokenLoader:
             if message == str(error):
                 raise
             raise TooManySkipsError(message) from None
+        finally:
+            # The workers end now rather than when the iterator is collected: an error's traceback can hold it
+            # until the interpreter exits, where workers, which outlive a SIGTERM for a while, would delay the exit.
+            shutdown = getattr(batches, "_shutdown_workers", None)
+            if shutdown is not None:
+                shutdown()
 
     def read_stats(self) -> dict:
         """This rank's read counters, summed over its workers as of the last batch handed out."""
@@ -482,5 +493,5 @@ def _dataset_states(loader_state: dict) -> list[dict]:
     return [worker["dataset_state"] for worker in workers.values() if worker.get("dataset_state")]
 
 
-def _ignore_stop_signals(worker_id: int) -> None:
-    stop_signals.ignore()
+def _leave_stop_signals_to_the_trainer(worker_id: int) -> None:
+    stop_signals.leave_to_the_main_process()

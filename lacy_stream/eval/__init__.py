@@ -15,8 +15,9 @@ One module per evaluation, each usable on its own from Python:
   throughput with and without the cascade;
 * :mod:`.fact_leakage` – PopQA long-tail and BIG-bench QA Wikidata answered 3-shot without calls, scored by
   contained gold answers (Sec. 5.3);
-* :mod:`.report` – runs the sections of an ``EvalConfig`` into ``report.json`` and ``report.md``
-  (``run_eval``); :mod:`.options` holds the ``lacy-stream eval`` options and turns them into the config;
+* :mod:`.runner` – runs the sections of an ``EvalConfig`` (:mod:`.config`, with the paper's settings) into
+  ``report.json`` and ``report.md`` (``run_eval``); :mod:`lacy_stream.cli.evaluation` turns the
+  ``lacy-stream eval`` options into the config;
 * :mod:`.compare` – finished runs of several methods side by side (``lacy-stream compare``).
 
 Shared pieces: :mod:`.scoring` (the model's next-token statistics with and without ``<CALL>``),

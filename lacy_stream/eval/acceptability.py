@@ -38,6 +38,7 @@ from ..annotate.annotation import FactAnnotator
 from ..annotate.labeling import DocumentLabeler
 from ..inference.loading import LacyModel
 from ..labels import TokenClass
+from ..markdown import markdown_table
 from ..shards.documents import Document
 from ..tokenizer import Tokenizer
 from .chat_endpoint import ChatEndpoint
@@ -170,16 +171,18 @@ class AcceptabilityResult:
             "",
             self.note,
             "",
-            "| group | bucket | loss range | mean loss | tokens | accuracy | judged | acceptability |",
-            "|---|---|---|---|---|---|---|---|",
+            markdown_table(
+                ["group", "bucket", "loss range", "mean loss", "tokens", "accuracy", "judged", "acceptability"],
+                [
+                    [row.group, row.bucket, f"{row.loss_from:.2f}–{row.loss_to:.2f}", f"{row.mean_loss:.2f}",
+                     row.tokens, f"{row.accuracy:.3f}", row.judged,
+                     "–" if row.acceptability is None else f"{row.acceptability:.3f}"]
+                    for row in self.rows
+                ],
+            ),
+            "",
+            f"![accuracy and acceptability by loss bucket]({self.plot})",
         ]
-        for row in self.rows:
-            acceptability = "–" if row.acceptability is None else f"{row.acceptability:.3f}"
-            lines.append(
-                f"| {row.group} | {row.bucket} | {row.loss_from:.2f}–{row.loss_to:.2f} | {row.mean_loss:.2f} | "
-                f"{row.tokens} | {row.accuracy:.3f} | {row.judged} | {acceptability} |"
-            )
-        lines += ["", f"![accuracy and acceptability by loss bucket]({self.plot})"]
         return "\n".join(lines)
 
 

@@ -38,6 +38,7 @@ from ..config.job_config import AnnotationConfig, DataConfig
 from ..data.loader import TokenLoader
 from ..inference.loading import LacyModel, load_lacy
 from ..labels import JUDGE_CALL, JUDGE_UNKNOWN, TokenClass
+from ..markdown import markdown_table
 from .plotting import new_figure
 from .scoring import TokenStatistics, token_statistics
 from .validation import call_mask
@@ -118,18 +119,20 @@ class Comparison:
             f"{len(self.runs)} runs on {self.windows} held-out windows of {self.seq_len} tokens from `{self.val_shards}`; "
             f"call masks C_M = the top {self.call_ratio:.0%} `<CALL>` logits per batch (Appendix A.4.3).",
             "",
-            "| run | method | steps | call loss | non-call loss | baseline call loss on C_M | baseline non-call loss "
-            "on C_M | facts in C_M | judge in C_M | fact/other AUC | cascade call rate | cascade tokens/s | flags |",
-            "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+            markdown_table(
+                ["run", "method", "steps", "call loss", "non-call loss", "baseline call loss on C_M",
+                 "baseline non-call loss on C_M", "facts in C_M", "judge in C_M", "fact/other AUC",
+                 "cascade call rate", "cascade tokens/s", "flags"],
+                [
+                    [run.name, f"`{run.method}`", run.steps, _number(score.call_loss), _number(score.non_call_loss),
+                     _number(score.baseline_call_loss), _number(score.baseline_non_call_loss),
+                     _share(score.fact_share_of_calls), _share(score.judge_share_of_calls),
+                     _number(score.fact_call_auc, 3), _share(score.cascade_call_rate),
+                     _number(score.cascade_tokens_per_s, 1), "; ".join(run.flags)]
+                    for run, score in zip(self.runs, self.scores)
+                ],
+            ),
         ]
-        for run, score in zip(self.runs, self.scores):
-            cells = [
-                run.name, f"`{run.method}`", str(run.steps), _number(score.call_loss), _number(score.non_call_loss),
-                _number(score.baseline_call_loss), _number(score.baseline_non_call_loss),
-                _share(score.fact_share_of_calls), _share(score.judge_share_of_calls), _number(score.fact_call_auc, 3),
-                _share(score.cascade_call_rate), _number(score.cascade_tokens_per_s, 1), "; ".join(run.flags) or "",
-            ]
-            lines.append("| " + " | ".join(cells) + " |")
         first = self.scores[0]
         judge = "no judge markup" if first.judge_share is None else f"{first.judge_share:.1%} judge-delegated"
         lines += ["", f"Targets: {first.fact_share:.1%} facts, {judge} (the shares a random call mask would have)."]

@@ -38,6 +38,7 @@ from pathlib import Path
 from ..inference.call_policy import NeverCall
 from ..inference.generate import generate
 from ..inference.loading import LacyModel
+from ..markdown import markdown_table
 
 SHOTS = 3
 MAX_ANSWER_TOKENS = 16
@@ -199,20 +200,28 @@ class FactLeakageResult:
             "newline; an example leaks when the gold answer or an alias is contained (whole words, "
             f"normalised). Lower is better. All answers: `{self.outputs_file}`.",
             "",
-            "| dataset | examples | contained | accuracy |",
-            "|---|---|---|---|",
+            markdown_table(
+                ["dataset", "examples", "contained", "accuracy"],
+                [
+                    [result.dataset, result.examples, result.contained,
+                     "–" if result.accuracy is None else f"{result.accuracy:.4f}"]
+                    for result in self.datasets
+                ],
+            ),
         ]
         for result in self.datasets:
-            accuracy = "–" if result.accuracy is None else f"{result.accuracy:.4f}"
-            lines.append(f"| {result.dataset} | {result.examples} | {result.contained} | {accuracy} |")
-        for result in self.datasets:
             lines += ["", f"**{result.dataset}** demonstrations: " + "; ".join(f"`{d}`" for d in result.demonstrations)]
-            lines += ["", "| prompt | answer | gold | contained |", "|---|---|---|---|"]
-            for sample in result.samples:
-                lines.append(
-                    f"| {_cell(sample.prompt)} | {_cell(sample.output)} | {_cell(sample.answers[0])} | "
-                    f"{'yes' if sample.contained else 'no'} |"
-                )
+            lines += [
+                "",
+                markdown_table(
+                    ["prompt", "answer", "gold", "contained"],
+                    [
+                        [_cell(sample.prompt), _cell(sample.output), _cell(sample.answers[0]),
+                         "yes" if sample.contained else "no"]
+                        for sample in result.samples
+                    ],
+                ),
+            ]
         return "\n".join(lines)
 
 

@@ -31,6 +31,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from ..markdown import markdown_table
 from .chat_endpoint import ChatEndpoint
 
 GenerateFn = Callable[[str], str]
@@ -178,10 +179,11 @@ class FactScoreResult:
         if self.judge is not None:
             lines += [
                 "",
-                "| FactScore | respond ratio | facts per response | unclear verdicts |",
-                "|---|---|---|---|",
-                f"| {_number(self.score, '.4f')} | {_number(self.respond_ratio, '.3f')} | "
-                f"{_number(self.facts_per_response, '.1f')} | {self.unclear_verdicts} |",
+                markdown_table(
+                    ["FactScore", "respond ratio", "facts per response", "unclear verdicts"],
+                    [[_number(self.score, ".4f"), _number(self.respond_ratio, ".3f"),
+                      _number(self.facts_per_response, ".1f"), self.unclear_verdicts]],
+                ),
             ]
         return "\n".join(lines)
 

@@ -23,6 +23,7 @@ from ..inference.call_policy import CallPolicy, NeverCall, policy_from_name
 from ..inference.generate import Generation, TokenSource, generate
 from ..inference.loading import LacyModel
 from ..inference.partners import Cascade, Partner, RagPartner, RagPrompt, person_from_prompt
+from ..markdown import markdown_table
 from .chat_endpoint import ChatEndpoint
 from .factscore import FactScoreResult, KnowledgeSource, bio_prompt, evaluate_factscore
 
@@ -135,10 +136,11 @@ class CascadeFactScoreResult:
             [
                 writer,
                 "",
-                "| policy | call rate | partner token share | tokens | tokens/s |",
-                "|---|---|---|---|---|",
-                f"| {self.policy['policy']} | {stats.call_rate:.3f} | {stats.partner_token_share:.3f} | "
-                f"{stats.tokens} | {stats.tokens_per_second:.1f} |",
+                markdown_table(
+                    ["policy", "call rate", "partner token share", "tokens", "tokens/s"],
+                    [[self.policy["policy"], f"{stats.call_rate:.3f}", f"{stats.partner_token_share:.3f}",
+                      stats.tokens, f"{stats.tokens_per_second:.1f}"]],
+                ),
                 "",
                 f"Generations with their token sources: `{self.generations_file}`.",
                 "",
@@ -205,20 +207,22 @@ class ThroughputResult:
         return asdict(self) | {"cascade_vs_without_calls": self.cascade_vs_without_calls}
 
     def markdown(self) -> str:
-        lines = [
+        rows = [_stats_cells("without calls (`<CALL>` at -inf)", self.without_calls)]
+        if self.cascade is None:
+            conclusion = "No cascade partner (--cascade): the cascade was not measured."
+        else:
+            rows.append(_stats_cells(f"cascade with `{self.partner}`, {self.policy} policy", self.cascade))
+            ratio = self.cascade_vs_without_calls
+            shown = "– (nothing generated without calls)" if ratio is None else f"{ratio:.3f}"
+            conclusion = f"Cascade speed relative to generation without calls: {shown}."
+        return "\n".join([
             f"The first {self.prompts} FactScore prompts, up to {self.max_new_tokens} new tokens each, generated "
             "without calls and, with a partner, in the cascade, alternating prompt by prompt.",
             "",
-            "| generation | tokens | seconds | tokens/s | call rate | partner token share |",
-            "|---|---|---|---|---|---|",
-            _stats_row("without calls (`<CALL>` at -inf)", self.without_calls),
-        ]
-        if self.cascade is None:
-            return "\n".join([*lines, "", "No cascade partner (--cascade): the cascade was not measured."])
-        lines.append(_stats_row(f"cascade with `{self.partner}`, {self.policy} policy", self.cascade))
-        ratio = self.cascade_vs_without_calls
-        shown = "– (nothing generated without calls)" if ratio is None else f"{ratio:.3f}"
-        return "\n".join([*lines, "", f"Cascade speed relative to generation without calls: {shown}."])
+            markdown_table(["generation", "tokens", "seconds", "tokens/s", "call rate", "partner token share"], rows),
+            "",
+            conclusion,
+        ])
 
 
 def measure_throughput(generator: CascadeGenerator, entities: Sequence[str]) -> ThroughputResult:
@@ -250,8 +254,6 @@ def measure_throughput(generator: CascadeGenerator, entities: Sequence[str]) -> 
     )
 
 
-def _stats_row(name: str, stats: GenerationStats) -> str:
-    return (
-        f"| {name} | {stats.tokens} | {stats.seconds:.2f} | {stats.tokens_per_second:.1f} | "
-        f"{stats.call_rate:.3f} | {stats.partner_token_share:.3f} |"
-    )
+def _stats_cells(name: str, stats: GenerationStats) -> list[object]:
+    return [name, stats.tokens, f"{stats.seconds:.2f}", f"{stats.tokens_per_second:.1f}", f"{stats.call_rate:.3f}",
+            f"{stats.partner_token_share:.3f}"]

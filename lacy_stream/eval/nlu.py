@@ -19,6 +19,7 @@ from itertools import islice
 from pathlib import Path
 
 from ..inference.loading import LacyModel
+from ..markdown import markdown_table
 from .scoring import encode_pair, score_continuations
 
 ANSWER_CUE = "\nAnswer:"
@@ -70,13 +71,14 @@ class NluResult:
         return asdict(self)
 
     def markdown(self) -> str:
-        lines = ["| task | examples | acc | acc_norm |", "|---|---|---|---|"]
-        for task in self.tasks:
-            lines.append(
-                f"| {task.task} | {task.examples} | {_with_stderr(task.acc, task.acc_stderr)} | "
-                f"{_with_stderr(task.acc_norm, task.acc_norm_stderr)} |"
-            )
-        return "\n".join(lines)
+        return markdown_table(
+            ["task", "examples", "acc", "acc_norm"],
+            [
+                [task.task, task.examples, _with_stderr(task.acc, task.acc_stderr),
+                 _with_stderr(task.acc_norm, task.acc_norm_stderr)]
+                for task in self.tasks
+            ],
+        )
 
 
 def choice_loglikelihoods(

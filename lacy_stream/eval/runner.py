@@ -38,6 +38,7 @@ from typing import Protocol
 
 from ..inference.loading import LacyModel, load_lacy
 from ..inference.partners import partner_from_spec
+from ..markdown import markdown_table
 from .acceptability import evaluate_acceptability
 from .fact_leakage import (
     answer_without_calls,
@@ -113,12 +114,15 @@ class EvalReport:
             f"- baseline: {f'`{self.config.baseline}`' if self.config.baseline else 'none'}",
             f"- created: {self.created}",
             "",
-            "| section | status | time | note |",
-            "|---|---|---|---|",
+            markdown_table(
+                ["section", "status", "time", "note"],
+                [
+                    [section.name, section.status, f"{section.seconds:.1f} s" if section.status != "skipped" else "",
+                     section.reason or ""]
+                    for section in self.sections
+                ],
+            ),
         ]
-        for section in self.sections:
-            seconds = f"{section.seconds:.1f} s" if section.status != "skipped" else ""
-            lines.append(f"| {section.name} | {section.status} | {seconds} | {section.reason or ''} |")
         for section in self.sections:
             if section.status == "run":
                 lines += ["", f"## {section.name}", "", section.markdown]

@@ -32,6 +32,7 @@ from torch import Tensor
 
 from ..annotate.label_cache import file_digest
 from ..inference.loading import LacyModel
+from ..markdown import markdown_table
 from .heldout import pack_windows
 from .config import PAPER_CALL_RATIO
 from .scoring import TokenStatistics, token_statistics
@@ -113,12 +114,13 @@ class ValidationResult:
             f"{self.tokens} tokens of {self.documents} documents; C_M = {self.calls} positions "
             f"({self.call_ratio:.0%} per batch); `<CALL>` was the top logit at {self.top_call_rate:.2%} of tokens.",
             "",
-            "| scored by | call loss (A.5) | non-call loss (A.6) | total loss |",
-            "|---|---|---|---|",
-        ]
-        lines += [
-            f"| {name} | {losses.call_loss:.4f} | {losses.non_call_loss:.4f} | {losses.total_loss:.4f} |"
-            for name, losses in rows
+            markdown_table(
+                ["scored by", "call loss (A.5)", "non-call loss (A.6)", "total loss"],
+                [
+                    [name, f"{losses.call_loss:.4f}", f"{losses.non_call_loss:.4f}", f"{losses.total_loss:.4f}"]
+                    for name, losses in rows
+                ],
+            ),
         ]
         return "\n".join(lines)
 

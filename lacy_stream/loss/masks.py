@@ -29,6 +29,7 @@ from torch import Tensor
 
 from ..config.job_config import ConfigError, LossConfig
 from ..labels import JUDGE_CALL, TokenClass, TokenLabels
+from ..markdown import markdown_table
 from .implementation import IMPLEMENTATIONS
 
 
@@ -190,11 +191,13 @@ def get_method(name: str) -> Method:
 
 def methods_table() -> str:
     """The methods as a markdown table (the README's and ``train --help``'s)."""
-    rows = ["| method | call mask | ignore mask | needs |", "|---|---|---|---|"]
-    for method in METHODS.values():
-        needs = ", ".join(sorted(method.needs)) or "—"
-        rows.append(f"| `{method.name}` | {method.call_mask} | {method.ignore_mask} | {needs} |")
-    return "\n".join(rows)
+    return markdown_table(
+        ["method", "call mask", "ignore mask", "needs"],
+        [
+            [f"`{method.name}`", method.call_mask, method.ignore_mask, ", ".join(sorted(method.needs)) or "—"]
+            for method in METHODS.values()
+        ],
+    )
 
 
 def check_loss_config(loss: LossConfig) -> None:

@@ -274,6 +274,8 @@ def record_from_object(obj: object, where: str, fields: FieldNames, skips: ReadS
     record = {"id": doc_id, "title": title, "text": text}
     if annotated_text is not None:
         record["annotated_text"] = annotated_text
+    if isinstance(obj.get("source"), str):  # where a document of a mixed corpus comes from (packaged_corpus)
+        record["source"] = obj["source"]
     return record
 
 

@@ -18,14 +18,15 @@ RECORD_FILE_SUFFIXES = (".jsonl", ".jsonl.zst", ".parquet")
 def read_documents(
     source: str, *, options: StreamOptions = StreamOptions(), max_skip_ratio: float | None = None
 ) -> Iterator[dict]:
-    """``{"id", "text"}`` records (and ``annotated_text`` where the source has it) of ``source``, in order.
+    """``{"id", "text"}`` records (and ``annotated_text``, and for record files ``source``, where the source has
+    them) of ``source``, in order.
 
     With ``max_skip_ratio``, a source read to its end is checked as ``ReadStats.check_skips`` checks it.
     """
     stats = ReadStats()
     if source.startswith("hf:") or source.lower().endswith(RECORD_FILE_SUFFIXES):
         for record in iter_source_records(source, FieldNames(), stats):
-            yield {key: value for key, value in record.items() if key in ("id", "text", "annotated_text")}
+            yield {key: value for key, value in record.items() if key in ("id", "text", "annotated_text", "source")}
     else:
         parts: list[str] = []
         for shard, url in enumerate(expand_shard_spec(source, options)):

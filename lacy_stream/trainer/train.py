@@ -33,7 +33,7 @@ import math
 import random
 import sys
 from collections.abc import Callable, Iterator
-from contextlib import nullcontext
+from contextlib import closing, nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -48,6 +48,7 @@ from torch.distributed.tensor import DTensor
 
 from ..checkpoint import CheckpointManager, capture_rng_state, restore_rng_state
 from ..config.job_config import ConfigError, JobConfig
+from ..annotate.labeling import audit_figures, student_path
 from ..data.loader import TokenLoader
 from .. import stop_signals
 from ..distributed import host_group, init_distributed, rank, world_size
@@ -64,6 +65,12 @@ from .run_directory import RunLock, check_resume, record_config
 from ..tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
+
+DATA_WAIT_ADVICE_SHARE = 0.05
+"""A data wait above this share of the step time gets a line of advice (once per run)."""
+
+MIN_AUDITED_PIECES = 10_000
+"""Audited pieces below which the student's agreement is too uncertain to warn about."""
 
 # Sums over the micro-batches of a logging interval, in this order (see ``_micro_batch_counts``).
 COUNTS = ("valid", "facts", "calls", "call_loss_sum", "learned", "learned_loss_sum",
@@ -163,6 +170,8 @@ class _Trainer:
         )
         self.checkpoints = CheckpointManager(self.run_dir, keep=config.checkpoint.keep)
         self.host_group = host_group()
+        self._agreement_warned = False
+        self._data_wait_advised = False
         self.val_batches: list[dict[str, torch.Tensor]] | None = None
         self.step = 0
         self.tokens_seen = 0
@@ -183,17 +192,16 @@ class _Trainer:
             self._load_checkpoint()
         if self.rank == 0:
             record_config(self.run_dir, config, resuming_from)
-        batches = iter(self.loader)
         timer = StepTimer()
         totals = self._zero_totals()
         losses: list[torch.Tensor] = []
-        interrupted = False
         saved_step = self.checkpoints.latest()
         progress_lines = self.rank == 0 and not sys.stderr.isatty()  # a terminal shows the progress bar instead
         first_step = self.step
         # A stop requested while the run was being set up: nothing new to save.
         interrupted = self._any_rank(stop_signals.requested() is not None)
         with (
+            closing(iter(self.loader)) as batches,  # the workers end with the loop, even when it ends in an error
             MetricsLogger(self.run_dir, rank=self.rank, start_step=self.step) as metrics,
             self._progress() as bar,
         ):
@@ -310,6 +318,12 @@ class _Trainer:
         counts = dict(zip(COUNTS, self._sum_over_ranks(totals).tolist()))
         throughput = timer.summary()
         tokens_per_s = throughput["tokens_per_s"]
+        label_counts = self.loader.label_counts()
+        audit = audit_figures(label_counts)
+        if audit:
+            self._warn_on_low_agreement(audit)
+        if throughput["data_wait_share"] is not None and self.step > self.config.train.log_every:  # past start-up
+            self._advise_on_data_wait(throughput["data_wait_share"])
         return {
             "loss": torch.stack(losses).mean().item(),
             **_loss_breakdown(counts),
@@ -321,8 +335,42 @@ class _Trainer:
             "lr": lr,
             "mfu": mfu(tokens_per_s / self.ranks, self.flops_per_token, self.peak_flops) if tokens_per_s else None,
             "data_wait_share": throughput["data_wait_share"],
-            "data": {**self.loader.read_stats(), "labels": self.loader.label_counts()},  # this rank's counters
+            "data": {**self.loader.read_stats(), "labels": label_counts},  # this rank's counters
+            "annotation": audit or None,
         }
+
+    def _advise_on_data_wait(self, wait_share: float) -> None:
+        """Once per run, when the step waits for data: how many workers would feed it, or what else would."""
+        if self._data_wait_advised or wait_share <= DATA_WAIT_ADVICE_SHARE:
+            return
+        self._data_wait_advised = True
+        data = self.config.data
+        # The workers deliver what the step consumes now; without waiting it would consume 1 / (1 - wait) times more.
+        needed = math.ceil(max(data.num_workers, 1) / (1 - wait_share))
+        annotation = self.config.annotation
+        labeler = "a student" if student_path(annotation.labeler) else "spaCy"
+        labeling = f"labeling with {labeler}" if annotation.enabled else "reading"
+        log.warning(
+            "the step waits for data %.0f%% of its time: %d dataloader workers per rank %s keep up with %.0f%% of "
+            "it; about %d workers would feed it (data.num_workers), or a student labeler (annotation.labeler="
+            "student:PATH, ~13x spaCy per core), or the label cache of an earlier epoch (lacy-stream bench annotate "
+            "--gpu-tokens-per-s gives the cores each needs)", 100 * wait_share, data.num_workers, labeling,
+            100 * (1 - wait_share), needed,
+        )
+
+    def _warn_on_low_agreement(self, audit: dict[str, float]) -> None:
+        """Once per run: the student labels this corpus unlike spaCy (judged on enough audited pieces)."""
+        wanted = self.config.annotation.audit_min_agreement
+        if self._agreement_warned or audit["audited_pieces"] < MIN_AUDITED_PIECES or audit["student_agreement"] >= wanted:
+            return
+        self._agreement_warned = True
+        log.warning(
+            "the student labeler agrees with spaCy on %.1f%% of %d audited pieces of this corpus (fact precision "
+            "%.1f%%, recall %.1f%%), below annotation.audit_min_agreement = %.0f%%: distill a student on this "
+            "corpus, or label with spaCy (annotation.labeler=spacy)", 100 * audit["student_agreement"],
+            audit["audited_pieces"], 100 * audit["student_fact_precision"], 100 * audit["student_fact_recall"],
+            100 * wanted,
+        )
 
     def _zero_totals(self) -> torch.Tensor:
         return torch.zeros(len(COUNTS), dtype=torch.float64, device=self.device)

@@ -1,5 +1,7 @@
-"""The options of ``lacy-stream eval``, kept apart from the evaluation code so that building the command line
-does not import spaCy, transformers and the evaluation modules."""
+"""``eval`` (one model, every section of the paper's evaluation) and ``compare`` (finished runs side by side).
+
+Their options are read here and the evaluation modules imported only by the handlers, so that building the command
+line does not import spaCy, transformers and the evaluation modules."""
 
 from __future__ import annotations
 
@@ -9,10 +11,8 @@ from pathlib import Path
 
 import torch
 
-from ..inference.call_policy import POLICY_NAMES
-from ..inference.generate import MAX_NEW_TOKENS
-from .chat_endpoint import API_KEY_ENVIRONMENT_VARIABLE
-from .config import (
+from ..eval.chat_endpoint import API_KEY_ENVIRONMENT_VARIABLE
+from ..eval.config import (
     DEFAULT_CALL_RATE,
     DEFAULT_POLICY,
     DEFAULT_SECTIONS,
@@ -22,6 +22,8 @@ from .config import (
     EvalConfig,
     EvalInputs,
 )
+from ..inference.call_policy import POLICY_NAMES
+from ..inference.generate import MAX_NEW_TOKENS
 
 
 def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
@@ -102,7 +104,7 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
 
 def config_from_arguments(args: argparse.Namespace) -> EvalConfig:
     """The typed evaluation config of ``lacy-stream eval``'s arguments."""
-    from .chat_endpoint import ChatEndpoint
+    from ..eval.chat_endpoint import ChatEndpoint
 
     if bool(args.judge_url) != bool(args.judge_model):
         raise ValueError("a judge needs both --judge-url and --judge-model")
@@ -145,3 +147,51 @@ def config_from_arguments(args: argparse.Namespace) -> EvalConfig:
         loss_buckets=args.loss_buckets,
         spacy_model=args.spacy_model,
     )
+
+
+def run_eval(args: argparse.Namespace) -> int:
+    from ..eval import runner
+
+    return runner.run_eval(config_from_arguments(args))
+
+
+def add_compare_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--runs", nargs="+", required=True, help="run directories (lacy-stream train's run_dir)")
+    parser.add_argument("--val-shards", required=True, help="held-out shard URL spec, scored by every run")
+    parser.add_argument("--out", required=True, help="output directory: comparison.json, .md and .png")
+    parser.add_argument("--batches", type=int, default=8, help="held-out batches to score")
+    parser.add_argument("--batch-size", type=int, default=8, help="windows per batch (call masks are per batch)")
+    parser.add_argument("--seq-len", type=int, help="window length (default: the shortest training seq_len)")
+    parser.add_argument("--call-ratio", type=float, default=0.15, help="share of each batch in the call mask C_M")
+    parser.add_argument("--cascade", help="partner for calibrated cascade generation: hf:DIR, openai:URL#MODEL, lacy:PATH")
+    parser.add_argument("--prompts", type=int, default=3, help="FactScore prompts for --cascade")
+    parser.add_argument("--max-new-tokens", type=int, default=48, help="tokens per --cascade generation")
+    parser.add_argument("--factscore-entities", help="FactScore entities, one a line (default: from --shared)")
+    parser.add_argument("--shared", default=os.environ.get("LACY_SHARED_DIR", "../shared"))
+    parser.add_argument("--device", default="cpu")
+
+
+def run_compare(args: argparse.Namespace) -> int:
+    from ..eval.compare import compare_runs, write_comparison
+    from ..eval.factscore import read_entities
+
+    entities = []
+    if args.cascade:
+        path = args.factscore_entities or EvalInputs.from_shared(args.shared).factscore_entities
+        entities = read_entities(path, limit=args.prompts)
+    comparison = compare_runs(
+        args.runs,
+        args.val_shards,
+        batches=args.batches,
+        batch_size=args.batch_size,
+        seq_len=args.seq_len,
+        call_ratio=args.call_ratio,
+        cascade=args.cascade,
+        entities=entities,
+        max_new_tokens=args.max_new_tokens,
+        device=args.device,
+    )
+    out = write_comparison(comparison, args.out)
+    print(comparison.markdown())
+    print(f"\nwrote {', '.join(sorted(path.name for path in out.iterdir()))} to {out}")
+    return 0

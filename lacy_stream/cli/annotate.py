@@ -1,0 +1,155 @@
+"""``annotate`` (a text highlighted, a jsonl file, or shards offline) and ``distill-labeler``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+from ..config.job_config import AnnotationConfig, DataConfig
+from .arguments import add_max_skip_ratio, add_url_options, stream_options_from_arguments
+
+FACT_COLOR = "\033[1;33m"
+RESET = "\033[0m"
+
+
+def add_annotate_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--text", help="print this text with its facts highlighted")
+    parser.add_argument("--input", help="jsonl of {id, text} objects; writes {id, spans} objects to --output")
+    parser.add_argument("--output", help="output jsonl for --input (replaced only when the run succeeds)")
+    parser.add_argument("--shards", help="shard URL spec to annotate offline into --out")
+    parser.add_argument("--out", help="output directory of annotated shards")
+    parser.add_argument("--tokenizer", help="SentencePiece model the stored labels are aligned to (--shards)")
+    parser.add_argument("--compress", choices=["none", "zstd"], default="none")
+    add_url_options(parser)
+    parser.add_argument("--max-doc-chars", type=int, default=DataConfig.max_doc_chars)
+    add_max_skip_ratio(parser)
+    parser.add_argument("--spacy-model", default=AnnotationConfig.spacy_model)
+    parser.add_argument("--batch-size", type=int, default=AnnotationConfig.batch_size)
+    parser.add_argument("--labeler", default=AnnotationConfig.labeler, help="--shards: spacy or student:PATH")
+    parser.add_argument("--reference", help="also store a reference model's per-token losses (rho1, spacy_refloss)")
+    parser.add_argument("--device", default="cpu", help="torch device of the --reference model")
+
+
+def run_annotate(args: argparse.Namespace) -> int:
+    modes = [args.text is not None, args.input is not None, args.shards is not None]
+    if sum(modes) != 1:
+        raise SystemExit("annotate: give exactly one of --text, --input (with --output) or --shards (with --out)")
+    if args.text is not None:
+        from ..annotate.annotation import FactAnnotator
+
+        labels = FactAnnotator(args.spacy_model).annotate_text(args.text)
+        print(highlight_facts(args.text, labels.spans(args.text), color=sys.stdout.isatty()))
+        return 0
+    if args.input is not None:
+        if not args.output:
+            raise SystemExit("annotate: --input needs --output")
+        from ..annotate.annotation import annotate_jsonl
+
+        counts = annotate_jsonl(
+            Path(args.input),
+            Path(args.output),
+            args.spacy_model,
+            batch_size=args.batch_size,
+            max_doc_chars=args.max_doc_chars,
+            max_skip_ratio=args.max_skip_ratio,
+        )
+        print(
+            f"annotated {counts['documents']} documents -> {args.output}"
+            + (f"; skipped {counts['skipped']}" if counts["skipped"] else "")
+            + (f"; repaired {counts['repaired']}" if counts["repaired"] else ""),
+            file=sys.stderr,
+        )
+        return 0
+    if not args.out or not args.tokenizer:
+        raise SystemExit("annotate: --shards needs --out and --tokenizer")
+    from ..annotate.annotate_shards import annotate_shards
+    from ..shards.specs import expand_shard_spec
+
+    options = stream_options_from_arguments(args)
+    reference = None
+    if args.reference:
+        from ..inference.reference_loss import ReferenceScorer
+
+        reference = ReferenceScorer(args.reference, args.tokenizer, device=args.device)
+    manifest = annotate_shards(
+        expand_shard_spec(args.shards, options),
+        args.out,
+        args.tokenizer,
+        spacy_model=args.spacy_model,
+        labeler=args.labeler,
+        batch_size=args.batch_size,
+        max_doc_chars=args.max_doc_chars,
+        options=options,
+        compress=None if args.compress == "none" else args.compress,
+        reference=reference,
+        max_skip_ratio=args.max_skip_ratio,
+    )
+    print(
+        f"wrote {len(manifest['shards'])} annotated shards, {manifest['documents']} documents to {args.out}"
+        + (f"; skipped {manifest['skipped']}" if manifest["skipped"] else "")
+    )
+    return 0
+
+
+def highlight_facts(text: str, spans: list[list], *, color: bool) -> str:
+    """The text with runs of fact words in colour (a terminal) or [brackets]."""
+    opening, closing = (FACT_COLOR, RESET) if color else ("[", "]")
+    out, position, run_start, run_end = [], 0, 0, None
+    for begin, end, name in spans:
+        if name != "fact":
+            continue
+        if run_end is not None and not text[run_end:begin].strip():
+            run_end = end
+            continue
+        if run_end is not None:
+            out += [text[position:run_start], opening, text[run_start:run_end], closing]
+            position = run_end
+        run_start, run_end = begin, end
+    if run_end is not None:
+        out += [text[position:run_start], opening, text[run_start:run_end], closing]
+        position = run_end
+    out.append(text[position:])
+    return "".join(out)
+
+
+def add_distill_labeler_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--shards", action="append", required=True, help="shard URL spec or jsonl file; repeatable")
+    parser.add_argument("--tokenizer", required=True, help="the SentencePiece model the student labels pieces of")
+    parser.add_argument("--out", required=True, help="the student file to write (student.pt)")
+    parser.add_argument("--tokens", type=int, help="train on at most this many pieces (default: all)")
+    parser.add_argument("--max-docs", type=int, default=1_000_000, help="documents per --shards source")
+    parser.add_argument("--epochs", type=int, default=6)
+    parser.add_argument("--width", type=int, help="channels of the network (default 64): its time per piece "
+                                                  "grows with the square")
+    parser.add_argument("--layers", type=int, help="dilated convolutions (default 4); each doubles the context "
+                                                   "a piece sees")
+    parser.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="spaCy processes for new targets")
+    parser.add_argument("--spacy-model", default=AnnotationConfig.spacy_model)
+    parser.add_argument("--cache-dir", help="where spaCy's targets are kept for the next run (default: the label cache)")
+    parser.add_argument("--no-cache", action="store_true")
+
+
+def run_distill_labeler(args: argparse.Namespace) -> int:
+    from ..annotate.distill import distill
+    from ..annotate.label_cache import default_cache_dir
+    from ..annotate.student_labeler import StudentConfig
+
+    report = distill(
+        args.shards,
+        args.tokenizer,
+        args.out,
+        max_docs=args.max_docs,
+        max_pieces=args.tokens,
+        spacy_model=args.spacy_model,
+        cache_dir=None if args.no_cache else (args.cache_dir or default_cache_dir()),
+        workers=args.workers,
+        epochs=args.epochs,
+        width=args.width or StudentConfig.width,
+        layers=args.layers or StudentConfig.layers,
+    )
+    print(json.dumps(report))
+    print(f"wrote {args.out}; use it with --annotation.labeler=student:{args.out}", file=sys.stderr)
+    return 0
