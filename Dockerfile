@@ -12,7 +12,7 @@ WORKDIR /opt/lacy-stream
 COPY pyproject.toml README.md ./
 COPY lacy_stream ./lacy_stream
 COPY scripts ./scripts
-RUN pip install ".[demo,hf,eval]"
+RUN pip install ".[demo,hf,eval,tracking]"
 
 WORKDIR /workspace
 ENTRYPOINT ["lacy-stream"]

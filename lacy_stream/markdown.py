@@ -1,4 +1,4 @@
-"""The one writer of markdown tables: evaluation reports, benchmark output, the README's methods table."""
+"""The one writer of markdown tables: evaluation reports, benchmark output, the methods table of docs/loss-and-methods.md."""
 
 from __future__ import annotations
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import re
+import shlex
 from pathlib import Path
 
 import pytest
@@ -71,27 +72,56 @@ def test_clear_errors(tmp_path, args, message):
     assert message in result.stderr and "Traceback" not in result.stderr
 
 
-def test_demo_main_job(tmp_path):
-    """The README's main command, on a small budget: builds the demo shards and tokenizer, then trains."""
-    result = run_cli("demo", "--train.steps=4", "--train.log_every=2", "--checkpoint.every=2", "--data.seq_len=64",
-                     "--data.batch_size=2", cwd=tmp_path)
-    assert (tmp_path / "shards/demo/manifest.json").exists() and (tmp_path / "shards/demo/tokenizer.model").exists()
+def test_demo_main_job_shows_its_result_and_the_commands_to_try_next(tmp_path):
+    """The README's main command, on a small budget: builds the demo shards, their held-out split and the tokenizer,
+    trains with validation, prints a cascade sample and the tour's commands, which run as written; run again, it
+    says that it has nothing to do, and with more steps that it resumes."""
+    budget = ["--train.log_every=2", "--checkpoint.every=2", "--data.seq_len=64", "--data.batch_size=2",
+              "--train.val_every=2", "--train.val_batches=2"]
+    result = run_cli("demo", "--train.steps=4", *budget, cwd=tmp_path)
+    manifest = json.loads((tmp_path / "shards/demo/manifest.json").read_text())
+    assert manifest["heldout"] == {"path": "heldout", "documents": 8}
+    assert json.loads((tmp_path / "shards/demo/heldout/manifest.json").read_text())["documents"] == 8
+    assert (tmp_path / "shards/demo/tokenizer.model").exists()
     run_dir = tmp_path / "runs/tiny-cpu"
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [record["step"] for record in records] == [2, 4]
-    assert all(0.05 < record["fact_ratio"] < 0.6 and record["call_ratio"] > 0 for record in records)
+    assert all(0.05 < record["fact_ratio"] < 0.6 and record["call_ratio"] > 0 and record["val/loss"] > 0
+               for record in records)
     assert records[-1]["data/skipped"] == {} if "data/skipped" in records[-1] else records[-1]["data/docs"] > 0
     assert sorted(path.name for path in (run_dir / "checkpoints").iterdir()) == ["step-00000002", "step-00000004"]
     assert list((run_dir / "tensorboard").iterdir())
     assert (run_dir / "hf" / "model.safetensors").is_file()
-    assert "model:" in result.stdout and "last logged step 4" in result.stdout
-    # No terminal: a plain progress line every train.log_every steps
-    assert re.findall(r"^step (\d)/4  loss [\d.]+  [\d,]+ tokens/s  ETA \w+$", result.stderr, flags=re.M) == ["2", "4"]
+    # No terminal: a plain progress line every train.log_every steps, with the held-out loss when validated
+    assert re.findall(r"^step (\d)/4  loss [\d.]+  [\d,]+ tokens/s  ETA \w+  val loss [\d.]+$", result.stderr,
+                      flags=re.M) == ["2", "4"]
+
+    output = result.stdout
+    assert "step 4: loss " in output and "model:" in output
+    assert re.search(r"^held out \(shards/demo/heldout\): val/loss [\d.]+ at step 4 \(step 2: [\d.]+\)", output, re.M)
+    sample = output.split("a cascade sample: the calibrated policy calls at 15% of the steps", 1)[1]
+    assert re.search(r"^-- \d+ calls in 32 steps \(\d+\.\d%\)", sample, flags=re.M)
+    tour = output.split("\nnext:\n", 1)[1].splitlines()
+    assert [line.startswith("  # ") for line in tour] == [True, False] * 6
+    commands = [shlex.split(line) for line in tour[1::2]]
+    assert [command[1] for command in commands] == ["annotate", "generate", "eval", "train", "compare", "demo"]
+    for command in commands[:-1]:
+        run_cli(*command[1:], cwd=tmp_path)
+    assert (run_dir / "eval" / "report.md").is_file() and (tmp_path / "runs/tiny-cpu-compare/comparison.md").is_file()
+
+    again = run_cli("demo", "--train.steps=4", *budget, cwd=tmp_path)
+    assert "nothing to do: runs/tiny-cpu is at step 4 of train.steps=4; raise --train.steps to train on" in again.stderr
+    more = run_cli(*commands[-1][1:], cwd=tmp_path)
+    assert "resuming runs/tiny-cpu from the checkpoint of step 4: 4 steps to go" in more.stderr.splitlines()
 
 
-def test_annotate_text_brackets_facts_when_not_a_terminal():
-    result = run_cli("annotate", "--text", "Marie Curie was born in Warsaw in 1867. Curie studied physics.")
+def test_annotate_text_brackets_facts_when_not_a_terminal_and_draws_every_label(tmp_path):
+    page = tmp_path / "labels.html"
+    result = run_cli("annotate", "--text", "Marie Curie was born in [dblookup('Marie Curie', 'birth place') -> Warsaw] "
+                     "Warsaw in 1867. Curie studied physics.", "--html", str(page))
     assert result.stdout.strip() == "[Marie Curie] was born in [Warsaw] in [1867]. Curie studied [physics]."
+    assert "[brackets]: facts" in result.stderr and "1 LLM-judge values" in result.stderr
+    assert re.search(r">\s*judge\s*</span>", page.read_text()) and "1 LLM-judge value spans" in page.read_text()
 
 
 @pytest.mark.needs_shared

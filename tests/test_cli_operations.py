@@ -19,13 +19,16 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import numpy as np
 import pytest
+import torch
 import zstandard
 from helpers import REPO, logged, make_corpus, overrides, run_cli, tiny_lacy
 
+from lacy_stream.annotate.label_cache import LabelCache, default_cache_dir
 from lacy_stream.checkpoint import CheckpointManager, SafeFileSystemReader
 from lacy_stream.cli import EXIT_INTERRUPTED, EXIT_TOO_MANY_SKIPS, EXIT_USAGE, main
-from lacy_stream.config.job_config import load_job_config
+from lacy_stream.config.job_config import config_keys, load_job_config, toml_value
 from lacy_stream.models.gpt2 import Transformer, model_args
 from lacy_stream.trainer.parallelize import TrainingModule
 from lacy_stream.shards.documents import (
@@ -80,16 +83,26 @@ def dead_host() -> str:
 # --- 1. exit status when nothing usable was read, --max-skip-ratio ----------------------------------------------
 
 
-@pytest.mark.parametrize("shard_content", [None, os.urandom(4096)], ids=["missing", "random-bytes"])
-def test_inspect_exits_65_when_no_document_was_read(tmp_path, capsys, shard_content):
+def test_inspect_exits_65_when_no_document_was_read(tmp_path, capsys):
     shard = tmp_path / "shard.tar"
-    if shard_content is not None:
-        shard.write_bytes(shard_content)
+    shard.write_bytes(os.urandom(4096))
     assert cli("inspect", "--shards", str(shard), "--json") == EXIT_TOO_MANY_SKIPS
     output = capsys.readouterr()
     assert json.loads(output.out)["docs"] == 0  # the report is still printed
     assert last_line(output.err).startswith(f"lacy-stream: error: {shard}: 0 documents read")
     assert "no usable document" in output.err
+
+
+@pytest.mark.parametrize("spec", ["missing", "missing-dir/", "missing-{0..1}.tar", "file://{tmp}/missing.tar"])
+def test_a_missing_path_is_named_as_missing(tmp_path, capsys, spec):
+    spec = spec.replace("{tmp}", str(tmp_path))
+    for command in (["inspect", "--shards", spec], ["train-tokenizer", "--shards", spec, "--vocab-size", "100",
+                                                     "--out", str(tmp_path / "t.model")]):
+        with contextlib.chdir(tmp_path):
+            assert cli(*command) == EXIT_TOO_MANY_SKIPS
+        output = capsys.readouterr()
+        assert output.out == ""  # no report of zeros
+        assert "does not exist" in last_line(output.err) or "exists (the first" in last_line(output.err)
 
 
 def test_max_skip_ratio_of_inspect_and_make_shards(tmp_path, capsys, caplog):
@@ -111,7 +124,7 @@ def test_train_tokenizer_and_annotate_on_nothing_exit_65_and_write_nothing(tmp_p
     missing = str(tmp_path / "missing-{0..2}.tar")
     out = tmp_path / "out"
     assert cli("train-tokenizer", "--shards", missing, "--vocab-size", "100", "--out", str(out / "t.model")) == 65
-    assert "no usable document" in last_line(capsys.readouterr().err)
+    assert "none of the 3 shards" in last_line(capsys.readouterr().err)
     assert cli("annotate", "--shards", missing, "--out", str(out), "--tokenizer", tokenizer_path) == 65
     assert not out.exists()
 
@@ -270,12 +283,87 @@ def test_a_shipped_run_config_is_found_by_name_from_any_directory(tmp_path, caps
     assert "train.steps: must be positive" in capsys.readouterr().err  # the file was read; its value overridden
 
 
-def test_the_readme_lists_every_skip_reason_once():
-    readme = (REPO / "README.md").read_text()
-    section = readme.split("### Bad input", 1)[1].split("\n## ", 1)[0]
+def test_the_operations_page_lists_every_skip_reason_once():
+    page = (REPO / "docs" / "operations.md").read_text()
+    section = page.split("## Bad input", 1)[1].split("\n## ", 1)[0]
     listed = re.findall(r"^\| `(\w+)` \|", section, flags=re.M)
     assert sorted(listed) == sorted(SHARD_SKIP_REASONS + DOCUMENT_SKIP_REASONS + REPAIR_REASONS)
     assert not re.search(r"^\| `invalid_json` \|", (REPO / "shards" / "README.md").read_text(), flags=re.M)
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["eval", "--ckpt", "m", "--out", "o", "--sections", "validation,vibes"], "unknown section(s) ['vibes']"),
+        (["eval", "--ckpt", "m", "--out", "o", "--judge-url", "http://localhost:1/v1"], "--judge-url and --judge-model"),
+        (["generate", "--ckpt", "m"], "give --prompt or --prompts-file"),
+        (["annotate"], "give exactly one of"),
+        (["make-shards", "--out", "o"], "give INPUT files or --demo"),
+        (["bench", "annotate"], "give --input FILE.jsonl or --shards URL"),
+        (["generate", "--ckpt", "x", "--prompt", "p", "--call-pieces", "0"], "at least one piece"),
+        (["eval", "--ckpt", "x", "--out", "o", "--call-pieces", "0"], "at least one piece"),
+        (["inspect", "--shards", "x", "--no-such-option"], "unrecognized arguments"),
+        (["demo", "--data.sequence=3"], "unknown key"),
+    ],
+)
+def test_a_command_line_not_understood_exits_2_with_one_line_and_no_traceback_hint(tmp_path, capsys, args, message):
+    with contextlib.chdir(tmp_path):
+        assert cli(*args) == EXIT_USAGE
+    error = capsys.readouterr().err
+    assert message in last_line(error) and "-v" not in last_line(error) and "Traceback" not in error
+
+
+def test_a_missing_model_is_named_as_missing(tmp_path, capsys):
+    assert cli("generate", "--ckpt", str(tmp_path / "nonexistent"), "--prompt", "x") == 1
+    assert last_line(capsys.readouterr().err).startswith(f"lacy-stream: error: {tmp_path / 'nonexistent'} does not exist")
+
+
+# --- 7. a command line that explains itself ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("command, values", [("train", "its default"), ("demo", "its value in tiny_cpu"),
+                                             ("bench stream", "its default")])
+def test_help_lists_every_config_key_with_its_type_value_and_meaning(capsys, command, values):
+    with pytest.raises(SystemExit):
+        main([*command.split(), "--help"])
+    help_text = capsys.readouterr().out
+    assert f"config keys, each with {values}" in help_text and "--print-config" in help_text
+    for key in config_keys(load_job_config("tiny_cpu") if command == "demo" else None):
+        assert f"\n  --{key.name}={toml_value(key.value)}  ({key.type})\n      {key.meaning.split()[0]}" in help_text
+    if command == "demo":
+        assert "--section.key=value" in help_text and "held out" in help_text
+
+
+def test_print_config_prints_the_resolved_config_as_toml(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert cli("demo", "--print-config", "--data.seq_len=64", "--train.run_dir", "runs/x") == 0
+    printed = tmp_path / "printed.toml"
+    printed.write_text(capsys.readouterr().out)
+    assert load_job_config(printed) == load_job_config("tiny_cpu", ["--data.seq_len=64", "--train.run_dir=runs/x"])
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["printed.toml"]  # nothing built, nothing trained
+    assert cli("train", "--print-config", "--data.seq_len=abc") == EXIT_USAGE
+
+
+@pytest.mark.slow  # imports spaCy
+def test_info_names_the_versions_and_the_label_cache_and_cache_clear_empties_it(capsys):
+    cache_dir = default_cache_dir()
+    columns = {"tokens": np.arange(4, dtype=np.int32), "token_class": np.zeros(4, np.int8), "judge": np.zeros(4, np.int8)}
+    shard = LabelCache(cache_dir, "labeler A").shard("a.tar")
+    shard.put(b"k" * 16, columns)
+    shard.flush()
+    LabelCache(cache_dir, "labeler B")
+    (cache_dir / "notes.txt").write_text("not the cache's")
+    assert cli("info", "--json") == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["torch"] == torch.__version__ and info["spaCy model"].startswith("en_core_web_sm")
+    assert set(info) >= {"CUDA", "triton", "GPU", "transformers"}
+    assert info["label cache"].startswith(f"{cache_dir}: ") and info["label cache"].endswith(" in 2 namespaces")
+
+    assert cli("cache", "clear") == 0
+    assert capsys.readouterr().out.startswith("deleted 2 namespaces (")
+    assert [path.name for path in cache_dir.iterdir()] == ["notes.txt"]
+    assert cli("info") == 0
+    assert f"label cache   {cache_dir}: empty" in capsys.readouterr().out
 
 
 # --- 7. lone surrogates ----------------------------------------------------------------------------------------

@@ -1,5 +1,8 @@
 from __future__ import annotations
 
+import dataclasses
+import tomllib
+
 import pytest
 
 from lacy_stream.config.job_config import ConfigError, load_job_config
@@ -89,3 +92,26 @@ def test_shipped_run_configs_load_with_every_method(name):
 def test_values_are_checked(override, message):
     with pytest.raises(ConfigError, match=message):
         check_config(load_job_config(None, [override]))
+
+
+def test_every_key_has_a_type_a_default_and_a_one_line_meaning():
+    from lacy_stream.config.job_config import JobConfig, config_keys
+
+    keys = config_keys()
+    assert [key.name for key in keys] == [f"{section.name}.{item.name}" for section in dataclasses.fields(JobConfig)
+                                          for item in dataclasses.fields(section.default_factory())]
+    assert all(key.type in ("str", "int", "float", "bool") and key.meaning and "\n" not in key.meaning for key in keys)
+    assert next(key for key in keys if key.name == "data.seq_len").value == 1024
+    shipped = {key.name: key.value for key in config_keys(load_job_config("tiny_cpu"))}
+    assert shipped["train.val_shards"] == "shards/demo/heldout"
+
+
+def test_the_printed_config_loads_back_to_the_same_config(tmp_path):
+    from lacy_stream.config.job_config import config_toml
+
+    tricky = 'a "quoted" \\ path\twith\x7f é and 🦙'
+    config = load_job_config("tiny_cpu", [f"--data.shards={tricky}", "--optimizer.eps=1e-12", "--loss.call_ratio=0.2"])
+    path = tmp_path / "printed.toml"
+    path.write_text(config_toml(config), encoding="utf-8")
+    assert load_job_config(path) == config
+    assert tomllib.loads(path.read_text(encoding="utf-8"))["data"]["shards"] == tricky

@@ -74,6 +74,7 @@ def test_accuracy_buckets_and_plot_without_judge(lacy, texts, tmp_path):
         assert row.acceptability is None and row.judged == 0
     assert result.acceptability is None and result.judge is None
     assert "not run" in result.note and "not run" in result.markdown()
+    assert result.not_run.startswith("accuracy only") and "*Accuracy*: the share of target tokens" in result.markdown()
     assert (tmp_path / result.plot).read_bytes().startswith(PNG_SIGNATURE)
 
 

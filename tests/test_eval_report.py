@@ -10,6 +10,7 @@ import pytest
 from helpers import SHARED_DIR, CompletionServer, RuleBasedJudge, one_token_partner, tiny_lacy
 from lacy_stream.cli import main
 from lacy_stream.cli.evaluation import add_eval_arguments, config_from_arguments
+from lacy_stream.cli.exit_status import UsageError
 from lacy_stream.eval.config import SECTIONS
 from lacy_stream.eval.factscore import read_entities
 from lacy_stream.eval.runner import run_eval
@@ -96,6 +97,9 @@ def test_report_on_a_tiny_checkpoint_with_every_section_filled(tokenizer_path, t
     markdown = (out / "report.md").read_text()
     for name in SECTIONS:
         assert f"| {name} | run |" in markdown and f"\n## {name}\n" in markdown
+    page = (out / "report.html").read_text()
+    assert all(f"<h2>{name}</h2>" in page for name in SECTIONS)
+    assert "<th>call loss (A.5)</th>" in page and '<img alt="accuracy and acceptability by loss bucket"' in page
     assert "| call loss (A.5) | non-call loss (A.6) | total loss |" in markdown
     assert "| dataset | examples | contained | accuracy |" in markdown and "| FactScore |" in markdown
     assert "Cascade speed relative to generation without calls:" in markdown
@@ -118,21 +122,23 @@ def test_failures_are_reported_and_generation_runs_without_a_partner(tokenizer_p
     assert sections["validation"]["status"] == "skipped"
     assert sections["validation"]["reason"] == "not requested (--sections)"
     factscore = sections["factscore"]["results"]
-    assert sections["factscore"]["status"] == "run" and factscore["score"] is None and "Not scored" in factscore["note"]
+    assert sections["factscore"]["status"] == "partial" and factscore["score"] is None and "Not scored" in factscore["note"]
+    assert sections["factscore"]["reason"] == factscore["note"]
     assert factscore["cascade"]["partner"] is None and factscore["cascade"]["generation"]["partner_tokens"] == 0
     throughput = sections["generation_throughput"]["results"]
     assert throughput["cascade"] is None and throughput["cascade_vs_without_calls"] is None
     markdown = (out / "report.md").read_text()
+    assert "| factscore | partial |" in markdown and "\n## factscore\n" in markdown
     assert "No cascade partner (--cascade): the model answered its own calls" in markdown
     assert "No cascade partner (--cascade): the cascade was not measured." in markdown
 
 
 def test_bad_arguments_are_refused():
-    with pytest.raises(ValueError, match="--judge-url and --judge-model"):
+    with pytest.raises(UsageError, match="--judge-url and --judge-model"):
         config_from_arguments(
             parse("--ckpt", "m", "--out", "o", "--judge-url", "http://localhost:1/v1/chat/completions")
         )
-    with pytest.raises(ValueError, match="unknown section"):
+    with pytest.raises(UsageError, match="unknown section"):
         config_from_arguments(parse("--ckpt", "m", "--out", "o", "--sections", "validation,vibes"))
-    with pytest.raises(ValueError, match="give --cascade"):
+    with pytest.raises(UsageError, match="give --cascade"):
         config_from_arguments(parse("--ckpt", "m", "--out", "o", "--background-dir", "backgrounds"))

@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from lacy_stream.annotate.annotation import FactAnnotator
-from lacy_stream.cli import main
+from lacy_stream.cli import EXIT_USAGE, main
+from lacy_stream.cli.inference import warn_of_argmax_calls
 from lacy_stream.models.hf_export import export_hf
 from lacy_stream.inference.call_policy import (
     ArgmaxCall,
@@ -21,6 +22,7 @@ from lacy_stream.inference.call_policy import (
     NeverCall,
     RandomCall,
     negative_top_logprob,
+    policy_from_name,
     top_k_entropy,
 )
 from lacy_stream.inference.generate import (
@@ -385,12 +387,14 @@ def test_cli_generate_json_with_hf_partner_and_background(capsys, exported, tmp_
     )
 
 
-def test_cli_generate_text_without_partner(capsys, exported) -> None:
+def test_cli_generate_text_without_partner_and_its_page(capsys, exported, tmp_path) -> None:
     small, _ = exported
+    page = tmp_path / "generations.html"
     out = run_cli(capsys, "--ckpt", str(small), "--policy", "random", "--call-rate", "0.5", "--max-new-tokens", "12",
-                  "--prompt", PROMPTS[1])  # fmt: skip
+                  "--prompt", PROMPTS[1], "--html", str(page))  # fmt: skip
     assert out.startswith(PROMPTS[1]) and "{{" in out and "\033[" not in out
     assert "calls in 12 steps" in out
+    assert "CALL, unanswered" in page.read_text() and "calls in 12 steps" in page.read_text()
 
 
 def test_cli_generate_ilacy_runs(capsys, exported) -> None:
@@ -400,17 +404,33 @@ def test_cli_generate_ilacy_runs(capsys, exported) -> None:
     assert json.loads(out)["policy"]["policy"] == "ilacy-entropy"
 
 
+def test_cli_generate_calls_at_the_target_rate_unless_told_otherwise(capsys, exported) -> None:
+    small, _ = exported
+    report = json.loads(run_cli(capsys, "--ckpt", str(small), "--max-new-tokens", "40", "--prompt", PROMPTS[0], "--json"))
+    assert report["policy"]["policy"] == "calibrated" and report["policy"]["target"] == 0.15
+    assert 0 < report["policy"]["calls"] < 20
+
+
+@pytest.mark.parametrize("policy, calls, warned", [("argmax", 9, True), ("argmax", 8, False), ("calibrated", 16, False)])
+def test_argmax_calling_at_most_steps_gets_one_line_of_advice(capsys, tokenizer, policy, calls, warned) -> None:
+    made = policy_from_name(policy, tokenizer, 0.15)
+    made.steps, made.calls = 16, calls
+    warn_of_argmax_calls(made)
+    error = capsys.readouterr().err
+    assert (error.count("\n"), "--policy calibrated" in error) == ((1, True) if warned else (0, False))
+
+
 @pytest.mark.parametrize(
     "args, message",
     [
-        (["--prompt", "x", "--cascade", "ftp:somewhere"], "cascade partner"),
+        (["--prompt", "x", "--cascade", "ftp:somewhere"], "cascade partner 'ftp:somewhere' is none of"),
         (["--prompt", "x", "--background", "bio.txt"], "--background needs --cascade"),
-        ([], "--prompt or --prompts-file"),
+        ([], "give --prompt or --prompts-file"),
     ],
 )
 def test_cli_generate_clear_errors(exported, args, message, capsys) -> None:
     small, _ = exported
     with pytest.raises(SystemExit) as exit_info:
         main(["generate", "--ckpt", str(small), *args])
-    # Usage errors carry their message in SystemExit; others print it on stderr and exit 1.
-    assert message in str(exit_info.value.code) + capsys.readouterr().err
+    assert exit_info.value.code == EXIT_USAGE
+    assert f"lacy-stream generate: error: {message}" in capsys.readouterr().err

@@ -14,7 +14,7 @@ import pytest
 PACKAGE = Path(__file__).resolve().parents[1] / "lacy_stream"
 
 LAYERS: list[tuple[str, ...]] = [
-    ("labels", "atomic", "stop_signals", "distributed", "markdown"),
+    ("labels", "atomic", "stop_signals", "logs", "distributed", "markdown", "html_page"),
     ("config", "tokenizer", "checkpoint"),
     ("shards",),
     ("annotate",),
@@ -145,15 +145,15 @@ def test_a_dataloader_worker_loads_no_loss_model_or_trainer():
     assert not [name for name in loaded if part_of(name) in ("loss", "models", "trainer", "inference", "eval", "cli")]
 
 
-def test_every_module_of_the_readme_data_flow_table_exists():
-    readme = (PACKAGE.parent / "README.md").read_text()
-    table = readme.split("## The data flow", 1)[1].split("\n\n| stage |", 1)[1].split("\n\n", 1)[0]
+def test_every_module_of_the_architecture_table_exists():
+    page = (PACKAGE.parent / "docs" / "architecture.md").read_text()
+    table = page.split("\n\n| stage |", 1)[1].split("\n\n", 1)[0]
     checked = 0
     for row in table.splitlines()[2:]:
         cell = row.split("|")[2]
         first, *others = [name.strip("` ") for name in cell.split(",")]
         directory = Path(first).parent
         for name in [first, *(str(directory / other) for other in others if other)]:
-            assert (PACKAGE.parent / name).exists(), f"README data-flow table: {name} does not exist"
+            assert (PACKAGE.parent / name).exists(), f"docs/architecture.md: {name} does not exist"
             checked += 1
     assert checked > 25

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import os
 import http.server
 import threading
 from collections import defaultdict
@@ -210,3 +211,24 @@ def test_http_shards_stream_like_local_ones(tmp_path, tokenizer_path, http_base)
     assert remote.dataset.urls[0].startswith("http://127.0.0.1")
     assert_batches_equal([b for _, b in zip(range(25), local)], [b for _, b in zip(range(25), remote)])
     assert remote.read_stats()["skipped"] == {}
+
+
+@pytest.mark.slow
+def test_workers_are_not_forked_from_the_trainer_and_see_its_cache_location(tmp_path, tokenizer_path, monkeypatch):
+    """A fork of the trainer would copy the locks its threads hold (the rare worker segfault); the fork server's
+    workers are its children, and they label into the cache the trainer's environment names when the loader is
+    made, not the one the server started with."""
+    make_corpus(tmp_path / "shards", shards=1, docs_per_shard=3)
+    next(iter(build_loader(tmp_path / "shards", tokenizer_path, rank=0, world=1, workers=1)))  # the server is up
+    cache = tmp_path / "cache-of-this-loader"
+    monkeypatch.setenv("LACY_CACHE_DIR", str(cache))
+    loader = build_loader(tmp_path / "shards", tokenizer_path, rank=0, world=1, workers=1,
+                          annotation=AnnotationConfig())
+    batches = iter(loader)
+    next(batches)
+    (worker,) = loader.loader._iterator._workers
+    status = Path(f"/proc/{worker.pid}/status").read_text()
+    parent = int(status.split("PPid:", 1)[1].split()[0])
+    assert parent != os.getpid()
+    batches.close()
+    assert list((cache / "labels").glob("*/identity.txt"))

@@ -117,6 +117,24 @@ def test_docs_per_shard_splits_into_full_shards_and_a_remainder(tmp_path: Path) 
     assert read_shards(tmp_path / "out", manifest) == expected_documents(records)
 
 
+def test_heldout_docs_go_to_a_split_of_their_own_that_a_rebuild_replaces(tmp_path: Path) -> None:
+    records = [{"id": f"d{index}", "text": f"document number {index}"} for index in range(10)]
+    source = write_jsonl(tmp_path / "docs.jsonl", records)
+    out = tmp_path / "out"
+    manifest = make_shards([str(source)], out, docs_per_shard=3, heldout_docs=4)
+
+    assert manifest["documents"] == 6 and manifest["heldout"] == {"path": "heldout", "documents": 4}
+    assert read_shards(out, manifest) == expected_documents(records[:6])
+    heldout = json.loads((out / "heldout" / "manifest.json").read_text())
+    assert_manifest_matches_files(out / "heldout", heldout)
+    assert read_shards(out / "heldout", heldout) == expected_documents(records[6:])
+
+    make_shards([str(source)], out, docs_per_shard=3)  # an old split would hold documents trained on now
+    assert not (out / "heldout").exists()
+    with pytest.raises(ShardInputError, match="all 10 documents were held out"):
+        make_shards([str(source)], out, heldout_docs=10)
+
+
 @pytest.mark.parametrize("compress", [None, "zstd"])
 def test_builds_are_reproducible(tmp_path: Path, compress: str | None) -> None:
     source = write_jsonl(tmp_path / "docs.jsonl", RECORDS)

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
+import time
 from pathlib import Path
 
 import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from lacy_stream.trainer.metrics import MetricsLogger, StepTimer, mfu, peak_flops
+from lacy_stream.config.job_config import ConfigError, MetricsConfig
+from lacy_stream.trainer.metrics import MetricsLogger, StepTimer, check_metrics_config, mfu, peak_flops
 
 TRAIN_VALUES = {
     "loss": 3.14159265358979,
@@ -88,6 +91,50 @@ def test_a_resumed_run_drops_what_was_logged_after_its_checkpoint(tmp_path: Path
     events = EventAccumulator(str(tmp_path / "tensorboard"))
     events.Reload()
     assert [(event.step, event.value) for event in events.Scalars("loss")] == [(1, 3.0), (2, 2.0), (3, 0.5)]
+
+
+def test_texts_go_to_the_tensorboard_text_tab(tmp_path: Path) -> None:
+    with MetricsLogger(tmp_path) as logger:
+        logger.log_text(5, "val/sample_0", "**Warsaw** in `1867`")
+    events = EventAccumulator(str(tmp_path / "tensorboard"))
+    events.Reload()
+    (event,) = events.Tensors("val/sample_0/text_summary")
+    assert event.step == 5 and event.tensor_proto.string_val == [b"**Warsaw** in `1867`"]
+
+
+@pytest.mark.slow
+def test_wandb_mirrors_the_records_offline_and_a_resumed_run_continues_its_wandb_run(tmp_path, monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path / "wandb-files"))
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    (tmp_path / "wandb-files").mkdir()
+    run_dir = tmp_path / "run"
+    tracking = MetricsConfig(wandb=True, wandb_project="lacy-stream-test")
+    with MetricsLogger(run_dir, enabled_tensorboard=False, config=tracking, run_config={"loss": {"method": "lacy"}}) as logger:
+        logger.log(1, {"loss": 3.25, "val": {"noncall_loss": 2.875}})
+        logger.log_text(1, "val/sample_0", "**Warsaw**")
+    run_id = (run_dir / "wandb-run-id").read_text().strip()
+    (offline,) = (tmp_path / "wandb-files" / "wandb").glob(f"offline-run-*-{run_id}/run-{run_id}.wandb")
+    wanted = (b"loss", b"3.25", b"val/noncall_loss", b"2.875", b"val/sample_0", b"lacy-stream-test", b"method")
+    deadline = time.monotonic() + 60
+    while not all(key in offline.read_bytes() for key in wanted) and time.monotonic() < deadline:
+        time.sleep(0.2)  # wandb's service process may still be writing the records after finish()
+    assert [key for key in wanted if key not in offline.read_bytes()] == []
+    assert list(offline.parent.glob("files/media/html/val/sample_0_*.html"))
+    with MetricsLogger(run_dir, enabled_tensorboard=False, config=tracking, start_step=1) as logger:
+        logger.log(2, {"loss": 3.0})
+    assert (run_dir / "wandb-run-id").read_text().strip() == run_id
+    assert len(list((tmp_path / "wandb-files" / "wandb").glob(f"offline-run-*-{run_id}"))) == 2
+
+
+def test_metrics_config_is_checked(monkeypatch):
+    check_metrics_config(MetricsConfig())
+    with pytest.raises(ConfigError, match="metrics.wandb_mode: 'sometimes'"):
+        check_metrics_config(MetricsConfig(wandb_mode="sometimes"))
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(ConfigError, match=r"pip install 'lacy-stream\[tracking\]'"):
+        check_metrics_config(MetricsConfig(wandb=True))
+    check_metrics_config(MetricsConfig(wandb=False))
 
 
 @pytest.mark.parametrize(

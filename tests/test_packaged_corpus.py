@@ -95,3 +95,12 @@ def test_detokenize():
     assert detokenize(["It", "'s", "(", "a", "test", ")", ",", "is", "n't", "it", "?"]) == "It's (a test), isn't it?"
     assert detokenize(['"', "Yes", '"', ",", "he", "said", "."]) == '"Yes", he said.'
     assert detokenize(["an", '"', "unclosed", "quote"]) == 'an " unclosed quote'
+
+
+def test_read_documents_of_a_record_file_counts_them_for_the_skip_check(tmp_path):
+    from lacy_stream.shards.sources import read_documents
+
+    source = tmp_path / "docs.jsonl"
+    source.write_text('{"id": 1, "text": "One.", "source": "x"}\n{"text": 7}\n{"id": 2, "text": "Two."}\n')
+    documents = list(read_documents(str(source), max_skip_ratio=0.5))
+    assert documents == [{"id": 1, "text": "One.", "source": "x"}, {"id": 2, "text": "Two."}]

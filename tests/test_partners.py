@@ -95,11 +95,13 @@ def cascade_generation(
 # Bridging ----------------------------------------------------------------------------------------------
 
 
-def test_bridge_splits_digits_and_caps_at_three_pieces(tokenizer: Tokenizer, bridge: TokenBridge) -> None:
-    assert pieces(tokenizer, bridge.pieces("1887")) == ["1", "8", "8"]
-    assert pieces(tokenizer, bridge.pieces(" 1887")) == ["▁", "1", "8"]
-    assert pieces(tokenizer, bridge.pieces("42")) == ["4", "2"]
-    assert pieces(tokenizer, TokenBridge(tokenizer, max_pieces=5).pieces("1887")) == ["1", "8", "8", "7"]
+def test_bridge_splits_digits_and_appends_every_piece_unless_capped(tokenizer: Tokenizer, bridge: TokenBridge) -> None:
+    assert pieces(tokenizer, bridge.pieces("1887")) == ["1", "8", "8", "7"]  # Appendix A.5: all of them
+    assert pieces(tokenizer, bridge.pieces(" 1887")) == ["▁", "1", "8", "8", "7"]
+    capped = TokenBridge(tokenizer, max_pieces=3)
+    assert pieces(tokenizer, capped.pieces("1887")) == ["1", "8", "8"]
+    assert pieces(tokenizer, capped.pieces(" 1887")) == ["▁", "1", "8"]
+    assert pieces(tokenizer, capped.pieces("42")) == ["4", "2"]
     with pytest.raises(ValueError, match="at least one piece"):
         TokenBridge(tokenizer, max_pieces=0)
 
@@ -134,11 +136,12 @@ def test_bridge_keeps_the_text_when_a_merge_would_cross_the_boundary(tokenizer: 
 
 def test_bridge_falls_back_to_the_next_representable_candidate(tokenizer: Tokenizer, bridge: TokenBridge) -> None:
     unrepresentable = [
-        Candidate("Zürich", -0.1),  # "Z" and "ü" are byte pieces here: taking 3 of its pieces would cut "ü"
         Candidate("\ufffd", -0.2),  # a partner token that ends inside a UTF-8 character
         Candidate("", -0.3),  # EOS and other special tokens add no text
     ]
     assert all(bridge.pieces(candidate.text) is None for candidate in unrepresentable)
+    # "Z" and "ü" are byte pieces here: taking 3 of its pieces would cut "ü", so a capped bridge skips it
+    assert bridge.pieces("Zürich") is not None and TokenBridge(tokenizer, max_pieces=3).pieces("Zürich") is None
     fitting = [Candidate(" museum", -1.0), Candidate(" king", -2.0)]
     assert bridge.best([*unrepresentable, *fitting]) == bridge.pieces(" museum")
     assert bridge.best(unrepresentable) == []
@@ -190,6 +193,13 @@ def test_hf_partner_ranks_like_transformers(partner_dir: Path, tokenizer: Tokeni
     partner = HFPartner(partner_dir, top_k=10)
     for text in (PROMPT, LONG_TEXT):
         assert_same_candidates(partner.candidates(text), reference_candidates(partner_dir, text, 10))
+
+
+def test_hf_partner_cuts_a_long_text_to_its_positions_without_a_warning(partner_dir: Path, capfd, caplog) -> None:
+    partner = HFPartner(partner_dir, top_k=10)
+    assert len(partner.tokenizer(LONG_TEXT, verbose=False)["input_ids"]) > partner.max_positions
+    partner.candidates(LONG_TEXT)
+    assert "sequence length" not in capfd.readouterr().err + caplog.text
 
 
 def test_cascade_with_hf_partner(partner_dir: Path, small_model: Transformer, tokenizer: Tokenizer, bridge) -> None:

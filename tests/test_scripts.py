@@ -70,9 +70,18 @@ def test_compare_methods_trains_the_nine_methods_and_compares_them(tmp_path):
     corpus = tmp_path / "corpus.jsonl"
     corpus.write_text("".join(json.dumps({"id": f"doc-{i}", "text": synthetic_text(rng, 8)}) + "\n" for i in range(40)))
     out = tmp_path / "compare"
-    run_script("bash", str(SCRIPTS / "compare_methods.sh"), str(corpus), str(out), cwd=tmp_path,
-               STEPS="2", SEQ_LEN="32", BATCH="2", VOCAB="400", WORKERS="0", HELDOUT_DOCS="10", COMPARE_BATCHES="2",
-               LACY=f"{sys.executable} -m lacy_stream")
+    output = run_script("bash", str(SCRIPTS / "compare_methods.sh"), str(corpus), str(out), cwd=tmp_path,
+                        STEPS="2", SEQ_LEN="32", BATCH="2", VOCAB="400", WORKERS="0", HELDOUT_DOCS="10",
+                        COMPARE_BATCHES="2", LACY=f"{sys.executable} -m lacy_stream")
+    summaries = re.findall(r"^(\w+) +step 2/2  loss [\d.]+  [\d,]+ tokens/s  ETA 0s  val loss [\d.]+(.*)$", output,
+                           flags=re.M)
+    assert [method for method, _ in summaries] == list(METHODS)  # one line per run, in training order
+    leaving_out = {method for method, note in summaries if note == "  (its loss leaves the ignored tokens out)"}
+    assert leaving_out == {name for name, method in METHODS.items() if method.ignore_mask != "none"}
+    for method in leaving_out:
+        assert "leaves its ignored tokens" in (out / "logs" / f"{method}.log").read_text()
+    assert all([path.name for path in (out / "runs" / method / "checkpoints").iterdir()] == ["step-00000002"]
+               for method in METHODS)  # the final checkpoint only
     comparison = json.loads((out / "comparison" / "comparison.json").read_text())
     runs = comparison["runs"]
     assert runs[0]["method"] == "baseline"  # trained first: the reference model of rho1 and spacy_refloss

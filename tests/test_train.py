@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from helpers import REPO, logged, losses_by_step, make_corpus, overrides, spawn_gloo, train_on_rank
 from lacy_stream.checkpoint import CheckpointManager
@@ -57,6 +58,11 @@ def test_cli_trains_logs_checkpoints_and_exports(tmp_path, corpus, tokenizer_pat
     assert list(validated) == list(range(3, 31, 3))
     assert validated[30] < validated[3] - 0.5, validated  # validation here reads the training documents
     assert "val/noncall_loss" in records[2] and records[2]["val/call_ratio"] == 0
+    events = EventAccumulator(str(run_dir / "tensorboard"))
+    events.Reload()
+    samples = events.Tensors("val/sample_0/text_summary")
+    assert [event.step for event in samples] == list(range(3, 31, 3))
+    assert b"the model's calls" in samples[-1].tensor_proto.string_val[0] and "val/sample_1/text_summary" in events.Tags()["tensors"]
     assert CheckpointManager(run_dir).steps() == [20, 30]
     assert (run_dir / "hf" / "model.safetensors").is_file()
     assert json.loads((run_dir / "config.json").read_text())["train"]["steps"] == 30
@@ -76,7 +82,7 @@ def test_cli_trains_logs_checkpoints_and_exports(tmp_path, corpus, tokenizer_pat
 
 
 @pytest.mark.timeout(120)
-def test_resumed_run_continues_with_the_same_losses(tmp_path, corpus, tokenizer_path, monkeypatch):
+def test_resumed_run_continues_with_the_same_losses(tmp_path, corpus, tokenizer_path, monkeypatch, capsys):
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
     common = ("--checkpoint.export_hf=false", "--checkpoint.every=3")
     windows: list[list[int]] = []  # the documents of every window the trainer consumed, in order
@@ -90,8 +96,12 @@ def test_resumed_run_continues_with_the_same_losses(tmp_path, corpus, tokenizer_
     train(load_job_config(None, overrides(corpus, tokenizer_path, straight, "--train.steps=6", *common)))
     straight_windows, windows[:] = list(windows), []
     train(load_job_config(None, overrides(corpus, tokenizer_path, resumed, "--train.steps=3", *common)))
+    assert "resuming" not in capsys.readouterr().err
     torch.manual_seed(1234)  # the resumed run must restore its RNG streams, not rely on the process's
     train(load_job_config(None, overrides(corpus, tokenizer_path, resumed, "--train.steps=6", *common)))
+    assert f"resuming {resumed} from the checkpoint of step 3: 3 steps to go" in capsys.readouterr().err.splitlines()
+    train(load_job_config(None, overrides(corpus, tokenizer_path, resumed, "--train.steps=5", *common)))
+    assert f"nothing to do: {resumed} is at step 6 of train.steps=5; raise --train.steps" in capsys.readouterr().err
 
     assert [record["step"] for record in logged(resumed)] == [1, 2, 3, 4, 5, 6]  # no step ran twice
     assert windows == straight_windows  # no document seen twice or skipped across the restart

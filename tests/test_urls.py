@@ -173,12 +173,15 @@ def unused_port() -> int:
 # --- expansion ---------------------------------------------------------------------------------------------
 
 
-def test_brace_expansion_of_paths_and_urls() -> None:
-    assert expand_shard_spec("/data/wiki-{000000..000002}.tar") == [
-        "/data/wiki-000000.tar",
-        "/data/wiki-000001.tar",
-        "/data/wiki-000002.tar",
+def test_brace_expansion_of_paths_and_urls(tmp_path: Path) -> None:
+    (tmp_path / "wiki-000001.tar").touch()  # missing shards are skips, unless every one is missing
+    assert expand_shard_spec(f"{tmp_path}/wiki-{{000000..000002}}.tar") == [
+        f"{tmp_path}/wiki-000000.tar",
+        f"{tmp_path}/wiki-000001.tar",
+        f"{tmp_path}/wiki-000002.tar",
     ]
+    with pytest.raises(ShardOpenError, match="none of the 2 shards"):
+        expand_shard_spec(f"{tmp_path}/missing-{{0..1}}.tar")
     assert expand_shard_spec("https://host/wiki-{008..010}.tar.zst") == [
         "https://host/wiki-008.tar.zst",
         "https://host/wiki-009.tar.zst",
@@ -216,6 +219,7 @@ def test_empty_specs_are_an_error() -> None:
 def test_directory_expands_to_manifest_shards_in_manifest_order(tmp_path: Path) -> None:
     names = ["wiki-000001.tar", "wiki-000000.tar.zst", "sub/wiki-000002.tar"]
     write_manifest(tmp_path, names)
+    (tmp_path / names[0]).touch()
     expected = [os.path.join(str(tmp_path), name) for name in names]
     assert expand_shard_spec(str(tmp_path)) == expected
     assert expand_shard_spec(str(tmp_path / "manifest.json")) == expected

@@ -32,6 +32,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import re
 import shutil
 import uuid
 import zlib
@@ -54,6 +55,8 @@ REFERENCE_CACHE_COLUMNS = {"ref_loss": LABEL_COLUMNS["ref_loss"]}
 """What the reference-loss cache stores per token."""
 Entry = dict[str, np.ndarray]
 """One document's per-token arrays, by column name."""
+IDENTITY_FILE = "identity.txt"
+"""In each namespace directory: the labeler identity that names it."""
 _FLUSH_TOKENS = 1 << 22
 _SEGMENT_ERRORS = (OSError, ValueError, EOFError)
 """What ``np.load`` raises for a missing, truncated or garbled ``.npy`` file."""
@@ -61,6 +64,29 @@ _SEGMENT_ERRORS = (OSError, ValueError, EOFError)
 
 def default_cache_dir() -> Path:
     return Path(os.environ.get("LACY_CACHE_DIR") or Path.home() / ".cache" / "lacy-stream") / "labels"
+
+
+def cache_namespaces(root: str | Path) -> list[Path]:
+    """The namespaces of the cache at ``root`` (of fact labels and of reference losses alike), nothing else in it."""
+    root = Path(root)
+    if not root.is_dir():
+        return []
+    return sorted(path for path in root.iterdir()
+                  if re.fullmatch(r"[0-9a-f]{16}", path.name) and (path / IDENTITY_FILE).is_file())
+
+
+def directory_bytes(directory: Path) -> int:
+    """The size of the files under ``directory``."""
+    return sum(path.stat().st_size for path in directory.rglob("*") if path.is_file())
+
+
+def clear_cache(root: str | Path) -> tuple[int, int]:
+    """Deletes every namespace of the cache at ``root``; returns how many were deleted and the bytes they held."""
+    namespaces = cache_namespaces(root)
+    freed = sum(directory_bytes(namespace) for namespace in namespaces)
+    for namespace in namespaces:
+        shutil.rmtree(namespace)
+    return len(namespaces), freed
 
 
 def file_digest(path: str | Path) -> str:
@@ -268,7 +294,7 @@ class LabelCache:
         namespace = hashlib.sha256(f"{identity}|cache-format:{CACHE_FORMAT}".encode()).hexdigest()[:16]
         self.directory = Path(root) / namespace
         self.directory.mkdir(parents=True, exist_ok=True)
-        identity_file = self.directory / "identity.txt"
+        identity_file = self.directory / IDENTITY_FILE
         if not identity_file.exists():
             identity_file.write_text(f"{identity}\ncache format {CACHE_FORMAT}\n")
         self.stats = CacheStats()

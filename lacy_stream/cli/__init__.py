@@ -1,7 +1,7 @@
 """The ``lacy-stream`` command line.
 
-Exit statuses (README, "Exit statuses"): 0 done; 1 an error, named on stderr; 2 the arguments or the config
-were not understood; 65 (EX_DATAERR) no usable document was read, or more was skipped than
+Exit statuses (docs/operations.md): 0 done; 1 an error, named on stderr; 2 the arguments or the config
+were not understood (argparse's errors, ``UsageError``, ``ConfigError``); 65 (EX_DATAERR) no usable document was read, or more was skipped than
 ``--max-skip-ratio`` allows; 75 (EX_TEMPFAIL) training stopped on SIGTERM after saving a checkpoint, so the
 same command continues it.
 """
@@ -10,19 +10,21 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 import traceback
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from .. import stop_signals
+from .. import logs, stop_signals
 from ..bench import gpu_check
-from ..config.job_config import ConfigError
+from ..config.job_config import ConfigError, config_toml, load_job_config
 from ..shards.documents import TooManySkipsError
 from ..shards.make_shards import ShardInputError
 from ..shards.streams import PipeNotAllowedError, ShardOpenError
-from . import annotate, bench, evaluation, inference, shards, training
-from .exit_status import EXIT_ERROR, EXIT_INTERRUPTED, EXIT_TOO_MANY_SKIPS, EXIT_USAGE
+from . import annotate, bench, environment, evaluation, inference, shards, training
+from .arguments import add_job_config_options
+from .exit_status import EXIT_ERROR, EXIT_INTERRUPTED, EXIT_TOO_MANY_SKIPS, EXIT_USAGE, UsageError
 
 __all__ = ["COMMANDS", "EXIT_ERROR", "EXIT_INTERRUPTED", "EXIT_TOO_MANY_SKIPS", "EXIT_USAGE", "build_parser", "main"]
 
@@ -34,7 +36,10 @@ class Command:
     add_arguments: Callable[[argparse.ArgumentParser], None]
     help: str
     takes_config_overrides: bool = False
-    """``--section.key=value`` arguments may follow: the command reads a job config."""
+    """``--section.key=value`` arguments may follow: the command reads a job config (``--config``), lists its keys
+    in ``--help`` and prints it resolved with ``--print-config``."""
+    default_config: str | None = None
+    """The job config read without ``--config``; None: the defaults of ``JobConfig``."""
     saves_on_stop_signals: bool = False
     """SIGTERM and SIGINT save a checkpoint and exit with ``EXIT_INTERRUPTED``; other commands stop at once."""
 
@@ -60,7 +65,7 @@ COMMANDS: dict[str, Command | CommandGroup] = {
     "demo": Command(
         training.run_demo, training.add_demo_arguments,
         "the main job on the embedded default: demo shards and tokenizer, then a tiny LaCy training run",
-        takes_config_overrides=True,
+        takes_config_overrides=True, default_config=training.DEMO_CONFIG,
     ),
     "train": Command(
         training.run_train, training.add_train_arguments, "pretrain with the LaCy loss (one process, or under torchrun)",
@@ -80,7 +85,7 @@ COMMANDS: dict[str, Command | CommandGroup] = {
     ),
     "eval": Command(
         evaluation.run_eval, evaluation.add_eval_arguments,
-        "evaluate a model into report.json and report.md: losses, NLU, acceptability, fact leakage, FactScore",
+        "evaluate a model into report.json, .md and .html: losses, NLU, acceptability, fact leakage, FactScore",
     ),
     "compare": Command(
         evaluation.run_compare, evaluation.add_compare_arguments,
@@ -97,11 +102,21 @@ COMMANDS: dict[str, Command | CommandGroup] = {
         ),
         "loss": Command(
             bench.run_bench_loss, bench.add_bench_loss_arguments,
-            "LaCy loss: fused kernel vs chunked vs eager vs F.linear_cross_entropy, time and memory",
+            "the LaCy loss implementations side by side: time, peak memory, multiple of the matmul floor",
         ),
         "gpu": Command(
             bench.run_bench_gpu, gpu_check.add_arguments,
             "every GPU figure: kernel correctness and speed, training throughput (report)",
+        ),
+    }),
+    "info": Command(
+        environment.run_info, environment.add_info_arguments,
+        "versions of torch, CUDA, triton, spaCy and its model, transformers; the GPU; the label cache's path and size",
+    ),
+    "cache": CommandGroup("the label cache", {
+        "clear": Command(
+            environment.run_cache_clear, environment.add_cache_arguments,
+            "delete the label cache's entries (spaCy labels and reference losses): later runs label again",
         ),
     }),
 }
@@ -123,7 +138,9 @@ def _add_commands(parser: argparse.ArgumentParser, commands: dict[str, Command |
             _add_commands(subparser, command.commands, dest=name)
         else:
             command.add_arguments(subparser)
-            subparser.set_defaults(chosen_command=command)
+            if command.takes_config_overrides:
+                add_job_config_options(subparser, command.default_config)
+            subparser.set_defaults(chosen_command=command, command_parser=subparser)
         # -v also after the command's name
         subparser.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help="log at INFO level")
 
@@ -137,12 +154,17 @@ def main(argv: list[str] | None = None) -> None:
         stop_signals.restore_defaults()
     if overrides and not command.takes_config_overrides:
         parser.error(f"unrecognized arguments: {' '.join(overrides)}")
-    logging.basicConfig(
-        level=logging.INFO if args.verbose else logging.WARNING,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+    logs.configure(logging.INFO if args.verbose else logging.WARNING)
+    if not args.verbose:  # Hugging Face's bars, transformers' "Loading weights" included; read when it is imported
+        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     try:
-        status = command.run(args)
+        if getattr(args, "print_config", False):
+            print(config_toml(load_job_config(args.config or command.default_config, overrides)), end="")
+            status = 0
+        else:
+            status = command.run(args)
+    except UsageError as error:
+        args.command_parser.error(str(error))
     except ConfigError as error:
         print(f"lacy-stream: config error: {error}", file=sys.stderr)
         sys.exit(EXIT_USAGE)

@@ -10,13 +10,13 @@ from pathlib import Path
 
 from ..config.job_config import AnnotationConfig, DataConfig
 from .arguments import add_max_skip_ratio, add_url_options, stream_options_from_arguments
-
-FACT_COLOR = "\033[1;33m"
-RESET = "\033[0m"
+from .exit_status import UsageError
 
 
 def add_annotate_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--text", help="print this text with its facts highlighted")
+    parser.add_argument("--text", help="print this text with its facts highlighted; [dblookup('E', 'R') -> V] "
+                                       "markup in it gives the LLM judge's labels")
+    parser.add_argument("--html", help="--text: also write a page of every label (facts, grammar, judge values) here")
     parser.add_argument("--input", help="jsonl of {id, text} objects; writes {id, spans} objects to --output")
     parser.add_argument("--output", help="output jsonl for --input (replaced only when the run succeeds)")
     parser.add_argument("--shards", help="shard URL spec to annotate offline into --out")
@@ -36,16 +36,26 @@ def add_annotate_arguments(parser: argparse.ArgumentParser) -> None:
 def run_annotate(args: argparse.Namespace) -> int:
     modes = [args.text is not None, args.input is not None, args.shards is not None]
     if sum(modes) != 1:
-        raise SystemExit("annotate: give exactly one of --text, --input (with --output) or --shards (with --out)")
+        raise UsageError("give exactly one of --text, --input (with --output) or --shards (with --out)")
+    if args.html and args.text is None:
+        raise UsageError("--html needs --text")
     if args.text is not None:
         from ..annotate.annotation import FactAnnotator
+        from ..annotate.judge import strip_markup
+        from ..annotate.views import labels_page, terminal_legend, terminal_view
 
-        labels = FactAnnotator(args.spacy_model).annotate_text(args.text)
-        print(highlight_facts(args.text, labels.spans(args.text), color=sys.stdout.isatty()))
+        text, judge_spans = strip_markup(args.text)
+        word_spans = FactAnnotator(args.spacy_model).annotate_text(text).spans(text)
+        color = sys.stdout.isatty()
+        print(terminal_view(text, word_spans, color=color))
+        print(terminal_legend(color=color, judge_values=len(judge_spans)), file=sys.stderr)
+        if args.html:
+            Path(args.html).write_text(labels_page(text, word_spans, judge_spans), encoding="utf-8")
+            print(f"wrote {args.html}", file=sys.stderr)
         return 0
     if args.input is not None:
         if not args.output:
-            raise SystemExit("annotate: --input needs --output")
+            raise UsageError("--input needs --output")
         from ..annotate.annotation import annotate_jsonl
 
         counts = annotate_jsonl(
@@ -64,7 +74,7 @@ def run_annotate(args: argparse.Namespace) -> int:
         )
         return 0
     if not args.out or not args.tokenizer:
-        raise SystemExit("annotate: --shards needs --out and --tokenizer")
+        raise UsageError("--shards needs --out and --tokenizer")
     from ..annotate.annotate_shards import annotate_shards
     from ..shards.specs import expand_shard_spec
 
@@ -92,27 +102,6 @@ def run_annotate(args: argparse.Namespace) -> int:
         + (f"; skipped {manifest['skipped']}" if manifest["skipped"] else "")
     )
     return 0
-
-
-def highlight_facts(text: str, spans: list[list], *, color: bool) -> str:
-    """The text with runs of fact words in colour (a terminal) or [brackets]."""
-    opening, closing = (FACT_COLOR, RESET) if color else ("[", "]")
-    out, position, run_start, run_end = [], 0, 0, None
-    for begin, end, name in spans:
-        if name != "fact":
-            continue
-        if run_end is not None and not text[run_end:begin].strip():
-            run_end = end
-            continue
-        if run_end is not None:
-            out += [text[position:run_start], opening, text[run_start:run_end], closing]
-            position = run_end
-        run_start, run_end = begin, end
-    if run_end is not None:
-        out += [text[position:run_start], opening, text[run_start:run_end], closing]
-        position = run_end
-    out.append(text[position:])
-    return "".join(out)
 
 
 def add_distill_labeler_arguments(parser: argparse.ArgumentParser) -> None:

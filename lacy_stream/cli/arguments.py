@@ -1,13 +1,18 @@
-"""Options shared by the commands that read shards."""
+"""Options shared by the commands that read shards, and by those that read a job config."""
 
 from __future__ import annotations
 
 import argparse
+import shutil
+import textwrap
 
-from ..config.job_config import DataConfig
+from ..config.job_config import DataConfig, config_keys, load_job_config, toml_value
 from ..shards.documents import SKIP_WARNING_RATIO
 from ..shards.streams import StreamOptions
 from .exit_status import EXIT_TOO_MANY_SKIPS
+
+CALL_PIECES_HELP = ("pieces one call appends at most (default: all the pieces of the partner's token, as Appendix "
+                    "A.5 does; with Llama 3.2 that was never more than three)")
 
 
 def add_stream_arguments(parser: argparse.ArgumentParser) -> None:
@@ -50,3 +55,30 @@ def stream_options_from_arguments(args: argparse.Namespace) -> StreamOptions:
         timeout_s=args.http_timeout, deadline_s=args.http_deadline, retries=args.http_retries,
         allow_pipe=args.allow_pipe,
     )
+
+
+def add_job_config_options(parser: argparse.ArgumentParser, default_config: str | None) -> None:
+    """``--print-config``, and every config key with its type, value and meaning after the command's own epilog;
+    ``default_config`` is the config the command reads without ``--config`` (None: the defaults)."""
+    parser.add_argument("--print-config", action="store_true",
+                        help="print the resolved config (--config with the overrides applied) as TOML and exit")
+    # The raw formatter keeps the key list's layout; the description is filled as argparse would.
+    parser.formatter_class = argparse.RawDescriptionHelpFormatter
+    if parser.description:
+        parser.description = textwrap.fill(parser.description, _help_width())
+    parser.epilog = "\n\n".join(text for text in (parser.epilog, config_keys_help(default_config)) if text)
+
+
+def config_keys_help(default_config: str | None) -> str:
+    """Every config key as an override with its value in ``default_config`` (or its default), type and meaning."""
+    width = _help_width()
+    values = f"its value in {default_config}" if default_config else "its default"
+    lines = [f"config keys, each with {values} (a --section.key=value override replaces the --config file's):"]
+    for key in config_keys(load_job_config(default_config) if default_config else None):
+        lines.append(f"  --{key.name}={toml_value(key.value)}  ({key.type})")
+        lines += textwrap.wrap(key.meaning, width, initial_indent=" " * 6, subsequent_indent=" " * 6)
+    return "\n".join(lines)
+
+
+def _help_width() -> int:
+    return max(60, min(100, shutil.get_terminal_size().columns - 2))

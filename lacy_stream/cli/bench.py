@@ -10,6 +10,7 @@ from pathlib import Path
 from ..config.job_config import AnnotationConfig, TokenizerConfig, load_job_config
 from ..markdown import markdown_table
 from .arguments import add_url_options, stream_options_from_arguments
+from .exit_status import UsageError
 
 
 def add_bench_annotate_arguments(parser: argparse.ArgumentParser) -> None:
@@ -47,7 +48,7 @@ def run_bench_annotate(args: argparse.Namespace) -> int:
     from ..bench.annotation import PAPER_TOKENS_PER_S_PER_CORE, bench_annotate
 
     if (args.input is None) == (args.shards is None):
-        raise SystemExit("bench annotate: give --input FILE.jsonl or --shards URL")
+        raise UsageError("give --input FILE.jsonl or --shards URL")
     report = bench_annotate(
         args.input or args.shards,
         args.tokenizer,

@@ -24,6 +24,8 @@ from ..eval.config import (
 )
 from ..inference.call_policy import POLICY_NAMES
 from ..inference.generate import MAX_NEW_TOKENS
+from .arguments import CALL_PIECES_HELP
+from .exit_status import UsageError
 
 
 def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
@@ -35,7 +37,7 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
         "--baseline", help="a model trained without calls (same tokenizer), scored on the model's call masks"
     )
     parser.add_argument(
-        "--out", required=True, help="output directory: report.json, report.md and the files of the sections"
+        "--out", required=True, help="output directory: report.json, report.md, report.html and the files of the sections"
     )
     parser.add_argument(
         "--shared",
@@ -81,6 +83,7 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--max-new-tokens", type=int, default=MAX_NEW_TOKENS, help="tokens per biography (default: %(default)s)"
     )
+    parser.add_argument("--call-pieces", type=int, metavar="N", help=CALL_PIECES_HELP)
     parser.add_argument("--background-dir", help="background texts <name>.txt for the partner's RAG prompt")
     parser.add_argument(
         "--device",
@@ -107,7 +110,7 @@ def config_from_arguments(args: argparse.Namespace) -> EvalConfig:
     from ..eval.chat_endpoint import ChatEndpoint
 
     if bool(args.judge_url) != bool(args.judge_model):
-        raise ValueError("a judge needs both --judge-url and --judge-model")
+        raise UsageError("a judge needs both --judge-url and --judge-model")
     shared = EvalInputs.from_shared(args.shared)
     inputs = EvalInputs(
         heldout=args.heldout or shared.heldout,
@@ -125,28 +128,32 @@ def config_from_arguments(args: argparse.Namespace) -> EvalConfig:
             api_key=os.environ.get(API_KEY_ENVIRONMENT_VARIABLE),
             workers=args.judge_workers,
         )
-    return EvalConfig(
-        checkpoint=args.ckpt,
-        out_dir=Path(args.out),
-        inputs=inputs,
-        baseline=args.baseline,
-        sections=tuple(name.strip() for name in args.sections.split(",") if name.strip()),
-        limit=args.limit,
-        device=args.device,
-        batch_size=args.batch_size,
-        call_ratio=args.call_ratio,
-        judge=judge,
-        knowledge=Path(args.knowledge) if args.knowledge else None,
-        cascade=args.cascade,
-        policy=args.policy,
-        call_rate=args.call_rate,
-        max_new_tokens=args.max_new_tokens,
-        background_dir=Path(args.background_dir) if args.background_dir else None,
-        acceptability_documents=args.acceptability_docs,
-        judged_tokens=args.judged_tokens,
-        loss_buckets=args.loss_buckets,
-        spacy_model=args.spacy_model,
-    )
+    try:
+        return EvalConfig(
+            checkpoint=args.ckpt,
+            out_dir=Path(args.out),
+            inputs=inputs,
+            baseline=args.baseline,
+            sections=tuple(name.strip() for name in args.sections.split(",") if name.strip()),
+            limit=args.limit,
+            device=args.device,
+            batch_size=args.batch_size,
+            call_ratio=args.call_ratio,
+            judge=judge,
+            knowledge=Path(args.knowledge) if args.knowledge else None,
+            cascade=args.cascade,
+            policy=args.policy,
+            call_rate=args.call_rate,
+            max_new_tokens=args.max_new_tokens,
+            call_pieces=args.call_pieces,
+            background_dir=Path(args.background_dir) if args.background_dir else None,
+            acceptability_documents=args.acceptability_docs,
+            judged_tokens=args.judged_tokens,
+            loss_buckets=args.loss_buckets,
+            spacy_model=args.spacy_model,
+        )
+    except ValueError as error:  # what EvalConfig refuses in its arguments
+        raise UsageError(str(error)) from None
 
 
 def run_eval(args: argparse.Namespace) -> int:
@@ -158,7 +165,7 @@ def run_eval(args: argparse.Namespace) -> int:
 def add_compare_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--runs", nargs="+", required=True, help="run directories (lacy-stream train's run_dir)")
     parser.add_argument("--val-shards", required=True, help="held-out shard URL spec, scored by every run")
-    parser.add_argument("--out", required=True, help="output directory: comparison.json, .md and .png")
+    parser.add_argument("--out", required=True, help="output directory: comparison.json, .md, .png and .html")
     parser.add_argument("--batches", type=int, default=8, help="held-out batches to score")
     parser.add_argument("--batch-size", type=int, default=8, help="windows per batch (call masks are per batch)")
     parser.add_argument("--seq-len", type=int, help="window length (default: the shortest training seq_len)")

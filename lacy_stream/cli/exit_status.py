@@ -4,3 +4,7 @@ EXIT_ERROR = 1
 EXIT_USAGE = 2
 EXIT_TOO_MANY_SKIPS = 65
 EXIT_INTERRUPTED = 75
+
+
+class UsageError(Exception):
+    """A command line that argparse accepts but that asks for nothing the command can do (exit ``EXIT_USAGE``)."""

@@ -11,6 +11,7 @@ from pathlib import Path
 from ..config.job_config import DataConfig
 from ..shards.streams import StreamOptions
 from .arguments import add_max_skip_ratio, add_stream_arguments, stream_options_from_arguments
+from .exit_status import UsageError
 
 
 def add_make_shards_arguments(parser: argparse.ArgumentParser) -> None:
@@ -22,6 +23,9 @@ def add_make_shards_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--prefix", help="shard file prefix (default: shard, or wiki with --demo)")
     parser.add_argument("--text-field", default="text")
     parser.add_argument("--id-field", default="id")
+    parser.add_argument("--heldout-docs", type=int, default=0, metavar="N",
+                        help="put the last N documents in OUT/heldout/ instead, shards of their own: a held-out split "
+                             "for --train.val_shards, eval --heldout and compare --val-shards")
     add_max_skip_ratio(parser)
 
 
@@ -29,7 +33,7 @@ def run_make_shards(args: argparse.Namespace) -> int:
     from ..shards.make_shards import make_shards
 
     if not args.inputs and not args.demo:
-        raise SystemExit("make-shards: give INPUT files or --demo")
+        raise UsageError("give INPUT files or --demo")
     manifest = make_shards(
         args.inputs,
         Path(args.out),
@@ -40,9 +44,12 @@ def run_make_shards(args: argparse.Namespace) -> int:
         text_field=args.text_field,
         id_field=args.id_field,
         max_skip_ratio=args.max_skip_ratio,
+        heldout_docs=args.heldout_docs,
     )
+    heldout = manifest.get("heldout")
     print(
         f"wrote {len(manifest['shards'])} shards, {manifest['documents']} documents to {args.out}"
+        + (f"; held out {heldout['documents']} documents in {Path(args.out) / heldout['path']}" if heldout else "")
         + (f"; skipped {manifest['skipped']}" if manifest.get("skipped") else "")
         + (f"; repaired {manifest['repaired']}" if manifest.get("repaired") else "")
     )

@@ -11,7 +11,12 @@ or the name of a shipped run config (``tiny_cpu``), from any directory.
 
 from __future__ import annotations
 
+import ast
 import dataclasses
+import functools
+import inspect
+import json
+import re
 import tomllib
 import types
 import typing
@@ -33,6 +38,7 @@ class DataConfig:
     """Shard URL spec: a file, a directory with manifest.json, file:// or http(s):// URLs, brace ranges
     (``wiki-{000000..000127}.tar``), several joined with ``::``; ``pipe:CMD`` needs ``allow_pipe``."""
     seq_len: int = 1024
+    """Tokens per training window (a window holds ``seq_len + 1`` ids: inputs and shifted targets)."""
     batch_size: int = 8
     """Windows per micro-batch on each rank."""
     num_workers: int = 2
@@ -54,6 +60,7 @@ class DataConfig:
     """A dataloader worker fails when, at the end of an epoch, it skipped more than this share of its shards
     or documents (1.0: only when it read nothing); above 5% it warns."""
     prefetch_factor: int = 2
+    """Batches each dataloader worker prepares ahead of the trainer."""
 
 
 @dataclass
@@ -88,7 +95,8 @@ class ModelConfig:
     preset: str = "tiny"
     """``tiny`` (CPU), ``334m`` or ``1.3b`` (the paper's Table 3)."""
     max_seq_len: int = 0
-    """Position embeddings; 0: the preset's. The vocabulary always comes from the tokenizer (+ <CALL>)."""
+    """Positions the model can read (its position embeddings); 0: the preset's. The vocabulary always comes
+    from the tokenizer (+ <CALL>)."""
     vocab_multiple: int = 128
     """The embedding's rows are the vocabulary rounded up to a multiple of this, for aligned output-projection
     matmuls (padding rows are never a token); 1: no padding, the shape of runs before padding existed."""
@@ -99,9 +107,11 @@ class LossConfig:
     method: str = "lacy"
     """One of the paper's Table 5 methods (``lacy_stream.loss.METHODS``; ``lacy-stream train --help``)."""
     call_ratio: float = 0.15
+    """Share of each micro-batch's tokens that become ``<CALL>`` targets."""
     ignore_ratio: float = 0.15
+    """``lacy_ignore``'s budget: the share of each micro-batch's tokens left out of the loss, remaining facts first."""
     implementation: str = "auto"
-    """``auto`` (per device and dtype, see ``lacy_stream.loss.implementation.AUTO``), ``triton``, ``chunked``
+    """``auto`` (``chunked`` on CUDA, ``torch`` elsewhere: ``lacy_stream.loss.implementation.AUTO``), ``chunked``
     or ``torch``."""
     reference: str = ""
     """The frozen reference model of ``rho1`` and ``spacy_refloss``: a run directory, checkpoint or Hugging
@@ -111,21 +121,29 @@ class LossConfig:
 @dataclass
 class OptimizerConfig:
     lr: float = 2e-4
+    """Peak learning rate of AdamW, reached after ``warmup_steps``."""
     weight_decay: float = 0.1
+    """AdamW's decoupled weight decay, on matrices and embeddings (not on biases and LayerNorm weights)."""
     beta1: float = 0.9
+    """AdamW's first-moment decay."""
     beta2: float = 0.95
+    """AdamW's second-moment decay."""
     eps: float = 1e-8
+    """AdamW's epsilon."""
     grad_clip: float = 1.0
     """Clip the global gradient norm to this; 0: no clipping."""
     warmup_steps: int = 2560
+    """Steps of linear warmup from 0 to ``lr``."""
     schedule: str = "constant"
     """After warmup: ``constant`` (the paper) or ``cosine`` down to ``min_lr_ratio`` x lr."""
     min_lr_ratio: float = 0.1
+    """The ``cosine`` schedule ends at this fraction of ``lr``."""
 
 
 @dataclass
 class TrainConfig:
     steps: int = 1000
+    """Optimizer steps of the whole run; a resumed run trains until it has made this many."""
     global_batch_tokens: int = 0
     """Tokens per optimizer step over all ranks; a multiple of ranks x batch_size x seq_len (gradient
     accumulation fills the rest). 0: one micro-batch per rank."""
@@ -133,21 +151,29 @@ class TrainConfig:
     """Compute dtype: ``auto`` (bf16 on GPU, fp32 on CPU), ``bf16`` or ``fp32`` (with TF32 matmuls on GPU).
     Parameters, gradients and optimizer state are fp32 either way; gradients are reduced in fp32."""
     compile: bool = False
+    """``torch.compile`` each transformer block."""
     activation_checkpointing: bool = False
+    """Recompute each block's activations in the backward pass instead of keeping them (less memory)."""
     seed: int = 0
+    """Seed of the initial weights and of the methods' random choices."""
     run_dir: str = "runs/demo"
+    """Where checkpoints, metrics.jsonl, tensorboard logs, the resolved config and the hf/ export go."""
     log_every: int = 10
+    """Steps between metric records (and progress lines when stderr is not a terminal)."""
     val_shards: str = ""
-    """Held-out shard spec for periodic validation loss; empty: no validation."""
+    """Held-out shard spec for periodic validation loss (``val/loss`` in the metrics); empty: no validation."""
     val_every: int = 500
+    """Steps between validations; the last step is validated too."""
     val_batches: int = 20
+    """Held-out micro-batches of each validation, the same ones every time."""
 
 
 @dataclass
 class CheckpointConfig:
     every: int = 500
+    """Steps between checkpoints; the last step is saved too."""
     keep: int = 3
-    """Keep the newest ``keep`` checkpoints."""
+    """How many of the newest checkpoints to keep; older ones are deleted."""
     resume: bool = True
     """Continue from the newest checkpoint in ``train.run_dir`` when there is one."""
     export_hf: bool = True
@@ -155,6 +181,22 @@ class CheckpointConfig:
     allow_config_change: bool = False
     """Resume even when the settings that define the run (model, tokenizer, loss, data, optimizer) differ from
     those it was started with (``lacy_stream.trainer.run_directory.FIXED_ON_RESUME``)."""
+
+
+@dataclass
+class MetricsConfig:
+    wandb: bool = False
+    """Mirror metrics.jsonl and the validation samples to Weights & Biases (needs ``pip install
+    'lacy-stream[tracking]'``); tensorboard and metrics.jsonl are written either way."""
+    wandb_project: str = "lacy-stream"
+    """The W&B project of the run."""
+    wandb_entity: str = ""
+    """The W&B team or user; empty: your default entity."""
+    wandb_run_name: str = ""
+    """The run's name in W&B; empty: the name of ``train.run_dir``."""
+    wandb_mode: str = ""
+    """``online``, ``offline`` (files under ``train.run_dir``/wandb, ``wandb sync`` uploads them later); empty:
+    ``$WANDB_MODE``, else online."""
 
 
 @dataclass
@@ -167,6 +209,7 @@ class JobConfig:
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
 
 
 # Values that are checked beyond their type: (section, key) -> allowed choices or (low, high) bounds.
@@ -231,6 +274,77 @@ def resolve_config_path(path: str | Path) -> Path:
 
 def run_config_names() -> list[str]:
     return sorted(config.stem for config in RUN_CONFIGS.glob("*.toml"))
+
+
+@dataclass(frozen=True)
+class ConfigKey:
+    """One key of the job config, as ``--help`` lists it."""
+
+    name: str
+    """``section.key``, as an override names it."""
+    type: str
+    value: object
+    """Its value in the config described."""
+    meaning: str
+    """The first sentence of the key's docstring in this module."""
+
+
+def config_keys(config: JobConfig | None = None) -> list[ConfigKey]:
+    """Every key in file order, with its value in ``config`` (default: the dataclass defaults)."""
+    config = config if config is not None else JobConfig()
+    docstrings = _attribute_docstrings()
+    keys = []
+    for section in dataclasses.fields(config):
+        values = getattr(config, section.name)
+        hints = typing.get_type_hints(type(values))
+        for item in dataclasses.fields(values):
+            meaning = _first_sentence(docstrings.get((type(values).__name__, item.name), ""))
+            keys.append(ConfigKey(f"{section.name}.{item.name}", hints[item.name].__name__, getattr(values, item.name),
+                                  meaning))
+    return keys
+
+
+@functools.cache
+def _attribute_docstrings() -> dict[tuple[str, str], str]:
+    """(class name, attribute name) -> the string literal under the attribute in this module's source."""
+    docstrings = {}
+    for node in ast.parse(Path(__file__).read_text(encoding="utf-8")).body:
+        if not isinstance(node, ast.ClassDef):
+            continue
+        for statement, following in zip(node.body, node.body[1:]):
+            if (isinstance(statement, ast.AnnAssign) and isinstance(statement.target, ast.Name)
+                    and isinstance(following, ast.Expr) and isinstance(following.value, ast.Constant)
+                    and isinstance(following.value.value, str)):
+                docstrings[node.name, statement.target.id] = following.value.value
+    return docstrings
+
+
+def _first_sentence(docstring: str) -> str:
+    """The docstring's first sentence on one line, its ``literals`` as plain text."""
+    text = re.sub(r"``(.+?)``", r"\1", " ".join(inspect.cleandoc(docstring).split()))
+    return re.split(r"(?<=\.)\s+(?=[A-Z])", text, maxsplit=1)[0]
+
+
+def config_toml(config: JobConfig) -> str:
+    """``config`` as a TOML job file that loads back to the same config (``--print-config``)."""
+    tables = []
+    for section in dataclasses.fields(config):
+        values = getattr(config, section.name)
+        lines = [f"{item.name} = {toml_value(getattr(values, item.name))}" for item in dataclasses.fields(values)]
+        tables.append("\n".join([f"[{section.name}]", *lines]))
+    return "\n\n".join(tables) + "\n"
+
+
+def toml_value(value: object) -> str:
+    """A config value as a TOML literal."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)  # floats included: 0.0002, 1e-08, inf and nan are TOML too
+    if isinstance(value, str):
+        # JSON's escapes are TOML's; TOML also wants DEL escaped
+        return json.dumps(value, ensure_ascii=False).replace("\x7f", "\\u007f")
+    raise TypeError(f"no TOML literal for {value!r}")
 
 
 def parse_overrides(arguments: list[str]) -> list[tuple[str, str, str]]:

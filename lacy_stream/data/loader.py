@@ -23,13 +23,15 @@ silently re-split.
 
 from __future__ import annotations
 
+import faulthandler
 import functools
 import hashlib
 import logging
+import multiprocessing
 import warnings
 from collections import Counter
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Protocol
 
 import numpy as np
@@ -37,7 +39,7 @@ import torch
 from torch.utils.data import IterableDataset, get_worker_info
 from torchdata.stateful_dataloader import StatefulDataLoader
 
-from .. import stop_signals
+from .. import logs, stop_signals
 from ..annotate.alignment import warm_up as warm_up_alignment
 from ..annotate.label_cache import (
     LABEL_CACHE_COLUMNS,
@@ -225,7 +227,8 @@ class PackedShardDataset(IterableDataset):
         self.seed = seed
         self.options = options
         self.max_doc_chars = max_doc_chars
-        self.annotation = annotation
+        # Resolved here: a worker, started from the fork server, does not see the environment as it is now.
+        self.annotation = replace(annotation, cache_dir=str(annotation.cache_dir or default_cache_dir()))
         self.reference = reference
         self.max_skip_ratio = max_skip_ratio
         self.source: DocumentSource = functools.partial(read_shard, options=options, max_doc_chars=max_doc_chars)
@@ -402,8 +405,9 @@ class TokenLoader:
                 collate_fn=collate_windows,
                 prefetch_factor=prefetch_factor if num_workers > 0 else None,
                 persistent_workers=False,
+                multiprocessing_context=_worker_context() if num_workers > 0 else None,
                 # A stop signal to the process group is the trainer's to act on: it saves, then ends the workers.
-                worker_init_fn=_leave_stop_signals_to_the_trainer,
+                worker_init_fn=functools.partial(_prepare_worker, log_level=logging.getLogger().getEffectiveLevel()),
                 # The workers' base seed from a generator of the loader's own, not torch's global one: drawing it
                 # there would shift the trainer's random stream by when a resumed run starts its iterator.
                 generator=torch.Generator().manual_seed(seed),
@@ -493,5 +497,19 @@ def _dataset_states(loader_state: dict) -> list[dict]:
     return [worker["dataset_state"] for worker in workers.values() if worker.get("dataset_state")]
 
 
-def _leave_stop_signals_to_the_trainer(worker_id: int) -> None:
+def _worker_context() -> multiprocessing.context.BaseContext:
+    """Workers start from a fork server, never forked from the trainer: a fork copies a process mid-flight,
+    the locks its threads (OpenMP's pool after a training step, CUDA's, NCCL's) hold included, and a worker
+    forked that way can crash at random. The server imports this module (torch, spaCy's) once, so a worker
+    starts as fast as a fork."""
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload([__name__])
+    return context
+
+
+def _prepare_worker(worker_id: int, log_level: int) -> None:
     stop_signals.leave_to_the_main_process()
+    logs.configure(log_level)  # a worker starts from the fork server, not from the configured main process
+    # A native crash in a worker (spaCy, the student, a decompressor) prints the Python stack of every thread
+    # before torch reports the worker's death.
+    faulthandler.enable(all_threads=True)

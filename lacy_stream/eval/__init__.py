@@ -16,7 +16,7 @@ One module per evaluation, each usable on its own from Python:
 * :mod:`.fact_leakage` – PopQA long-tail and BIG-bench QA Wikidata answered 3-shot without calls, scored by
   contained gold answers (Sec. 5.3);
 * :mod:`.runner` – runs the sections of an ``EvalConfig`` (:mod:`.config`, with the paper's settings) into
-  ``report.json`` and ``report.md`` (``run_eval``); :mod:`lacy_stream.cli.evaluation` turns the
+  ``report.json``, ``report.md`` and ``report.html`` (``run_eval``); :mod:`lacy_stream.cli.evaluation` turns the
   ``lacy-stream eval`` options into the config;
 * :mod:`.compare` – finished runs of several methods side by side (``lacy-stream compare``).
 

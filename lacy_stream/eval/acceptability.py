@@ -101,6 +101,12 @@ lost in the paper's text rendering and are restored. ``\\n`` is literal, as in t
 of the filled-in texts are written that way too (:func:`judge_prompt`)."""
 
 FACT_GROUP, NON_FACT_GROUP = "fact", "non-fact"
+NO_JUDGE = "accuracy only: acceptability needs a judge endpoint (--judge-url and --judge-model)"
+DEFINITIONS = (
+    "*Accuracy*: the share of target tokens whose proposal, the model's most likely token besides `<CALL>`, is "
+    "the true token. *Acceptability*: the share of judged positions whose proposal the LLM judge finds "
+    "compatible with the true token (a proposal equal to it counts as acceptable)."
+)
 PLOT_FILE = "acceptability.png"
 _BYTE_PIECE = re.compile(r"<0x([0-9A-Fa-f]{2})>")
 _VERDICT = re.compile(r"\boutput\b\W*([01])\b", re.IGNORECASE)
@@ -159,6 +165,11 @@ class AcceptabilityResult:
     plot: str
     note: str
 
+    @property
+    def not_run(self) -> str | None:
+        """Why the acceptability half did not run; None when it did."""
+        return None if self.judge is not None else NO_JUDGE
+
     def to_dict(self) -> dict:
         return asdict(self)
 
@@ -170,6 +181,8 @@ class AcceptabilityResult:
             + ".",
             "",
             self.note,
+            "",
+            DEFINITIONS,
             "",
             markdown_table(
                 ["group", "bucket", "loss range", "mean loss", "tokens", "accuracy", "judged", "acceptability"],

@@ -13,6 +13,13 @@ them, so each target has its fact class and judge label). Per run:
   facts and judge tokens among all targets (a method that calls where it should is well above them);
 * **call separation**: the AUC of the ``<CALL>`` log-odds for fact targets against all other targets
   (0.5: no separation);
+* **what is left to the small model** (the paper's claim: a model that calls where it would err leaves fewer
+  factual errors once a partner answers its calls): with a perfect partner answering every position of C_M,
+  the fact targets outside C_M that the model gets wrong (its top token, ``<CALL>`` excluded, is not the
+  target), as a share of all fact targets, and their mean loss; the same for all targets; the share of C_M on
+  fact pieces that begin a word (calling the rest of a word the model has begun prevents no factual error);
+  and, as a sensitivity check, the fact errors left by C_M ranked by the ``<CALL>`` log-odds instead of the
+  raw logit. Every calling run spends the same budget, so these compare methods at equal cost;
 * with ``--cascade``, the realized call rate and tokens/s of calibrated cascade generation on a few
   FactScore prompts.
 
@@ -36,9 +43,11 @@ from torch import Tensor
 from ..annotate.label_cache import file_digest
 from ..config.job_config import AnnotationConfig, DataConfig
 from ..data.loader import TokenLoader
+from ..html_page import html_page, html_table, markdown_html, paragraph, png_image
 from ..inference.loading import LacyModel, load_lacy
 from ..labels import JUDGE_CALL, JUDGE_UNKNOWN, TokenClass
 from ..markdown import markdown_table
+from ..tokenizer import Tokenizer
 from .plotting import new_figure
 from .scoring import TokenStatistics, token_statistics
 from .validation import call_mask
@@ -46,6 +55,22 @@ from .validation import call_mask
 COMPARISON_JSON = "comparison.json"
 COMPARISON_MD = "comparison.md"
 COMPARISON_PNG = "comparison.png"
+COMPARISON_HTML = "comparison.html"
+COLUMNS_NOTE = (
+    "Call loss: -log p(<CALL>) on the run's C_M (full softmax, Eq. A.5); non-call loss: the cross-entropy with "
+    "<CALL> excluded on the other targets (Eq. A.6). The baseline columns score the baseline run on this run's "
+    "C_M. Facts / judge in C_M: the share of C_M on fact / judge-delegated targets. Fact/other AUC: how well "
+    "the <CALL> log-odds separate fact targets from the others (0.5: not at all)."
+)
+LEFT_NOTE = (
+    "With a perfect partner answering C_M: fact errors left, the fact targets outside C_M whose top token "
+    "(<CALL> excluded) is wrong, as a share of all fact targets; fact loss left, their mean non-call loss over the "
+    "fact targets outside C_M; errors left, the same share over all targets; word-initial facts in C_M, the share "
+    "of C_M on fact pieces that begin a word; log-odds C_M, the same budget ranked by <CALL> log-odds. A baseline "
+    "run calls nowhere: what it leaves is all its errors."
+)
+"""What the columns of the second table mean."""
+"""What the columns of the comparison table mean (under the table of the HTML page)."""
 
 
 @dataclass
@@ -98,6 +123,19 @@ class RunScores:
     judge_share: float | None
     fact_call_auc: float | None
     """AUC of the ``<CALL>`` log-odds, fact targets vs all other valid targets."""
+    fact_errors_left: float | None = None
+    """Fact targets outside C_M whose top token (``<CALL>`` excluded) is not the target, over all fact targets."""
+    fact_loss_left: float | None = None
+    """Mean ``<CALL>``-excluded loss of the fact targets outside C_M."""
+    errors_left: float | None = None
+    """Targets outside C_M whose top token is not the target, over all valid targets."""
+    word_initial_share_of_calls: float | None = None
+    """The share of C_M on fact targets that begin a word (their piece starts with SentencePiece's ``▁``)."""
+    word_initial_fact_share: float | None = None
+    """Word-initial fact targets among all fact targets."""
+    fact_errors_left_log_odds: float | None = None
+    """``fact_errors_left`` with C_M ranked by the ``<CALL>`` log-odds instead of the raw logit."""
+    fact_share_of_calls_log_odds: float | None = None
     cascade_call_rate: float | None = None
     cascade_tokens_per_s: float | None = None
 
@@ -114,29 +152,62 @@ class Comparison:
     def to_dict(self) -> dict:
         return asdict(self)
 
-    def markdown(self) -> str:
-        lines = [
-            f"{len(self.runs)} runs on {self.windows} held-out windows of {self.seq_len} tokens from `{self.val_shards}`; "
-            f"call masks C_M = the top {self.call_ratio:.0%} `<CALL>` logits per batch (Appendix A.4.3).",
-            "",
-            markdown_table(
-                ["run", "method", "steps", "call loss", "non-call loss", "baseline call loss on C_M",
-                 "baseline non-call loss on C_M", "facts in C_M", "judge in C_M", "fact/other AUC",
-                 "cascade call rate", "cascade tokens/s", "flags"],
-                [
-                    [run.name, f"`{run.method}`", run.steps, _number(score.call_loss), _number(score.non_call_loss),
-                     _number(score.baseline_call_loss), _number(score.baseline_non_call_loss),
-                     _share(score.fact_share_of_calls), _share(score.judge_share_of_calls),
-                     _number(score.fact_call_auc, 3), _share(score.cascade_call_rate),
-                     _number(score.cascade_tokens_per_s, 1), "; ".join(run.flags)]
-                    for run, score in zip(self.runs, self.scores)
-                ],
-            ),
+    def summary(self) -> str:
+        return (f"{len(self.runs)} runs on {self.windows} held-out windows of {self.seq_len} tokens from "
+                f"`{self.val_shards}`; call masks C_M = the top {self.call_ratio:.0%} `<CALL>` logits per batch "
+                "(Appendix A.4.3).")
+
+    def table(self) -> tuple[list[str], list[list[object]]]:
+        """The header and rows of the comparison table, one row a run."""
+        header = ["run", "method", "steps", "call loss", "non-call loss", "baseline call loss on C_M",
+                  "baseline non-call loss on C_M", "facts in C_M", "judge in C_M", "fact/other AUC",
+                  "cascade call rate", "cascade tokens/s", "flags"]
+        rows = [
+            [run.name, run.method, run.steps, _number(score.call_loss), _number(score.non_call_loss),
+             _number(score.baseline_call_loss), _number(score.baseline_non_call_loss),
+             _share(score.fact_share_of_calls), _share(score.judge_share_of_calls),
+             _number(score.fact_call_auc, 3), _share(score.cascade_call_rate),
+             _number(score.cascade_tokens_per_s, 1), "; ".join(run.flags)]
+            for run, score in zip(self.runs, self.scores)
         ]
+        return header, rows
+
+    def left_table(self) -> tuple[list[str], list[list[object]]]:
+        """The header and rows of the table of what each run leaves to itself once its calls are answered."""
+        header = ["run", "method", "fact errors left", "fact loss left", "errors left", "word-initial facts in C_M",
+                  "fact errors left (log-odds C_M)", "facts in C_M (log-odds C_M)"]
+        rows = [
+            [run.name, run.method, _share(score.fact_errors_left), _number(score.fact_loss_left),
+             _share(score.errors_left), _share(score.word_initial_share_of_calls),
+             _share(score.fact_errors_left_log_odds), _share(score.fact_share_of_calls_log_odds)]
+            for run, score in zip(self.runs, self.scores)
+        ]
+        return header, rows
+
+    def markdown(self) -> str:
+        losses, left = (markdown_table(header, [[row[0], f"`{row[1]}`", *row[2:]] for row in rows])
+                        for header, rows in (self.table(), self.left_table()))
+        return "\n\n".join([self.summary(), losses, self.base_rates(),
+                            "What each run leaves to itself with a perfect partner answering its calls:", left,
+                            LEFT_NOTE])
+
+    def base_rates(self) -> str:
         first = self.scores[0]
         judge = "no judge markup" if first.judge_share is None else f"{first.judge_share:.1%} judge-delegated"
-        lines += ["", f"Targets: {first.fact_share:.1%} facts, {judge} (the shares a random call mask would have)."]
-        return "\n".join(lines)
+        initial = ("" if first.word_initial_fact_share is None
+                   else f"; {first.word_initial_fact_share:.1%} of the fact targets begin a word")
+        return (f"Targets: {first.fact_share:.1%} facts, {judge} (the shares a random call mask would have)"
+                f"{initial}.")
+
+    def html(self, plot: Path | None) -> str:
+        """A standalone page: the tables, the base rates and ``plot`` (a PNG, embedded) when there is one."""
+        parts = [markdown_html(self.summary()), html_table(*self.table()), paragraph(self.base_rates())]
+        if plot is not None:
+            parts.append(png_image(plot, "losses at the evaluation call masks, and training curves"))
+        parts.append(paragraph(COLUMNS_NOTE, note=True))
+        parts += [paragraph("What each run leaves to itself with a perfect partner answering its calls:"),
+                  html_table(*self.left_table()), paragraph(LEFT_NOTE, note=True)]
+        return html_page("Methods compared", *parts)
 
 
 def _number(value: float | None, digits: int = 4) -> str:
@@ -221,16 +292,19 @@ def score_run(
 ) -> RunScores:
     sums = _Sums()
     fact_odds, other_odds = [], []
+    begins_word = word_initial_pieces(lacy.tokenizer)
     for batch in batches:
         inputs, targets = batch.tokens[:, :-1], batch.tokens[:, 1:]
         valid = batch.valid
         stats = token_statistics(lacy.model, inputs.to(lacy.device), targets.to(lacy.device), call_id=lacy.call_id)
         stats = _on_cpu(stats)
         fact = valid & (batch.token_class == TokenClass.FACT)
+        initial_fact = fact & begins_word[targets]
         judged = valid & (batch.judge != JUDGE_UNKNOWN)
         delegated = judged & (batch.judge == JUDGE_CALL)
         sums.add("valid", valid.sum())
         sums.add("facts", fact.sum())
+        sums.add("initial_facts", initial_fact.sum())
         sums.add("judged", judged.sum())
         sums.add("delegated", delegated.sum())
         fact_odds.append(stats.call_log_odds[fact])
@@ -238,10 +312,18 @@ def score_run(
         if is_baseline:
             sums.add("non_call_nll", -stats.no_call_logprob[valid].double().sum())
             sums.add("non_calls", valid.sum())
+            for name, value in left_counts(stats, targets, valid, fact, torch.zeros_like(valid)).items():
+                sums.add(name, value)
             continue
         mask = call_mask(stats.call_logit, stats.call_is_top, valid, call_ratio=call_ratio)
+        by_odds = call_mask(stats.call_log_odds, stats.call_is_top, valid, call_ratio=call_ratio)
         _add_masked_losses(sums, "", stats, mask, valid)
+        for name, value in left_counts(stats, targets, valid, fact, mask).items():
+            sums.add(name, value)
+        sums.add("facts_wrong_left_by_odds", left_counts(stats, targets, valid, fact, by_odds)["facts_wrong_left"])
         sums.add("calls_on_facts", (mask & fact).sum())
+        sums.add("calls_on_facts_by_odds", (by_odds & fact).sum())
+        sums.add("calls_on_initial_facts", (mask & initial_fact).sum())
         sums.add("calls_judged", (mask & judged).sum())
         sums.add("calls_delegated", (mask & delegated).sum())
         if baseline is not None:
@@ -262,7 +344,36 @@ def score_run(
         fact_share=sums.ratio("facts", "valid") or 0.0,
         judge_share=sums.ratio("delegated", "judged"),
         fact_call_auc=auc(torch.cat(fact_odds), torch.cat(other_odds)),
+        fact_errors_left=sums.ratio("facts_wrong_left", "facts"),
+        fact_loss_left=sums.ratio("fact_nll_left", "facts_left"),
+        errors_left=sums.ratio("wrong_left", "valid"),
+        word_initial_share_of_calls=sums.ratio("calls_on_initial_facts", "calls"),
+        word_initial_fact_share=sums.ratio("initial_facts", "facts"),
+        fact_errors_left_log_odds=None if is_baseline else sums.ratio("facts_wrong_left_by_odds", "facts"),
+        fact_share_of_calls_log_odds=sums.ratio("calls_on_facts_by_odds", "calls"),
     )
+
+
+def word_initial_pieces(tokenizer: Tokenizer) -> Tensor:
+    """[vocab] bool: the pieces that begin a word (SentencePiece's ``▁`` prefix). Byte pieces, special pieces and
+    ``<CALL>`` do not."""
+    begins = [tokenizer.id_to_piece(token).startswith("\u2581") for token in range(tokenizer.num_pieces)]
+    return torch.tensor(begins + [False] * (tokenizer.vocab_size - tokenizer.num_pieces), dtype=torch.bool)
+
+
+def left_counts(stats: TokenStatistics, targets: Tensor, valid: Tensor, fact: Tensor, mask: Tensor) -> dict[str, Tensor]:
+    """What a model leaves to itself in one batch when a perfect partner answers the positions of ``mask``: the
+    fact targets and all targets outside it whose top token (``<CALL>`` excluded) is wrong, and the loss and
+    count of the fact targets outside it."""
+    wrong = stats.top_token != targets
+    kept = valid & ~mask
+    kept_facts = fact & kept
+    return {
+        "facts_wrong_left": (kept_facts & wrong).sum(),
+        "wrong_left": (kept & wrong).sum(),
+        "fact_nll_left": -stats.no_call_logprob[kept_facts].double().sum(),
+        "facts_left": kept_facts.sum(),
+    }
 
 
 def _on_cpu(stats: TokenStatistics) -> TokenStatistics:
@@ -366,43 +477,64 @@ def _measure_cascade(runs, models, scores, spec, entities, call_rate, max_new_to
 
 
 def write_comparison(comparison: Comparison, out_dir: str | Path) -> Path:
-    """``comparison.json``, ``comparison.md`` and ``comparison.png`` in ``out_dir``; returns the directory."""
+    """``comparison.json``, ``comparison.md``, ``comparison.png`` and ``comparison.html`` in ``out_dir``; returns the
+    directory. The plot is drawn when matplotlib (the eval extra) is installed."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / COMPARISON_JSON).write_text(json.dumps(comparison.to_dict(), indent=2) + "\n")
     (out / COMPARISON_MD).write_text("# Methods compared\n\n" + comparison.markdown() + "\n")
-    plot_comparison(comparison, out / COMPARISON_PNG)  # drawn when matplotlib (the eval extra) is installed
+    plotted = plot_comparison(comparison, out / COMPARISON_PNG)
+    (out / COMPARISON_HTML).write_text(comparison.html(out / COMPARISON_PNG if plotted else None), encoding="utf-8")
     return out
 
 
-def plot_comparison(comparison: Comparison, path: Path) -> None:
-    """Left: call and non-call losses at C_M per run (light: the baseline on the same C_M). Right: each
-    run's training loss from its ``metrics.jsonl``."""
-    figure = new_figure(figsize=(13, 4.8), layout="constrained")
+def plot_comparison(comparison: Comparison, path: Path) -> bool:
+    """The call loss and the non-call loss at each run's C_M, each panel's axis fitted to its values and the
+    values on the bars (light bars: the baseline run on the same C_M); then each run's training non-call loss
+    from its ``metrics.jsonl``, when a run has one. Returns whether it was drawn (matplotlib installed)."""
+    curves = [[r for r in _metrics(Path(run.path)) if r.get("noncall_loss") is not None] for run in comparison.runs]
+    with_curves = any(curves)
+    figure = new_figure(figsize=(15 if with_curves else 10, 5.2), layout="constrained")
     if figure is None:
-        return
-    losses, curves = figure.subplots(1, 2, width_ratios=[3, 2])
+        return False
+    from matplotlib.patches import Patch
+
+    panels = figure.subplots(1, 3 if with_curves else 2, width_ratios=[1, 1, 1.1] if with_curves else [1, 1])
     names = [run.name if run.name == run.method else f"{run.name}\n({run.method})" for run in comparison.runs]
+    scores = comparison.scores
+    _loss_bars(panels[0], names, [s.call_loss for s in scores], [s.baseline_call_loss for s in scores], "tab:red",
+               "Call loss on C_M (Eq. A.5)")
+    _loss_bars(panels[1], names, [s.non_call_loss for s in scores], [s.baseline_non_call_loss for s in scores],
+               "tab:blue", "Non-call loss (Eq. A.6)")
+    figure.legend(handles=[Patch(color="0.3", label="the run, on its own C_M"),
+                           Patch(color="0.3", alpha=0.35, label="the baseline run, on the same C_M")],
+                  loc="outside upper center", ncols=2, fontsize=9)
+    if with_curves:
+        training = panels[2]
+        for run, records in zip(comparison.runs, curves):
+            training.plot([r["step"] for r in records], [r["noncall_loss"] for r in records], label=run.name)
+        training.set(xlabel="step", ylabel="non-call loss of the learned tokens (nats)", title="Training (metrics.jsonl)")
+        training.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.02, 1), frameon=False)
+    figure.savefig(path, dpi=100)
+    return True
+
+
+def _loss_bars(axes, names: list[str], own: list[float | None], baseline: list[float | None], color: str,
+               title: str) -> None:
+    """One panel: a bar per run (and a light one for the baseline on its C_M) on an axis fitted to the values."""
     positions = range(len(names))
-    width = 0.2
-    bars = [
-        ("call loss", [score.call_loss for score in comparison.scores], -1.5, "tab:red", 1.0),
-        ("baseline on C_M: call loss", [score.baseline_call_loss for score in comparison.scores], -0.5, "tab:red", 0.35),
-        ("non-call loss", [score.non_call_loss for score in comparison.scores], 0.5, "tab:blue", 1.0),
-        ("baseline on C_M: non-call", [score.baseline_non_call_loss for score in comparison.scores], 1.5, "tab:blue", 0.35),
-    ]
-    for label, values, offset, color, alpha in bars:
-        heights = [math.nan if value is None else value for value in values]
-        losses.bar([p + offset * width for p in positions], heights, width, label=label, color=color, alpha=alpha)
-    losses.set_xticks(list(positions), names, rotation=30, ha="right", fontsize=8)
-    losses.set_ylabel("validation loss (nats)")
-    losses.set_title("Losses at the evaluation call masks (A.4.3)")
-    losses.legend(fontsize=8)
-    for run in comparison.runs:
-        records = [record for record in _metrics(Path(run.path)) if record.get("noncall_loss") is not None]
-        curves.plot([r["step"] for r in records], [r["noncall_loss"] for r in records], label=run.method)
-    curves.set_xlabel("step")
-    curves.set_ylabel("non-call loss of the learned tokens")
-    curves.set_title("Training (metrics.jsonl)")
-    curves.legend(fontsize=8)
-    figure.savefig(path, dpi=110)
+    values = [value for value in own + baseline if value is not None]
+    for offset, heights, alpha in ((-0.2, own, 1.0), (0.2, baseline, 0.35)):
+        drawn = axes.bar([p + offset for p in positions], [math.nan if h is None else h for h in heights], 0.4,
+                         color=color, alpha=alpha)
+        axes.bar_label(drawn, labels=["" if h is None else f"{h:.2f}" for h in heights], fontsize=7, padding=2)
+    axes.set_xticks(list(positions), names, rotation=30, ha="right", fontsize=8)
+    axes.set_title(title)
+    if not values:
+        axes.text(0.5, 0.5, "no calling run", ha="center", va="center", transform=axes.transAxes)
+        return
+    low, high = min(values), max(values)
+    margin = (high - low) * 0.2 or max(abs(high) * 0.05, 0.1)
+    bottom = max(low - margin, 0.0)
+    axes.set_ylim(bottom, high + margin)
+    axes.set_ylabel(f"nats (the axis starts at {bottom:.2f})" if bottom > 0 else "nats")

@@ -8,7 +8,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..inference.call_policy import POLICY_NAMES
+from ..inference.call_policy import DEFAULT_CALL_RATE, DEFAULT_POLICY, POLICY_NAMES
 from ..inference.generate import MAX_NEW_TOKENS
 from .chat_endpoint import ChatEndpoint
 
@@ -17,10 +17,6 @@ DEFAULT_SECTIONS = tuple(name for name in SECTIONS if name != "lm_eval")
 PAPER_CALL_RATIO = 0.15
 """Share of tokens in the validation call mask (Appendix A.4.3), the train-time call ratio."""
 PAPER_ACCEPTABILITY_DOCUMENTS = 112  # Sec. 3: one validation batch of 112 documents
-DEFAULT_POLICY = "calibrated"
-DEFAULT_CALL_RATE = 0.15
-"""As ``lacy-stream generate``. The paper's 15% target realised about 22% calls (Appendix A.5); the
-calibrated policy realises its target, so 0.22 gives the paper's call budget."""
 
 
 @dataclass(frozen=True)
@@ -74,6 +70,8 @@ class EvalConfig:
     """The policy's target (calibrated, i-LaCy) or random call rate."""
     max_new_tokens: int = MAX_NEW_TOKENS
     """Tokens per biography (FactScore and throughput)."""
+    call_pieces: int | None = None
+    """Pieces one call appends at most; None: all the pieces of the partner's token (Appendix A.5)."""
     background_dir: Path | None = None
     """Background texts ``<name>.txt`` for the partner's RAG prompt (FactScore)."""
     acceptability_documents: int = PAPER_ACCEPTABILITY_DOCUMENTS
@@ -89,6 +87,8 @@ class EvalConfig:
             raise ValueError(f"limit must be at least 1, got {self.limit}")
         if self.policy not in POLICY_NAMES:
             raise ValueError(f"unknown call policy {self.policy!r}; known: {', '.join(POLICY_NAMES)}")
+        if self.call_pieces is not None and self.call_pieces < 1:
+            raise ValueError(f"a call must append at least one piece, got --call-pieces {self.call_pieces}")
         if self.background_dir is not None and self.cascade is None:
             raise ValueError("background texts (--background-dir) are for the cascade partner: give --cascade")
 

@@ -198,7 +198,8 @@ class FactLeakageResult:
         lines = [
             f"Answers generated with the `<CALL>` logit at -inf, greedy, {self.shots}-shot, cut at the first "
             "newline; an example leaks when the gold answer or an alias is contained (whole words, "
-            f"normalised). Lower is better. All answers: `{self.outputs_file}`.",
+            "normalised). *Accuracy*: the share of examples that leak (contained / examples); lower is better. "
+            f"All answers: `{self.outputs_file}`.",
             "",
             markdown_table(
                 ["dataset", "examples", "contained", "accuracy"],

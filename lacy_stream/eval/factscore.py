@@ -171,6 +171,11 @@ class FactScoreResult:
     """Support replies with neither True nor False; their facts count as not supported."""
     bios: list[BioScore] = field(default_factory=list)
 
+    @property
+    def not_run(self) -> str | None:
+        """Why the biographies were not scored; None when they were."""
+        return None if self.judge is not None else self.note
+
     def to_dict(self) -> dict:
         return asdict(self)
 

@@ -46,6 +46,8 @@ class CascadeGenerator:
     max_new_tokens: int
     background_dir: Path | None = None
     """Background texts ``<name>.txt`` for the partner's RAG prompt; None: the partner sees only the text."""
+    call_pieces: int | None = None
+    """Pieces one call appends at most; None: all the pieces of the partner's token (Appendix A.5)."""
 
     def new_policy(self) -> CallPolicy:
         return policy_from_name(self.policy_name, self.lacy.tokenizer, self.call_rate)
@@ -71,7 +73,7 @@ class CascadeGenerator:
                 raise ValueError(f"background texts need FactScore prompts, got {prompt!r}")
             background = (self.background_dir / f"{person}.txt").read_text(encoding="utf-8")
             partner = RagPartner(partner, RagPrompt(person, background))
-        return Cascade(partner, self.lacy.tokenizer)
+        return Cascade(partner, self.lacy.tokenizer, self.call_pieces)
 
 
 @dataclass(frozen=True)
@@ -121,6 +123,10 @@ class CascadeFactScoreResult:
     generation: GenerationStats
     generations_file: str
     factscore: FactScoreResult
+
+    @property
+    def not_run(self) -> str | None:
+        return self.factscore.not_run
 
     def to_dict(self) -> dict:
         cascade = {name: value for name, value in asdict(self).items() if name != "factscore"}

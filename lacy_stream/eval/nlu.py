@@ -71,7 +71,7 @@ class NluResult:
         return asdict(self)
 
     def markdown(self) -> str:
-        return markdown_table(
+        table = markdown_table(
             ["task", "examples", "acc", "acc_norm"],
             [
                 [task.task, task.examples, _with_stderr(task.acc, task.acc_stderr),
@@ -79,6 +79,13 @@ class NluResult:
                 for task in self.tasks
             ],
         )
+        return table + "\n\n" + ACCURACY_DEFINITIONS
+
+
+ACCURACY_DEFINITIONS = (
+    "*acc*: the share of examples whose gold choice has the highest summed log-likelihood (`<CALL>` excluded); "
+    "*acc_norm*: the same per character of the choice; ± one standard error."
+)
 
 
 def choice_loglikelihoods(

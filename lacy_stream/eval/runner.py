@@ -1,8 +1,10 @@
-"""``lacy-stream eval``: run the evaluation sections on a checkpoint into ``report.json`` and ``report.md``.
+"""``lacy-stream eval``: run the evaluation sections on a checkpoint into ``report.json``, ``report.md`` and
+``report.html``.
 
-Every known section appears in the report with a status: ``run`` (with its results), ``skipped`` (with the
-reason: not requested, a missing optional dependency) or ``failed`` (with the error; the other sections
-still run and the command exits with 1).
+Every known section appears in the report with a status: ``run`` (with its results), ``partial`` (it ran, but
+a part of it needs what was not given, e.g. acceptability without a judge endpoint: the reason says which),
+``skipped`` (with the reason: not requested, a missing optional dependency) or ``failed`` (with the error;
+the other sections still run and the command exits with 1).
 
 Sections:
 
@@ -36,6 +38,7 @@ from functools import cached_property
 from pathlib import Path
 from typing import Protocol
 
+from ..html_page import heading, html_page, html_table, markdown_html
 from ..inference.loading import LacyModel, load_lacy
 from ..inference.partners import partner_from_spec
 from ..markdown import markdown_table
@@ -57,6 +60,7 @@ log = logging.getLogger(__name__)
 
 REPORT_JSON = "report.json"
 REPORT_MARKDOWN = "report.md"
+REPORT_HTML = "report.html"
 
 
 class SectionSkipped(Exception):
@@ -64,6 +68,8 @@ class SectionSkipped(Exception):
 
 
 class SectionResult(Protocol):
+    """What a section returns. One that ran in part also has ``not_run``: what did not run and why (None: all ran)."""
+
     def to_dict(self) -> dict: ...
 
     def markdown(self) -> str: ...
@@ -73,7 +79,7 @@ class SectionResult(Protocol):
 class SectionOutcome:
     name: str
     status: str
-    """``run``, ``skipped`` or ``failed``."""
+    """``run``, ``partial``, ``skipped`` or ``failed``."""
     reason: str | None = None
     seconds: float = 0.0
     results: dict = field(default_factory=dict)
@@ -107,34 +113,46 @@ class EvalReport:
             },
         }
 
-    def markdown(self) -> str:
-        lines = [
-            f"# LaCy evaluation of `{self.config.checkpoint}`",
-            "",
-            f"- baseline: {f'`{self.config.baseline}`' if self.config.baseline else 'none'}",
-            f"- created: {self.created}",
-            "",
-            markdown_table(
-                ["section", "status", "time", "note"],
-                [
-                    [section.name, section.status, f"{section.seconds:.1f} s" if section.status != "skipped" else "",
-                     section.reason or ""]
-                    for section in self.sections
-                ],
-            ),
+    @property
+    def with_results(self) -> list[SectionOutcome]:
+        return [section for section in self.sections if section.status in ("run", "partial")]
+
+    def _header(self) -> str:
+        return (f"- baseline: {f'`{self.config.baseline}`' if self.config.baseline else 'none'}\n"
+                f"- created: {self.created}")
+
+    def _summary(self) -> tuple[list[str], list[list[str]]]:
+        """The header and rows of the table of sections."""
+        rows = [
+            [section.name, section.status, f"{section.seconds:.1f} s" if section.status != "skipped" else "",
+             section.reason or ""]
+            for section in self.sections
         ]
-        for section in self.sections:
-            if section.status == "run":
-                lines += ["", f"## {section.name}", "", section.markdown]
+        return ["section", "status", "time", "note"], rows
+
+    def markdown(self) -> str:
+        lines = [f"# LaCy evaluation of `{self.config.checkpoint}`", "", self._header(), "",
+                 markdown_table(*self._summary())]
+        for section in self.with_results:
+            lines += ["", f"## {section.name}", "", section.markdown]
         return "\n".join(lines) + "\n"
 
-    def write(self, out_dir: str | Path) -> tuple[Path, Path]:
+    def html(self) -> str:
+        """A standalone page of the same report; plots are the PNG files next to it."""
+        parts = [markdown_html(self._header()), html_table(*self._summary())]
+        for section in self.with_results:
+            parts += [heading(section.name), markdown_html(section.markdown)]
+        return html_page(f"LaCy evaluation of {self.config.checkpoint}", *parts)
+
+    def write(self, out_dir: str | Path) -> tuple[Path, Path, Path]:
+        """``report.json``, ``report.md`` and ``report.html`` in ``out_dir``; returns their paths."""
         out_dir = Path(out_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
-        json_path, markdown_path = out_dir / REPORT_JSON, out_dir / REPORT_MARKDOWN
-        json_path.write_text(json.dumps(self.to_dict(), indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-        markdown_path.write_text(self.markdown(), encoding="utf-8")
-        return json_path, markdown_path
+        paths = out_dir / REPORT_JSON, out_dir / REPORT_MARKDOWN, out_dir / REPORT_HTML
+        paths[0].write_text(json.dumps(self.to_dict(), indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+        paths[1].write_text(self.markdown(), encoding="utf-8")
+        paths[2].write_text(self.html(), encoding="utf-8")
+        return paths
 
 
 @dataclass
@@ -155,6 +173,7 @@ class _Models:
             call_rate=config.call_rate,
             max_new_tokens=config.max_new_tokens,
             background_dir=config.background_dir,
+            call_pieces=config.call_pieces,
         )
 
 
@@ -202,8 +221,10 @@ def _run_section(name: str, runner: Callable[[], SectionResult], config: EvalCon
         return SectionOutcome(
             name, "failed", reason=f"{type(error).__name__}: {error}", seconds=time.perf_counter() - started
         )
+    not_run = getattr(result, "not_run", None)
     return SectionOutcome(
-        name, "run", seconds=time.perf_counter() - started, results=result.to_dict(), markdown=result.markdown()
+        name, "partial" if not_run else "run", reason=not_run, seconds=time.perf_counter() - started,
+        results=result.to_dict(), markdown=result.markdown(),
     )
 
 
@@ -265,9 +286,10 @@ def _factscore(config: EvalConfig, models: _Models) -> SectionResult:
 
 
 def run_eval(config: EvalConfig) -> int:
-    """``lacy-stream eval``: 0 when every requested section ran or was skipped, 1 when one failed."""
+    """``lacy-stream eval``: 0 when every requested section ran (in whole or in part) or was skipped, 1 when one
+    failed."""
     report = evaluate(config)
     for section in report.sections:
         print(f"{section.name:>22}: {section.status}" + (f" ({section.reason})" if section.reason else ""))
-    print(f"report: {config.out_dir / REPORT_MARKDOWN} and {config.out_dir / REPORT_JSON}")
+    print(f"report: {config.out_dir / REPORT_HTML} (and {REPORT_MARKDOWN}, {REPORT_JSON})")
     return 1 if report.failed else 0

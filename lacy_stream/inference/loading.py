@@ -70,6 +70,8 @@ def resolve_model_path(path: Path) -> Path:
     """
     if (path / WEIGHTS_FILE).is_file() or (path / COMPLETE_MARKER).is_file():
         return path
+    if not path.exists():
+        raise FileNotFoundError(f"{path} does not exist")
     export = path / "hf" / WEIGHTS_FILE
     checkpoints = CheckpointManager(path)
     step = checkpoints.latest()

@@ -35,8 +35,6 @@ from .call_policy import without_call
 from .generate import REPETITION_PENALTY, next_token_logits, penalize_repetition
 from .loading import load_lacy
 
-MAX_BRIDGED_PIECES = 3
-"""Pieces one call may add: a partner token never needed more than three of ours in the paper."""
 
 TOP_CANDIDATES = 10
 OPENAI_TOP_LOGPROBS = 5  # the most OpenAI's own API returns; vLLM allows up to 20 by default
@@ -58,6 +56,10 @@ class Partner(Protocol):
 
 class PartnerError(OSError):
     """The partner did not answer: connection failure, timeout, HTTP error or a reply we cannot read."""
+
+
+class PartnerSpecError(ValueError):
+    """A partner spec of none of the known forms."""
 
 
 def ranked_candidates(
@@ -104,7 +106,8 @@ class HFPartner:
 
     @torch.inference_mode()
     def candidates(self, text: str) -> list[Candidate]:
-        ids = self.tokenizer(text)["input_ids"]  # with the BOS its tokenizer adds, if any
+        # With the BOS its tokenizer adds, if any; no warning that the ids may exceed the positions: they are cut here.
+        ids = self.tokenizer(text, verbose=False)["input_ids"]
         if self.max_positions:
             ids = ids[-self.max_positions :]
         logits = self.model(torch.tensor([ids], device=self.model.device)).logits[0, -1]
@@ -263,15 +266,15 @@ class TokenBridge:
     if alone. When a piece would span it (the context ends in a lone "▁" and the candidate is "Paris"), the
     ids already generated cannot change any more, and the continuation still reproduces the text exactly.
 
-    At most ``max_pieces`` pieces are taken: the partner's "1887" is "1", "8", "8", "7" for our digit-split
-    tokenizer, of which the call appends "1", "8", "8". Characters outside our vocabulary are spelled in
-    byte-fallback pieces (a partner's newline is "<0x0A>"); such a candidate is taken only whole, since a cut
-    could end inside a character. A candidate we cannot represent (it needs more byte pieces than a call
+    Every piece is taken, as Appendix A.5 appends all of them: the partner's "1887" is "1", "8", "8", "7" for our
+    digit-split tokenizer. ``max_pieces`` caps them (3: "1", "8", "8"). Characters outside our vocabulary are
+    spelled in byte-fallback pieces (a partner's newline is "<0x0A>"); such a candidate is taken only whole,
+    since a cut could end inside a character. A candidate we cannot represent (it needs more byte pieces than a call
     adds, ends inside a character, needs unknown pieces or adds no text) is skipped for the next one.
     """
 
-    def __init__(self, tokenizer: Tokenizer, max_pieces: int = MAX_BRIDGED_PIECES) -> None:
-        if max_pieces < 1:
+    def __init__(self, tokenizer: Tokenizer, max_pieces: int | None = None) -> None:
+        if max_pieces is not None and max_pieces < 1:
             raise ValueError(f"a call must be able to add at least one piece, got max_pieces={max_pieces}")
         proto = sentencepiece_model_pb2.ModelProto()
         proto.ParseFromString(Path(tokenizer.model_path).read_bytes())
@@ -280,7 +283,7 @@ class TokenBridge:
         self.max_pieces = max_pieces
 
     def pieces(self, text: str) -> list[int] | None:
-        """Our pieces for ``text`` continuing a text, at most ``max_pieces``; None when we cannot represent it."""
+        """Our pieces for ``text`` continuing a text (at most ``max_pieces``); None when we cannot represent it."""
         if "\ufffd" in text:  # the partner's token ends inside a character
             return None
         sp = self._continuation
@@ -289,7 +292,9 @@ class TokenBridge:
             return None
         if any(sp.is_unknown(piece) or sp.is_control(piece) for piece in ids):
             return None
-        if len(ids) > self.max_pieces and any(sp.is_byte(piece) for piece in ids):
+        if self.max_pieces is None or len(ids) <= self.max_pieces:
+            return ids
+        if any(sp.is_byte(piece) for piece in ids):
             return None
         return ids[: self.max_pieces]
 
@@ -304,7 +309,7 @@ class TokenBridge:
 class Cascade:
     """A partner behind our tokenizer: the generator's delegate at calls."""
 
-    def __init__(self, partner: Partner, tokenizer: Tokenizer, max_pieces: int = MAX_BRIDGED_PIECES) -> None:
+    def __init__(self, partner: Partner, tokenizer: Tokenizer, max_pieces: int | None = None) -> None:
         self.partner = partner
         self.tokenizer = tokenizer
         self.bridge = TokenBridge(tokenizer, max_pieces)
@@ -324,4 +329,4 @@ def partner_from_spec(spec: str, *, device: str | torch.device = "cpu") -> Partn
         url, _, model = target.partition("#")
         if url and model:
             return OpenAIPartner(url, model, api_key=os.environ.get("OPENAI_API_KEY"))
-    raise ValueError(f"cascade partner {spec!r} is none of hf:DIR, openai:URL#MODEL, lacy:PATH")
+    raise PartnerSpecError(f"cascade partner {spec!r} is none of hf:DIR, openai:URL#MODEL, lacy:PATH")

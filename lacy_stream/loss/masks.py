@@ -1,7 +1,7 @@
 """Call and ignore masks for every method of the paper's Table 5, selected over a whole micro-batch.
 
 ``METHODS`` is the one table of methods: each entry names the per-token labels it needs and its selection
-function; the config's accepted values, the input checks, the README's table and ``train --help`` come from
+function; the config's accepted values, the input checks, the table of docs/loss-and-methods.md and ``train --help`` come from
 it. Adding a method is one entry plus its function.
 
 Selections are *global*: with a process group, the tokens of the micro-batch on every data-parallel rank
@@ -150,7 +150,7 @@ def _lacy_ignore(request: _Request) -> _Choice:
 class Method:
     name: str
     call_mask: str
-    """The call mask, in words (the README's table and ``train --help``)."""
+    """The call mask, in words (the table of docs/loss-and-methods.md and ``train --help``)."""
     ignore_mask: str
     needs: frozenset[str]
     """The :class:`TokenLabels` fields the selection reads."""
@@ -190,7 +190,7 @@ def get_method(name: str) -> Method:
 
 
 def methods_table() -> str:
-    """The methods as a markdown table (the README's and ``train --help``'s)."""
+    """The methods as a markdown table (docs/loss-and-methods.md's and ``train --help``'s)."""
     return markdown_table(
         ["method", "call mask", "ignore mask", "needs"],
         [

@@ -26,7 +26,7 @@ _SPLIT_BOUNDARIES = (
     re.compile(r"\s+"),  # word
 )
 
-# The one vocabulary of skip reasons (README, "Bad input"). A shard skip costs a shard, or its rest after a
+# The one vocabulary of skip reasons (docs/operations.md, "Bad input"). A shard skip costs a shard, or its rest after a
 # break; a document skip costs one document (a sample of a shard, a record of a make-shards input).
 SHARD_SKIP_REASONS = ("unreachable_shard", "host_unreachable", "corrupt_tar", "truncated_stream", "read_error")
 DOCUMENT_SKIP_REASONS = (
@@ -90,14 +90,14 @@ class ReadStats:
 
     def skip(self, reason: str, url: str, member: str | None = None, detail: str = "") -> None:
         if reason not in SHARD_SKIP_REASONS + DOCUMENT_SKIP_REASONS:
-            raise ValueError(f"unknown skip reason {reason!r}: add it to the vocabulary in documents.py and the README")
+            raise ValueError(f"unknown skip reason {reason!r}: add it to the vocabulary in documents.py and docs/operations.md")
         self.skipped[reason] += 1
         where = f"{url}:{member}" if member else url
         log.warning("skipped %s (%s)%s", where, reason, f": {detail}" if detail else "")
 
     def repair(self, reason: str, where: str) -> None:
         if reason not in REPAIR_REASONS:
-            raise ValueError(f"unknown repair {reason!r}: add it to the vocabulary in documents.py and the README")
+            raise ValueError(f"unknown repair {reason!r}: add it to the vocabulary in documents.py and docs/operations.md")
         self.repaired[reason] += 1
         log.info("repaired %s (%s)", where, reason)
 

@@ -11,7 +11,9 @@ Each document becomes one tar sample: ``{key}.txt`` holds the UTF-8 text and ``{
 ``{"id", "title", "annotated_text"?}``, where the key is the 9-digit zero-padded global document ordinal.
 Shards are ``{prefix}-{index:06d}.tar`` (``.tar.zst`` when zstd-compressed as a whole) and
 ``manifest.json`` lists them with their document count, size and sha256. Builds are reproducible: the
-same inputs give byte-identical shards.
+same inputs give byte-identical shards. With ``heldout_docs`` the last documents of the inputs go to
+``heldout/`` inside the output directory instead, shards with a manifest of their own: a held-out split for
+``train.val_shards``, ``eval --heldout`` and ``compare --val-shards``.
 
 Publishing (``publish_shards``, shared with ``annotate --shards``): a build is written into a staging directory
 beside the output directory and, once complete with its manifest, takes the output directory's place whole
@@ -30,6 +32,7 @@ import json
 import logging
 import os
 import re
+from collections import deque
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
@@ -47,6 +50,7 @@ from .streams import ShardOpenError, TruncatedStreamError, open_shard
 log = logging.getLogger(__name__)
 
 COMPRESSIONS = ("none", "zstd")
+HELDOUT_DIRECTORY = "heldout"
 
 # A fixed member mtime keeps the tar bytes, hence the sha256, independent of the build time.
 _TAR_MTIME = 0
@@ -80,16 +84,20 @@ def make_shards(
     text_field: str = "text",
     id_field: str = "id",
     max_skip_ratio: float = MAX_SKIP_RATIO,
+    heldout_docs: int = 0,
 ) -> dict:
     """Builds shards + manifest.json in out_dir; returns the manifest dict.
 
-    ``inputs`` are read in order, then the demo corpus when ``demo`` is set. Shards are written into a
+    ``inputs`` are read in order, then the demo corpus when ``demo`` is set; the last ``heldout_docs`` documents
+    go to ``out_dir/heldout`` (the manifest's ``heldout``: its path and documents). Shards are written into a
     staging directory and published only when the build succeeds (see ``publish_shards``); a failed build
     leaves ``out_dir`` as it was. Raises ``TooManySkipsError`` when more than ``max_skip_ratio`` of the
     records were skipped or none is usable.
     """
     if docs_per_shard < 1:
         raise ValueError(f"docs_per_shard must be at least 1, got {docs_per_shard}")
+    if heldout_docs < 0:
+        raise ValueError(f"heldout_docs must not be negative, got {heldout_docs}")
     compression = compress or "none"
     if compression not in COMPRESSIONS:
         raise ValueError(f"compress must be one of {', '.join(COMPRESSIONS)}, got {compress!r}")
@@ -105,21 +113,48 @@ def make_shards(
     skips = ReadStats()
     with shard_staging(out_dir) as staging:
         records = _iter_all_records(inputs, demo, fields, skips)
-        shards = _write_shards(records, staging, prefix, compression, docs_per_shard)
-        documents = skips.docs = sum(shard["documents"] for shard in shards)
+        heldout_records: deque[dict] = deque()
+        shards = _write_shards(_holding_back(records, heldout_docs, heldout_records), staging, prefix, compression,
+                               docs_per_shard)
+        documents = sum(shard["documents"] for shard in shards)
+        skips.docs = documents + len(heldout_records)
         skips.check_skips(max_skip_ratio, "the inputs")
-        manifest = {
-            "format": MANIFEST_FORMAT,
-            "version": MANIFEST_VERSION,
-            "documents": documents,
-            "skipped": dict(sorted(skips.skipped.items())),
-            "repaired": dict(sorted(skips.repaired.items())),
-            "sources": [*inputs, *([DEMO_SOURCE] if demo else [])],
-            "shards": shards,
-        }
+        if heldout_records and not shards:
+            raise ShardInputError(f"all {len(heldout_records)} documents were held out (heldout_docs={heldout_docs}): "
+                                  "none is left to train on")
+        sources = [*inputs, *([DEMO_SOURCE] if demo else [])]
+        manifest = _manifest(documents, skips, sources, shards)
+        if heldout_records:
+            heldout = staging / HELDOUT_DIRECTORY
+            heldout.mkdir()
+            heldout_shards = _write_shards(heldout_records, heldout, prefix, compression, docs_per_shard)
+            heldout_manifest = _manifest(len(heldout_records), ReadStats(), sources, heldout_shards)
+            (heldout / MANIFEST_NAME).write_text(json.dumps(heldout_manifest, indent=2, ensure_ascii=False) + "\n",
+                                                 encoding="utf-8")
+            manifest["heldout"] = {"path": HELDOUT_DIRECTORY, "documents": len(heldout_records)}
         publish_shards(staging, out_dir, prefix, manifest)
     log.info("wrote %d documents in %d shards to %s (skipped: %s)", documents, len(shards), out_dir, manifest["skipped"])
     return manifest
+
+
+def _manifest(documents: int, skips: ReadStats, sources: list[str], shards: list[dict]) -> dict:
+    return {
+        "format": MANIFEST_FORMAT,
+        "version": MANIFEST_VERSION,
+        "documents": documents,
+        "skipped": dict(sorted(skips.skipped.items())),
+        "repaired": dict(sorted(skips.repaired.items())),
+        "sources": sources,
+        "shards": shards,
+    }
+
+
+def _holding_back(records: Iterable[dict], count: int, held_back: deque[dict]) -> Iterator[dict]:
+    """``records`` but their last ``count``, which end up in ``held_back`` once the records are exhausted."""
+    for record in records:
+        held_back.append(record)
+        if len(held_back) > count:
+            yield held_back.popleft()
 
 
 def check_source(source: str) -> None:
@@ -397,8 +432,11 @@ def publish_shards(staging: Path, out_dir: Path, prefix: str, manifest: dict) ->
 
 
 def _is_build_file(name: str, prefix: str) -> bool:
-    """The manifest, the shards of ``prefix`` (either compression), and the partial files and staging directories
-    that killed builds of the earlier in-place publishing left among them."""
+    """The manifest, the shards of ``prefix`` (either compression), the held-out split (an old one would hold documents
+    the new build trains on), and the partial files and staging directories that killed builds of the earlier in-place
+    publishing left among them."""
     own = rf"{re.escape(MANIFEST_NAME)}|{re.escape(prefix)}-\d{{6}}\.tar(\.zst)?"
+    if name == HELDOUT_DIRECTORY:
+        return True
     left_by_killed_builds = rf"\.({own})\.partial|\.{re.escape(prefix)}\.partial-.+"
     return re.fullmatch(rf"{own}|{left_by_killed_builds}", name) is not None

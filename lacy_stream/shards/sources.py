@@ -26,6 +26,7 @@ def read_documents(
     stats = ReadStats()
     if source.startswith("hf:") or source.lower().endswith(RECORD_FILE_SUFFIXES):
         for record in iter_source_records(source, FieldNames(), stats):
+            stats.docs += 1  # the shard reader counts its own; the record readers leave it to the caller
             yield {key: value for key, value in record.items() if key in ("id", "text", "annotated_text", "source")}
     else:
         parts: list[str] = []

@@ -7,7 +7,8 @@ each URL.
 
 ``expand_shard_spec`` raises ``ValueError`` for a malformed spec or manifest and for a shard listed twice,
 and ``ShardOpenError`` for what it cannot read or is not allowed to run (a directory without manifest, an
-unreachable manifest URL, a ``pipe:`` source without ``allow_pipe``, an unsupported URL scheme).
+unreachable manifest URL, a ``pipe:`` source without ``allow_pipe``, an unsupported URL scheme) and for a spec
+whose every shard is a local path that does not exist (one missing shard among others is a counted skip).
 """
 
 from __future__ import annotations
@@ -63,6 +64,9 @@ def expand_shard_spec(spec: str | Sequence[str], options: StreamOptions = Stream
                     )
                 first_spelling[identity] = url
                 urls.append(url)
+    if all(_is_missing_local_file(url) for url in urls):
+        raise ShardOpenError(f"{urls[0]} does not exist" if len(urls) == 1 else
+                             f"none of the {len(urls)} shards of {spec} exists (the first: {urls[0]})")
     return urls
 
 
@@ -145,6 +149,12 @@ def _manifest_shard_names(manifest_bytes: bytes, where: str) -> list[str]:
 
 def _is_name_inside_directory(name: str) -> bool:
     return bool(name) and not name.startswith("/") and "\\" not in name and ".." not in name.split("/")
+
+
+def _is_missing_local_file(url: str) -> bool:
+    if url.startswith(PIPE_PREFIX) or url.startswith(HTTP_PREFIXES):
+        return False
+    return not os.path.exists(file_url_path(url) if url.startswith(FILE_PREFIX) else os.path.expanduser(url))
 
 
 def _shard_identity(url: str) -> str:

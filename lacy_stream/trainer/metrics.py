@@ -1,16 +1,22 @@
-"""Training metrics: peak-FLOPs table and MFU, a rank-0 JSONL + TensorBoard logger, and a step timer.
+"""Training metrics: peak-FLOPs table and MFU, a rank-0 JSONL + TensorBoard (+ W&B) logger, and a step timer.
 
 The trainer logs one dict per logging step (losses, CALL/fact ratios, throughput, data skip counters, ...).
 ``MetricsLogger`` flattens nested dicts into ``a/b/c`` keys and writes each call as one JSON line to
 ``run_dir/metrics.jsonl`` and every numeric value as a TensorBoard scalar. A resumed run continues both,
 after dropping what the interrupted run logged past the checkpoint it resumes from, so that every step
-appears once.
+appears once. Texts (the validation samples) go to TensorBoard's text tab.
+
+With ``metrics.wandb`` the same records and texts go to Weights & Biases too (an optional dependency, the
+``tracking`` extra). The W&B run's id is kept in ``run_dir/wandb-run-id``, so a resumed run continues the same
+W&B run; W&B does not rewind it to the checkpoint as the JSONL and TensorBoard are rewound, so the steps an
+interrupted run logged past its checkpoint are logged to it twice.
 ``StepTimer`` splits step time into time blocked on the dataloader and the rest, and ``mfu`` turns the
 measured throughput into model FLOPs utilisation using ``lacy_stream.models.gpt2.flops_per_token``.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
 import os
@@ -22,8 +28,14 @@ from pathlib import Path
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, TextIO
 
+from ..config.job_config import ConfigError, MetricsConfig
+from ..html_page import markdown_html
+
 if TYPE_CHECKING:
     from torch.utils.tensorboard import SummaryWriter
+
+WANDB_MODES = ("", "online", "offline")
+WANDB_RUN_ID_FILE = "wandb-run-id"
 
 TERA = 1e12
 
@@ -130,16 +142,35 @@ def is_scalar(value: Any) -> bool:
     return isinstance(value, int | float) and not isinstance(value, bool)
 
 
-class MetricsLogger:
-    """Writes metrics to ``run_dir/metrics.jsonl`` and TensorBoard (``run_dir/tensorboard``) on rank 0;
-    on every other rank all methods are no-ops."""
+def check_metrics_config(config: MetricsConfig) -> None:
+    """The ``metrics`` section: a known W&B mode, and wandb installed when it is asked for (``ConfigError``)."""
+    if config.wandb_mode not in WANDB_MODES:
+        raise ConfigError(f"metrics.wandb_mode: {config.wandb_mode!r} is not online, offline or empty ($WANDB_MODE)")
+    if config.wandb and importlib.util.find_spec("wandb") is None:
+        raise ConfigError("metrics.wandb=true needs the wandb package: pip install 'lacy-stream[tracking]'")
 
-    def __init__(self, run_dir: Path, *, rank: int = 0, enabled_tensorboard: bool = True, start_step: int = 0) -> None:
-        """``start_step``: the step the run starts after (its checkpoint's); records of later steps are dropped."""
+
+class MetricsLogger:
+    """Writes metrics to ``run_dir/metrics.jsonl``, TensorBoard (``run_dir/tensorboard``) and, with
+    ``metrics.wandb``, Weights & Biases on rank 0; on every other rank all methods are no-ops."""
+
+    def __init__(
+        self,
+        run_dir: Path,
+        *,
+        rank: int = 0,
+        enabled_tensorboard: bool = True,
+        start_step: int = 0,
+        config: MetricsConfig | None = None,
+        run_config: Mapping[str, Any] | None = None,
+    ) -> None:
+        """``start_step``: the step the run starts after (its checkpoint's); records of later steps are dropped.
+        ``run_config``: the job config, as the W&B run's config."""
         self.enabled = rank == 0
         self.jsonl_path = Path(run_dir) / "metrics.jsonl"
         self._jsonl: TextIO | None = None
         self._tensorboard: SummaryWriter | None = None
+        self._wandb: Any = None
         if not self.enabled:
             return
         self.jsonl_path.parent.mkdir(parents=True, exist_ok=True)
@@ -151,6 +182,8 @@ class MetricsLogger:
             from torch.utils.tensorboard import SummaryWriter
 
             self._tensorboard = SummaryWriter(log_dir=str(Path(run_dir) / "tensorboard"), purge_step=start_step + 1)
+        if config is not None and config.wandb:
+            self._wandb = _start_wandb(Path(run_dir), config, run_config or {})
 
     def log(self, step: int, values: Mapping[str, Any]) -> None:
         """Record ``values`` (nested dicts allowed, None values skipped) for ``step``."""
@@ -168,14 +201,30 @@ class MetricsLogger:
             for key, value in flat.items():
                 if is_scalar(value):
                     self._tensorboard.add_scalar(key, value, global_step=step)
+        if self._wandb is not None:
+            self._wandb.log(flat, step=step)
 
-    def close(self) -> None:
+    def log_text(self, step: int, tag: str, markdown: str) -> None:
+        """Record a markdown text under ``tag`` for ``step``: TensorBoard's text tab, and W&B as HTML."""
+        if not self.enabled:
+            return
+        if self._tensorboard is not None:
+            self._tensorboard.add_text(tag, markdown, global_step=step)
+        if self._wandb is not None:
+            import wandb
+
+            self._wandb.log({tag: wandb.Html(markdown_html(markdown))}, step=step)
+
+    def close(self, *, failed: bool = False) -> None:
         if self._jsonl is not None:
             self._jsonl.close()
             self._jsonl = None
         if self._tensorboard is not None:
             self._tensorboard.close()
             self._tensorboard = None
+        if self._wandb is not None:
+            self._wandb.finish(exit_code=1 if failed else 0)
+            self._wandb = None
 
     def __enter__(self) -> MetricsLogger:
         return self
@@ -186,7 +235,28 @@ class MetricsLogger:
         exc: BaseException | None,
         traceback: TracebackType | None,
     ) -> None:
-        self.close()
+        self.close(failed=exc is not None)
+
+
+def _start_wandb(run_dir: Path, config: MetricsConfig, run_config: Mapping[str, Any]) -> Any:
+    """The W&B run of ``run_dir``: the one its id file names (resumed), else a new one whose id is written there.
+
+    Its files go to ``run_dir/wandb`` unless ``$WANDB_DIR`` says otherwise."""
+    import wandb
+
+    id_file = run_dir / WANDB_RUN_ID_FILE
+    run = wandb.init(
+        project=config.wandb_project,
+        entity=config.wandb_entity or None,
+        name=config.wandb_run_name or run_dir.resolve().name,
+        id=id_file.read_text().strip() if id_file.is_file() else None,
+        resume="allow",
+        dir=None if os.environ.get("WANDB_DIR") else run_dir,
+        mode=config.wandb_mode or None,
+        config=dict(run_config),
+    )
+    id_file.write_text(run.id + "\n")
+    return run
 
 
 def _drop_records_after(jsonl_path: Path, step: int) -> None:

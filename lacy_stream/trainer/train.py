@@ -49,19 +49,21 @@ from torch.distributed.tensor import DTensor
 from ..checkpoint import CheckpointManager, capture_rng_state, restore_rng_state
 from ..config.job_config import ConfigError, JobConfig
 from ..annotate.labeling import audit_figures, student_path
-from ..data.loader import TokenLoader
+from ..data.loader import TokenLoader, stream_options
 from .. import stop_signals
 from ..distributed import host_group, init_distributed, rank, world_size
 from ..models.hf_export import export_hf
 from ..inference.reference_loss import reference_scorer_factory
 from ..labels import TokenClass, TokenLabels
 from ..loss.lacy_loss import LossOutput
-from ..loss.masks import check_loss_config
-from .metrics import MetricsLogger, StepTimer, mfu, peak_flops
+from ..loss.masks import METHODS, check_loss_config
+from .metrics import MetricsLogger, StepTimer, check_metrics_config, mfu, peak_flops
 from .optimizer import build_optimizer, lr_factor
 from ..models.gpt2 import Transformer, check_model_config, flops_per_token, model_args
 from .parallelize import TrainingModule, parallelize
 from .run_directory import RunLock, check_resume, record_config
+from .samples import SAMPLE_WINDOWS, top_calls, window_markdown
+from ..shards.specs import expand_shard_spec
 from ..tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
@@ -94,6 +96,7 @@ def check_config(config: JobConfig) -> None:
     """What ``load_job_config`` leaves to the components: each checks the section it owns (``ConfigError``)."""
     check_model_config(config.model)
     check_loss_config(config.loss)
+    check_metrics_config(config.metrics)
 
 
 def micro_batches_per_step(global_batch_tokens: int, ranks: int, batch_size: int, seq_len: int) -> int:
@@ -168,6 +171,8 @@ class _Trainer:
             config.data, config.tokenizer.path, config.annotation, reference=self.reference,
             rank=self.rank, world_size=self.ranks,
         )
+        if config.train.val_shards:  # held-out shards that name nothing fail now, not at the first validation
+            expand_shard_spec(config.train.val_shards, stream_options(config.data))
         self.checkpoints = CheckpointManager(self.run_dir, keep=config.checkpoint.keep)
         self.host_group = host_group()
         self._agreement_warned = False
@@ -192,6 +197,13 @@ class _Trainer:
             self._load_checkpoint()
         if self.rank == 0:
             record_config(self.run_dir, config, resuming_from)
+            if resuming_from is not None:
+                print(_resume_line(self.run_dir, self.step, config.train.steps), file=sys.stderr, flush=True)
+            method = METHODS[config.loss.method]
+            if method.ignore_mask != "none":
+                print(f"loss.method={method.name} leaves its ignored tokens ({method.ignore_mask}) out of the loss, "
+                      "which counts them as 0 over all tokens: its loss runs below other methods' (lacy-stream compare "
+                      "scores runs alike)", file=sys.stderr, flush=True)
         timer = StepTimer()
         totals = self._zero_totals()
         losses: list[torch.Tensor] = []
@@ -202,7 +214,8 @@ class _Trainer:
         interrupted = self._any_rank(stop_signals.requested() is not None)
         with (
             closing(iter(self.loader)) as batches,  # the workers end with the loop, even when it ends in an error
-            MetricsLogger(self.run_dir, rank=self.rank, start_step=self.step) as metrics,
+            MetricsLogger(self.run_dir, rank=self.rank, start_step=self.step, config=config.metrics,
+                          run_config=dataclasses.asdict(config)) as metrics,
             self._progress() as bar,
         ):
             while self.step < config.train.steps and not interrupted:
@@ -219,7 +232,9 @@ class _Trainer:
                     record = self._metrics(losses, totals, timer, grad_norm, lr)
                     losses, totals = [], self._zero_totals()
                 if config.train.val_shards and (self.step % config.train.val_every == 0 or last_step):
-                    record["val"] = self._validate()
+                    record["val"], samples = self._validate()
+                    for number, sample in enumerate(samples):
+                        metrics.log_text(self.step, f"val/sample_{number}", sample)
                 if record:
                     metrics.log(self.step, record)
                 if progress_lines and "loss" in record:
@@ -268,8 +283,9 @@ class _Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         return self._sum_over_ranks(step_loss), grad_norm
 
-    def _validate(self) -> dict[str, float | None]:
-        """Loss, call loss and non-call loss over the same ``val_batches`` held-out micro-batches each time.
+    def _validate(self) -> tuple[dict[str, float | None], list[str]]:
+        """Loss, call loss and non-call loss over the same ``val_batches`` held-out micro-batches each time, and
+        on rank 0 the first ``SAMPLE_WINDOWS`` windows as markdown, facts and the model's calls marked.
 
         The batches are read once, on first use, from ``train.val_shards`` (each rank its share), and
         scored with the training loss (its masks chosen as for step 0, so random methods repeat them).
@@ -283,17 +299,33 @@ class _Trainer:
             self.val_batches = [self._prepare(batch) for batch in itertools.islice(loader, self.config.train.val_batches)]
         loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
         totals = self._zero_totals()
+        samples = []
         with torch.no_grad():
-            for batch in self.val_batches:
+            for number, batch in enumerate(self.val_batches):
                 output = self.module(**batch, step=0)
                 loss_sum += output.loss.double() * output.masks.valid_tokens
                 totals += _micro_batch_counts(batch, output, self.rank)
+                if number == 0 and self.rank == 0:
+                    samples = self._samples(batch, output)
         counts = dict(zip(COUNTS, self._sum_over_ranks(totals).tolist()))
         loss_sum = self._sum_over_ranks(loss_sum).item()  # each rank's loss is its share of the global one
-        return {
-            "loss": loss_sum / max(counts["valid"], 1),
-            **_loss_breakdown(counts),
-        }
+        return {"loss": loss_sum / max(counts["valid"], 1), **_loss_breakdown(counts)}, samples
+
+    def _samples(self, batch: dict[str, Any], output: LossOutput) -> list[str]:
+        """The first windows of a validation micro-batch as markdown (``samples.window_markdown``)."""
+        shape = batch["targets"].shape
+        call_logprob = -output.call_loss.view(shape).float().cpu()
+        valid = batch["valid"].cpu()
+        token_class = batch["labels"].token_class.cpu()
+        tokens = torch.cat([batch["inputs"][:, :1], batch["targets"]], dim=1).cpu()
+        calling = self.config.loss.method != "baseline"
+        return [
+            window_markdown(
+                self.tokenizer, tokens[row], token_class[row],
+                top_calls(call_logprob[row], valid[row], self.config.loss.call_ratio) if calling else None,
+            )
+            for row in range(min(SAMPLE_WINDOWS, shape[0]))
+        ]
 
     def _prepare(self, batch: dict) -> dict[str, Any]:
         """Loader columns [B, T + 1] -> the ``TrainingModule`` inputs [B, T] on the device."""
@@ -406,7 +438,6 @@ class _Trainer:
         self.scheduler.load_state_dict(extra["scheduler"])
         restore_rng_state(extra["rng"])
         self.loader.load_state_dict(extra["dataloader"])
-        log.info("resumed from the checkpoint of step %d", self.step)
 
     def _export(self) -> Path | None:
         """Collective: gathers the full weights on every rank; rank 0 writes the Hugging Face model."""
@@ -431,12 +462,21 @@ class _NoProgress:
         pass
 
 
+def _resume_line(run_dir: Path, step: int, steps: int) -> str:
+    """What a run that found a checkpoint does: resume from it, or nothing when it made its steps already."""
+    if step >= steps:
+        return f"nothing to do: {run_dir} is at step {step} of train.steps={steps}; raise --train.steps to train on"
+    return f"resuming {run_dir} from the checkpoint of step {step}: {steps - step} steps to go"
+
+
 def _progress_line(step: int, steps: int, record: dict[str, Any], tokens_per_step: int) -> str:
-    """One log line: the step, its loss, the throughput and the time left at that throughput."""
+    """One log line: the step, its loss, the throughput, the time left at that throughput and, on a validation
+    step, the held-out loss."""
     tokens_per_s = record["tokens_per_s"]
     eta = _duration((steps - step) * tokens_per_step / tokens_per_s) if tokens_per_s else "unknown"
     throughput = f"{tokens_per_s:,.0f}" if tokens_per_s else "-"
-    return f"step {step}/{steps}  loss {record['loss']:.4f}  {throughput} tokens/s  ETA {eta}"
+    validation = f"  val loss {record['val']['loss']:.4f}" if "val" in record else ""
+    return f"step {step}/{steps}  loss {record['loss']:.4f}  {throughput} tokens/s  ETA {eta}{validation}"
 
 
 def _duration(seconds: float) -> str:
