@@ -28,6 +28,9 @@ def runs(tmp_path_factory, judged_corpus, tokenizer_path) -> dict[str, Path]:
         args = overrides(judged_corpus, tokenizer_path, run_dir, f"--train.steps={steps}", f"--loss.method={method}",
                          f"--annotation.cache_dir={root / 'cache'}")
         args.remove("--annotation.enabled=false")
+        if method == "lacy":  # probe windows, for compare's trajectories
+            args += [f"--train.val_shards={judged_corpus}", "--train.val_every=2", "--train.val_batches=1",
+                     "--train.probe_windows=2"]
         train(load_job_config(None, args))
         made[method] = run_dir
     return made
@@ -83,6 +86,10 @@ def test_compare_writes_the_table_and_its_numbers_are_right(tmp_path, runs, judg
     assert [run["method"] for run in report["runs"]] == ["baseline", "lacy", "llm_judge"]
     assert report["runs"][1]["flags"] == [] and report["runs"][2]["flags"] == ["3 steps, not 4"]
     assert report["scores"][0]["call_loss"] is None and report["scores"][0]["calls"] == 0
+    baseline_trajectory, lacy_trajectory, _ = report["trajectories"]
+    assert baseline_trajectory is None and lacy_trajectory["steps"] == [2, 4]
+    assert all(loss > 0 for loss in lacy_trajectory["fact_loss"] + lacy_trajectory["other_loss"])
+    assert (out / "trajectories.png").stat().st_size > 0 and "loss trajectories of the probes" in page
 
     # The lacy run, computed directly from the same held-out windows.
     lacy, baseline = load_lacy(runs["lacy"]), load_lacy(runs["baseline"])

@@ -36,3 +36,11 @@ def test_the_readme_tour_is_what_the_demo_prints_at_its_end():
     expected = tour_commands(None, [], config, f"{config.train.run_dir}/hf")
     assert tour[0] == "lacy-stream demo"
     assert [(purpose.removeprefix("# "), command) for purpose, command in zip(tour[1::2], tour[2::2])] == expected
+
+
+def test_every_view_has_its_screenshot_in_the_docs():
+    shown = set()
+    for page in (REPO / "docs").glob("*.md"):
+        shown |= set(re.findall(r"!\[[^\]]*\]\(views/([\w-]+)\.png\)", page.read_text()))
+    assert shown == {"labels", "generations", "report", "comparison"}
+    assert {path.stem for path in (REPO / "docs" / "views").glob("*.png")} == shown

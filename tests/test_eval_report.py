@@ -40,6 +40,13 @@ def test_report_on_a_tiny_checkpoint_with_every_section_filled(tokenizer_path, t
     backgrounds.mkdir()
     for name in entities:
         (backgrounds / f"{name}.txt").write_text(f"{name} is a person of note.")
+    hellaswag, siqa = tmp_path / "hellaswag_val.jsonl", tmp_path / "dev.jsonl"
+    hellaswag.write_text(2 * (json.dumps({"activity_label": "Painting", "ctx_a": "The painter studies law.",
+                                          "ctx_b": "he", "endings": [" paints.", " sings.", " rows.", " runs."],
+                                          "label": 0}) + "\n"))
+    siqa.write_text(2 * (json.dumps({"context": "The king founded a museum.", "question": "Why?", "answerA": "art",
+                                     "answerB": "law", "answerC": "river"}) + "\n"))
+    (tmp_path / "dev-labels.lst").write_text("1\n3\n")
     out = tmp_path / "report"
     with RuleBasedJudge() as judge, CompletionServer(partner, "tiny-partner") as server:
         with pytest.raises(SystemExit) as exit_info:
@@ -50,6 +57,7 @@ def test_report_on_a_tiny_checkpoint_with_every_section_filled(tokenizer_path, t
                 "--knowledge", str(knowledge), "--judged-tokens", "30", "--loss-buckets", "3", "--batch-size", "4",
                 "--cascade", f"openai:{server.base_url}#tiny-partner", "--call-rate", "0.5",
                 "--max-new-tokens", "24", "--background-dir", str(backgrounds),
+                "--hellaswag", str(hellaswag), "--siqa", str(siqa),
             ])  # fmt: skip
         partner_prompts = [request["prompt"] for request in server.requests]
     assert exit_info.value.code == 0
@@ -63,9 +71,9 @@ def test_report_on_a_tiny_checkpoint_with_every_section_filled(tokenizer_path, t
     validation = sections["validation"]["results"]
     assert validation["documents"] == 2 and validation["calls"] / validation["tokens"] == pytest.approx(0.15, abs=0.01)
     assert validation["baseline"]["call_loss"] > 0 and validation["model"]["non_call_loss"] > 0
-    assert [task["examples"] for task in sections["nlu"]["results"]["tasks"]] == [2, 2]
+    assert [task["examples"] for task in sections["nlu"]["results"]["tasks"]] == [2, 2, 2, 2]
     assert [task["acc"] for task in sections["lm_eval"]["results"]["tasks"]] == [
-        task["acc"] for task in sections["nlu"]["results"]["tasks"]
+        task["acc"] for task in sections["nlu"]["results"]["tasks"][:2]  # arc_easy and piqa
     ]
     acceptability = sections["acceptability"]["results"]
     assert acceptability["documents"] == 2 and acceptability["judged_tokens"] == 30

@@ -49,6 +49,9 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--arc-easy", help="ARC-Easy {query, choices, gold} jsonl")
     parser.add_argument("--piqa", help="PIQA {query, choices, gold} jsonl")
+    parser.add_argument("--hellaswag", help="HellaSwag's own jsonl (e.g. hellaswag_val.jsonl); without it, not run")
+    parser.add_argument("--siqa", help="Social IQa's own jsonl (e.g. dev.jsonl, labels in dev-labels.lst beside it); "
+                                       "without it, not run")
     parser.add_argument("--factscore-entities", help="FactScore entities, one name a line")
     parser.add_argument("--popqa", help="PopQA long-tail jsonl (fact leakage)")
     parser.add_argument("--bigbench", help="BIG-bench QA Wikidata jsonl (fact leakage)")
@@ -119,6 +122,8 @@ def config_from_arguments(args: argparse.Namespace) -> EvalConfig:
         factscore_entities=Path(args.factscore_entities) if args.factscore_entities else shared.factscore_entities,
         popqa=Path(args.popqa) if args.popqa else shared.popqa,
         bigbench=Path(args.bigbench) if args.bigbench else shared.bigbench,
+        hellaswag=Path(args.hellaswag) if args.hellaswag else None,
+        siqa=Path(args.siqa) if args.siqa else None,
     )
     judge = None
     if args.judge_url:

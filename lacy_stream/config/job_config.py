@@ -166,6 +166,9 @@ class TrainConfig:
     """Steps between validations; the last step is validated too."""
     val_batches: int = 20
     """Held-out micro-batches of each validation, the same ones every time."""
+    probe_windows: int = 0
+    """Windows of the first validation micro-batch whose per-token losses and call decisions every validation
+    records in run_dir/probes (loss trajectories, plotted by compare); 0: none."""
 
 
 @dataclass
@@ -222,7 +225,8 @@ _POSITIVE = {("data", "seq_len"), ("data", "batch_size"), ("data", "max_doc_char
              ("train", "steps"), ("train", "log_every"), ("train", "val_every"), ("train", "val_batches"),
              ("checkpoint", "every"), ("checkpoint", "keep"), ("optimizer", "lr")}
 _NON_NEGATIVE = {("data", "num_workers"), ("model", "max_seq_len"), ("optimizer", "weight_decay"),
-                 ("optimizer", "grad_clip"), ("optimizer", "warmup_steps"), ("train", "global_batch_tokens")}
+                 ("optimizer", "grad_clip"), ("optimizer", "warmup_steps"), ("train", "global_batch_tokens"),
+                 ("train", "probe_windows")}
 _FRACTIONS = {("optimizer", "beta1"), ("optimizer", "beta2"), ("optimizer", "min_lr_ratio")}
 _CLOSED_FRACTIONS = {("loss", "call_ratio"), ("loss", "ignore_ratio"), ("data", "max_skip_ratio"),
                      ("annotation", "audit_ratio"), ("annotation", "audit_min_agreement")}  # may be 1

@@ -21,7 +21,10 @@ them, so each target has its fact class and judge label). Per run:
   and, as a sensitivity check, the fact errors left by C_M ranked by the ``<CALL>`` log-odds instead of the
   raw logit. Every calling run spends the same budget, so these compare methods at equal cost;
 * with ``--cascade``, the realized call rate and tokens/s of calibrated cascade generation on a few
-  FactScore prompts.
+  FactScore prompts;
+* for runs that recorded probe windows (``train.probe_windows``), the loss trajectories: the mean loss of the
+  probe windows' fact and other targets (``<CALL>`` excluded) at every validation, and the share of their
+  fact targets among the model's calls (``trajectories.png``).
 
 Runs trained on other data, another tokenizer or another number of steps than the first run are flagged
 in the table, not silently compared; runs with another tokenizer are scored on windows of their own
@@ -37,6 +40,7 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -48,6 +52,7 @@ from ..inference.loading import LacyModel, load_lacy
 from ..labels import JUDGE_CALL, JUDGE_UNKNOWN, TokenClass
 from ..markdown import markdown_table
 from ..tokenizer import Tokenizer
+from ..trainer.probes import Trajectories, read_trajectories
 from .plotting import new_figure
 from .scoring import TokenStatistics, token_statistics
 from .validation import call_mask
@@ -56,6 +61,7 @@ COMPARISON_JSON = "comparison.json"
 COMPARISON_MD = "comparison.md"
 COMPARISON_PNG = "comparison.png"
 COMPARISON_HTML = "comparison.html"
+TRAJECTORIES_PNG = "trajectories.png"
 COLUMNS_NOTE = (
     "Call loss: -log p(<CALL>) on the run's C_M (full softmax, Eq. A.5); non-call loss: the cross-entropy with "
     "<CALL> excluded on the other targets (Eq. A.6). The baseline columns score the baseline run on this run's "
@@ -70,6 +76,10 @@ LEFT_NOTE = (
     "run calls nowhere: what it leaves is all its errors."
 )
 """What the columns of the second table mean."""
+TRAJECTORIES_NOTE = (
+    "Loss trajectories of the probe windows (train.probe_windows, recorded at every validation): the mean loss "
+    "(<CALL> excluded) of their fact and other targets, and the share of their fact targets among the model's calls."
+)
 """What the columns of the comparison table mean (under the table of the HTML page)."""
 
 
@@ -141,6 +151,34 @@ class RunScores:
 
 
 @dataclass
+class TrajectorySummary:
+    """A run's probe windows over training (:mod:`lacy_stream.trainer.probes`), reduced to what is plotted."""
+
+    steps: list[int]
+    fact_loss: list[float]
+    """Mean loss (``<CALL>`` excluded) of the probe windows' fact targets at each step."""
+    other_loss: list[float]
+    """The same over their other valid targets."""
+    facts_called: list[float]
+    """The share of the fact targets among the model's calls."""
+
+    @classmethod
+    def of(cls, trajectories: Trajectories) -> "TrajectorySummary":
+        fact = trajectories.valid & (trajectories.token_class == TokenClass.FACT)
+        other = trajectories.valid & ~fact
+        return cls(
+            steps=trajectories.steps,
+            fact_loss=[_mean(loss[fact]) for loss in trajectories.learned_loss],
+            other_loss=[_mean(loss[other]) for loss in trajectories.learned_loss],
+            facts_called=[_mean(called[fact]) for called in trajectories.called],
+        )
+
+
+def _mean(values: np.ndarray) -> float:
+    return float(values.mean()) if values.size else math.nan
+
+
+@dataclass
 class Comparison:
     val_shards: str
     windows: int
@@ -148,6 +186,8 @@ class Comparison:
     call_ratio: float
     runs: list[RunInfo]
     scores: list[RunScores]
+    trajectories: list[TrajectorySummary | None] = field(default_factory=list)
+    """Per run, its probe windows' trajectories; None for a run that recorded none."""
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -199,14 +239,16 @@ class Comparison:
         return (f"Targets: {first.fact_share:.1%} facts, {judge} (the shares a random call mask would have)"
                 f"{initial}.")
 
-    def html(self, plot: Path | None) -> str:
-        """A standalone page: the tables, the base rates and ``plot`` (a PNG, embedded) when there is one."""
+    def html(self, plot: Path | None, trajectories_plot: Path | None = None) -> str:
+        """A standalone page: the tables, the base rates and the plots (PNGs, embedded) that were drawn."""
         parts = [markdown_html(self.summary()), html_table(*self.table()), paragraph(self.base_rates())]
         if plot is not None:
             parts.append(png_image(plot, "losses at the evaluation call masks, and training curves"))
         parts.append(paragraph(COLUMNS_NOTE, note=True))
         parts += [paragraph("What each run leaves to itself with a perfect partner answering its calls:"),
                   html_table(*self.left_table()), paragraph(LEFT_NOTE, note=True)]
+        if trajectories_plot is not None:
+            parts += [paragraph(TRAJECTORIES_NOTE), png_image(trajectories_plot, "loss trajectories of the probes")]
         return html_page("Methods compared", *parts)
 
 
@@ -450,6 +492,7 @@ def compare_runs(
         )
     if cascade:
         _measure_cascade(runs, models, scores, cascade, entities, call_ratio, max_new_tokens, device)
+    recorded = [read_trajectories(run.path) for run in runs]
     return Comparison(
         val_shards=val_shards,
         windows=sum(len(batch.tokens) for batch in windows[runs[0].tokenizer]),
@@ -457,6 +500,7 @@ def compare_runs(
         call_ratio=call_ratio,
         runs=runs,
         scores=scores,
+        trajectories=[TrajectorySummary.of(found) if found else None for found in recorded],
     )
 
 
@@ -484,8 +528,36 @@ def write_comparison(comparison: Comparison, out_dir: str | Path) -> Path:
     (out / COMPARISON_JSON).write_text(json.dumps(comparison.to_dict(), indent=2) + "\n")
     (out / COMPARISON_MD).write_text("# Methods compared\n\n" + comparison.markdown() + "\n")
     plotted = plot_comparison(comparison, out / COMPARISON_PNG)
-    (out / COMPARISON_HTML).write_text(comparison.html(out / COMPARISON_PNG if plotted else None), encoding="utf-8")
+    trajectories = any(comparison.trajectories) and plot_trajectories(comparison, out / TRAJECTORIES_PNG)
+    (out / COMPARISON_HTML).write_text(
+        comparison.html(out / COMPARISON_PNG if plotted else None, out / TRAJECTORIES_PNG if trajectories else None),
+        encoding="utf-8",
+    )
     return out
+
+
+def plot_trajectories(comparison: Comparison, path: Path) -> bool:
+    """Each run's probe trajectories: the mean loss of fact targets (solid) and other targets (dashed), and the
+    share of fact targets among its calls. Returns whether it was drawn (matplotlib installed)."""
+    figure = new_figure(figsize=(12, 4.6), layout="constrained")
+    if figure is None:
+        return False
+    losses, called = figure.subplots(1, 2)
+    for index, (run, trajectory) in enumerate(zip(comparison.runs, comparison.trajectories)):
+        if trajectory is None:
+            continue
+        color = f"C{index}"
+        losses.plot(trajectory.steps, trajectory.fact_loss, color=color, label=f"{run.name}: facts")
+        losses.plot(trajectory.steps, trajectory.other_loss, color=color, linestyle="--", label=f"{run.name}: others")
+        if run.method != "baseline":
+            called.plot(trajectory.steps, trajectory.facts_called, color=color, label=run.name)
+    losses.set(xlabel="step", ylabel="mean loss, <CALL> excluded (nats)", title="Probe windows: loss of the targets")
+    losses.legend(fontsize=8)
+    called.set(xlabel="step", ylabel="share of fact targets", ylim=(0, 1), title="Fact targets among the model's calls")
+    if called.lines:
+        called.legend(fontsize=8)
+    figure.savefig(path, dpi=100)
+    return True
 
 
 def plot_comparison(comparison: Comparison, path: Path) -> bool:

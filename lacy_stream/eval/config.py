@@ -30,6 +30,10 @@ class EvalInputs:
     factscore_entities: Path
     popqa: Path
     bigbench: Path
+    hellaswag: Path | None = None
+    """HellaSwag's own jsonl (its validation file); None: the task does not run (the shared data has none)."""
+    siqa: Path | None = None
+    """Social IQa's own jsonl, its labels in a ``label`` field or the ``-labels.lst`` file beside it."""
 
     @classmethod
     def from_shared(cls, shared: str | Path) -> "EvalInputs":
@@ -44,7 +48,13 @@ class EvalInputs:
         )
 
     @property
-    def nlu_tasks(self) -> dict[str, Path]:
+    def nlu_tasks(self) -> dict[str, Path | None]:
+        """The paper's four NLU tasks (Appendix B); None: no file given."""
+        return {"arc_easy": self.arc_easy, "piqa": self.piqa, "hellaswag": self.hellaswag, "siqa": self.siqa}
+
+    @property
+    def lm_eval_tasks(self) -> dict[str, Path]:
+        """The tasks the ``lm_eval`` section gives lm-evaluation-harness as local task configs."""
         return {"arc_easy": self.arc_easy, "piqa": self.piqa}
 
 

@@ -1,20 +1,31 @@
-"""Multiple-choice NLU tasks (paper Appendix B): ARC-Easy and PIQA by log-likelihood of each choice.
+"""Multiple-choice NLU tasks (paper Appendix B): ARC-Easy, PIQA, HellaSwag and SIQA by log-likelihood of each choice.
 
-Each example is ``{query, choices, gold}`` (the llm-foundry local files in ``shared/eval``; queries already
-start with "Question: "). Scoring follows lm-evaluation-harness' ``arc_easy`` and ``piqa`` tasks: the
-context is the question followed by "\\nAnswer:", each choice is scored as the continuation " <choice>",
-and the prediction is the choice with the highest summed log-likelihood (``acc``) or with the highest
-log-likelihood per character of the choice (``acc_norm``, which removes the advantage of short answers).
-``<CALL>`` is excluded from the softmax: a calling model answers the way it would without a cascade.
-The task configs of :mod:`.lm_eval_model` use the same template, so both paths give the same numbers.
+Each task reads its local file in its own format, and the prompts follow lm-evaluation-harness' task of the
+same name:
+
+* ``arc_easy``, ``piqa``: ``{query, choices, gold}`` lines (the llm-foundry files in ``shared/eval``; queries
+  already start with "Question: "); the context is the query followed by "\\nAnswer:".
+* ``hellaswag``: HellaSwag's own jsonl (``activity_label``, ``ctx_a``, ``ctx_b``, ``endings``, ``label``); the
+  context is "<activity label>: <ctx_a> <Ctx_b>" and the endings are the choices, both cleaned of WikiHow's
+  bracketed markers as the harness does.
+* ``siqa``: Social IQa's own jsonl (``context``, ``question``, ``answerA``-``answerC``) with its labels (1-3)
+  in a ``label`` field or, as released, one a line in the ``-labels.lst`` file beside it; the context is
+  "Q: <context> <question>\\nA:".
+
+Each choice is scored as the continuation " <choice>", and the prediction is the choice with the highest
+summed log-likelihood (``acc``) or with the highest log-likelihood per character of the choice (``acc_norm``,
+which removes the advantage of short answers). ``<CALL>`` is excluded from the softmax: a calling model
+answers the way it would without a cascade. The task configs of :mod:`.lm_eval_model` use the same template
+for ARC-Easy and PIQA, so both paths give the same numbers.
 """
 
 from __future__ import annotations
 
 import json
 import math
-from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass
+import re
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import asdict, dataclass, field
 from itertools import islice
 from pathlib import Path
 
@@ -28,28 +39,81 @@ CHOICE_DELIMITER = " "
 
 @dataclass(frozen=True)
 class MultipleChoiceExample:
-    query: str
+    context: str
+    """What precedes each choice, as the task's prompt template writes it."""
     choices: list[str]
     gold: int
-
-    @property
-    def context(self) -> str:
-        return self.query.strip() + ANSWER_CUE
 
 
 def read_multiple_choice(path: str | Path, *, limit: int | None = None) -> list[MultipleChoiceExample]:
     """The first ``limit`` (all when None) examples of a ``{query, choices, gold}`` jsonl file."""
+    return _read_examples(path, limit, lambda record, number: MultipleChoiceExample(
+        context=record["query"].strip() + ANSWER_CUE, choices=list(record["choices"]), gold=int(record["gold"])))
+
+
+def read_hellaswag(path: str | Path, *, limit: int | None = None) -> list[MultipleChoiceExample]:
+    """The first ``limit`` examples of HellaSwag's own jsonl (its validation file has the labels)."""
+    def example(record: dict, number: int) -> MultipleChoiceExample:
+        context = record["ctx_a"] + " " + record["ctx_b"].capitalize()
+        return MultipleChoiceExample(context=_clean_wikihow(f"{record['activity_label']}: {context}"),
+                                     choices=[_clean_wikihow(ending) for ending in record["endings"]],
+                                     gold=int(record["label"]))
+
+    return _read_examples(path, limit, example)
+
+
+def read_siqa(path: str | Path, *, limit: int | None = None) -> list[MultipleChoiceExample]:
+    """The first ``limit`` examples of Social IQa's own jsonl; labels (1-3) from a ``label`` field or from the
+    ``-labels.lst`` file beside it (``dev.jsonl`` -> ``dev-labels.lst``)."""
+    path = Path(path)
+    labels_path = path.with_name(f"{path.stem}-labels.lst")
+    labels = labels_path.read_text(encoding="utf-8").split() if labels_path.is_file() else None
+
+    def example(record: dict, number: int) -> MultipleChoiceExample:
+        if "label" in record:
+            label = record["label"]
+        elif labels is not None and number <= len(labels):
+            label = labels[number - 1]
+        else:
+            raise ValueError(f"no label field, and no line of {labels_path.name} for it")
+        return MultipleChoiceExample(context=f"Q: {record['context']} {record['question']}\nA:",
+                                     choices=[record["answerA"], record["answerB"], record["answerC"]],
+                                     gold=int(label) - 1)
+
+    return _read_examples(path, limit, example)
+
+
+TASK_READERS = {
+    "arc_easy": read_multiple_choice,
+    "piqa": read_multiple_choice,
+    "hellaswag": read_hellaswag,
+    "siqa": read_siqa,
+}
+"""The paper's NLU tasks (Appendix B), each with the reader of its file's format."""
+
+
+def _read_examples(
+    path: str | Path, limit: int | None, example: Callable[[dict, int], MultipleChoiceExample]
+) -> list[MultipleChoiceExample]:
     examples = []
     with open(path, encoding="utf-8") as lines:
         for number, line in enumerate(islice((line for line in lines if line.strip()), limit), start=1):
-            record = json.loads(line)
-            example = MultipleChoiceExample(
-                query=record["query"], choices=list(record["choices"]), gold=int(record["gold"])
-            )
-            if not 0 <= example.gold < len(example.choices):
-                raise ValueError(f"{path}: example {number} has gold {example.gold} for {len(example.choices)} choices")
-            examples.append(example)
+            try:
+                read = example(json.loads(line), number)
+            except KeyError as error:
+                raise ValueError(f"{path}: example {number} lacks the field {error} of the task's format") from None
+            except (TypeError, ValueError) as error:
+                raise ValueError(f"{path}: example {number}: {error}") from None
+            if not 0 <= read.gold < len(read.choices):
+                raise ValueError(f"{path}: example {number} has gold {read.gold} for {len(read.choices)} choices")
+            examples.append(read)
     return examples
+
+
+def _clean_wikihow(text: str) -> str:
+    """HellaSwag's text as lm-evaluation-harness prepares it: " [title]" becomes ". ", other [markers] go."""
+    text = text.strip().replace(" [title]", ". ")
+    return re.sub(r"\[.*?\]", "", text).replace("  ", " ")
 
 
 @dataclass
@@ -66,6 +130,13 @@ class TaskResult:
 @dataclass
 class NluResult:
     tasks: list[TaskResult]
+    skipped: dict[str, str] = field(default_factory=dict)
+    """Tasks not run, each with the reason."""
+
+    @property
+    def not_run(self) -> str | None:
+        """The tasks that did not run and why; None when all ran."""
+        return "; ".join(f"{task}: {reason}" for task, reason in self.skipped.items()) or None
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -122,15 +193,18 @@ def evaluate_task(
 
 
 def evaluate_nlu(
-    lacy: LacyModel, task_files: Mapping[str, str | Path], *, limit: int | None = None, batch_size: int = 16
+    lacy: LacyModel, task_files: Mapping[str, str | Path | None], *, limit: int | None = None, batch_size: int = 16
 ) -> NluResult:
-    """Every task of ``task_files`` (name -> jsonl), on its first ``limit`` examples."""
-    return NluResult(
-        tasks=[
-            evaluate_task(lacy, name, read_multiple_choice(path, limit=limit), batch_size=batch_size)
-            for name, path in task_files.items()
-        ]
-    )
+    """Every task of ``task_files`` (a name of :data:`TASK_READERS` -> its file; None: not given), on its first
+    ``limit`` examples."""
+    result = NluResult(tasks=[])
+    for name, path in task_files.items():
+        if path is None:
+            result.skipped[name] = f"no local file (--{name.replace('_', '-')}); the Hugging Face hub is not read"
+            continue
+        examples = TASK_READERS[name](path, limit=limit)
+        result.tasks.append(evaluate_task(lacy, name, examples, batch_size=batch_size))
+    return result
 
 
 def _argmax(values: Sequence[float]) -> int:

@@ -245,7 +245,7 @@ def _lm_eval(config: EvalConfig, models: _Models) -> SectionResult:
         raise SectionSkipped(f"lm-eval is not installed ({error}); pip install 'lacy-stream[eval]'") from error
     return evaluate_with_lm_eval(
         models.lacy,
-        config.inputs.nlu_tasks,
+        config.inputs.lm_eval_tasks,
         config.out_dir / "lm_eval_tasks",
         limit=config.limit,
         batch_size=config.batch_size,

@@ -62,6 +62,7 @@ from .optimizer import build_optimizer, lr_factor
 from ..models.gpt2 import Transformer, check_model_config, flops_per_token, model_args
 from .parallelize import TrainingModule, parallelize
 from .run_directory import RunLock, check_resume, record_config
+from .probes import ProbeRecorder
 from .samples import SAMPLE_WINDOWS, top_calls, window_markdown
 from ..shards.specs import expand_shard_spec
 from ..tokenizer import Tokenizer
@@ -97,6 +98,8 @@ def check_config(config: JobConfig) -> None:
     check_model_config(config.model)
     check_loss_config(config.loss)
     check_metrics_config(config.metrics)
+    if config.train.probe_windows and not config.train.val_shards:
+        raise ConfigError("train.probe_windows: the probe windows are held-out windows; set train.val_shards")
 
 
 def micro_batches_per_step(global_batch_tokens: int, ranks: int, batch_size: int, seq_len: int) -> int:
@@ -178,6 +181,9 @@ class _Trainer:
         self._agreement_warned = False
         self._data_wait_advised = False
         self.val_batches: list[dict[str, torch.Tensor]] | None = None
+        self.probes = None
+        if self.rank == 0 and config.train.probe_windows and config.train.val_shards:
+            self.probes = ProbeRecorder(self.run_dir, config.train.probe_windows, config.loss.call_ratio)
         self.step = 0
         self.tokens_seen = 0
         self.flops_per_token = flops_per_token(self.model_args, config.data.seq_len)
@@ -195,6 +201,8 @@ class _Trainer:
         check_resume(self.run_dir, config, resuming_from)
         if resuming_from is not None:
             self._load_checkpoint()
+        if self.probes is not None:
+            self.probes.drop_after(self.step)
         if self.rank == 0:
             record_config(self.run_dir, config, resuming_from)
             if resuming_from is not None:
@@ -307,9 +315,18 @@ class _Trainer:
                 totals += _micro_batch_counts(batch, output, self.rank)
                 if number == 0 and self.rank == 0:
                     samples = self._samples(batch, output)
+                    if self.probes is not None:
+                        self._record_probes(batch, output)
         counts = dict(zip(COUNTS, self._sum_over_ranks(totals).tolist()))
         loss_sum = self._sum_over_ranks(loss_sum).item()  # each rank's loss is its share of the global one
         return {"loss": loss_sum / max(counts["valid"], 1), **_loss_breakdown(counts)}, samples
+
+    def _record_probes(self, batch: dict[str, Any], output: LossOutput) -> None:
+        shape = batch["targets"].shape
+        self.probes.record(
+            self.step, torch.cat([batch["inputs"][:, :1], batch["targets"]], dim=1), batch["labels"].token_class,
+            batch["valid"], output.learned_loss.view(shape), output.call_loss.view(shape), output.masks.call.view(shape),
+        )
 
     def _samples(self, batch: dict[str, Any], output: LossOutput) -> list[str]:
         """The first windows of a validation micro-batch as markdown (``samples.window_markdown``)."""
