@@ -455,3 +455,24 @@ def test_memory_zones_keep_spacy_memory_flat():
         assert len(strings) < before + 20 * ZONE_BATCHES, "strings of earlier zones were freed"
     annotator.release_memory()
     assert len(strings) == before
+
+
+def test_a_proper_noun_in_a_common_noun_chunk_is_a_fact_alone():
+    """Appendix A.2.1's proper-noun rule: a chunk whose head is a proper noun is a fact whole; in "a Zorbax
+    office", whose head is a common noun in no informative role, only the proper noun is (lacy-rules-2)."""
+    doc = parsed(
+        """
+        Workers NOUN nsubj 5
+        of ADP prep 0
+        a DET det 4
+        Zorbax PROPN compound 4
+        office NOUN pobj 1
+        left VERB ROOT 5
+        near ADP prep 5
+        Mount PROPN compound 8
+        Everest PROPN pobj 6
+        """
+    )
+    labels = classes(doc)
+    assert (labels[3], labels[4]) == (FACT, OTHER)
+    assert labels[7] == labels[8] == FACT

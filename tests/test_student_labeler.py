@@ -12,7 +12,7 @@ import pytest
 import torch
 from helpers import make_corpus, synthetic_text
 
-from lacy_stream.annotate import student_labeler
+from lacy_stream.annotate import annotation, student_labeler
 from lacy_stream.annotate.annotate_shards import annotate_shards
 from lacy_stream.annotate.distill import distill
 from lacy_stream.annotate.labeling import Audit, DocumentLabeler, audit_figures, build_annotator
@@ -278,7 +278,7 @@ def test_a_student_for_another_tokenizer_is_refused(tmp_path, student):
 
 def test_a_student_of_other_rules_is_refused(tokenizer_path, student, monkeypatch):
     monkeypatch.setattr(student_labeler, "RULES_VERSION", "lacy-rules-99")
-    with pytest.raises(StudentError, match="distilled from rules lacy-rules-1, this code runs lacy-rules-99"):
+    with pytest.raises(StudentError, match=f"distilled from rules {annotation.RULES_VERSION}, this code runs lacy-rules-99"):
         check_annotation_config(AnnotationConfig(labeler=f"student:{student[0]}"), Tokenizer(tokenizer_path))
 
 

@@ -11,7 +11,8 @@ Every spaCy token (whitespace tokens included) gets one :class:`~lacy_stream.lab
      appositive, or is followed by "born"/"died", or comes after (or starts with) a title such as "Dr";
    - likely an ORG: a keyword such as committee, council, university, or a leading "the" before a
      capitalised word;
-   - a proper noun;
+   - a proper noun: its head is one ("Mount Everest"); a chunk whose head is a common noun and that
+     qualifies by no other rule has its proper nouns alone as facts ("Paris" in "the Paris office");
    - a common noun in a role that carries information: predicative attribute ("She was a lawyer"),
      direct object ("She studied physics"), appositive ("Marie Curie, a physicist, ..."), unless a manner
      preposition hangs off it ("a lawyer by training").
@@ -72,7 +73,8 @@ from .spacy_pipeline import load_pipeline, pipeline_identity
 
 log = logging.getLogger(__name__)
 
-RULES_VERSION = "lacy-rules-1"
+RULES_VERSION = "lacy-rules-2"
+"""2: a proper noun makes a fact of itself, not of the whole chunk, when the chunk's head is a common noun."""
 T = TypeVar("T")
 
 GRAMMAR_POS = ("DET", "ADP", "CCONJ", "SCONJ", "AUX", "PUNCT", "SPACE")
@@ -197,13 +199,21 @@ def _entity(document: _Document, start: int, end: int, label: str) -> Mention:
     return Mention(mention_key(words), parts, key_words, document.fact_words(indices))
 
 
+def _chunk_facts(document: _Document, indices: list[int], content: list[int], root: int) -> list[int]:
+    """The words of a first-occurrence chunk that are facts (``content`` are its words not decided by other
+    rules): all of them when the chunk qualifies, else its proper nouns."""
+    if _chunk_qualifies(document, indices, content, root):
+        return content
+    return [i for i in content if document.pos[i] == symbols.PROPN]
+
+
 def _chunk_qualifies(document: _Document, indices: list[int], content: list[int], root: int) -> bool:
-    """Whether a first-occurrence chunk is a fact; ``content`` are its words not decided by other rules."""
+    """Whether a first-occurrence chunk is a fact as a whole; ``content`` are its words not decided by other rules."""
     pos = document.pos
     title_case = [i for i in content if document.is_title[i]]
     # A capital at the start of a sentence says little about the word: role and "the" need another one.
     capitalised = any(not document.sent_start[i] for i in title_case)
-    if any(pos[i] == symbols.PROPN for i in content):
+    if pos[root] == symbols.PROPN and root in content:
         return True
     if capitalised and (document.dep_is(root, PERSON_ROLES) or document.lower(indices[0]) == "the"):
         return True
@@ -351,7 +361,7 @@ def local_labels(doc: Doc) -> tuple[WordLabels, list[Mention]]:
             ]
             if not content:
                 continue
-            facts = content if _chunk_qualifies(document, indices, content, root) else []
+            facts = _chunk_facts(document, indices, content, root)
             mentions.append(Mention(mention_key(document.words(content)), None, content, facts))
     classes = np.full(document.size, TokenClass.OTHER, dtype=np.int8)
     classes[document.grammar] = TokenClass.GRAMMAR
