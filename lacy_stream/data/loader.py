@@ -314,7 +314,7 @@ def build_labeler(
         teacher = build_annotator("spacy", tokenizer, spacy_model=annotation.spacy_model,
                                   batch_size=annotation.batch_size, max_doc_chars=max_doc_chars)
         labeler.audit = Audit(teacher, annotation.audit_ratio)
-    cache_root = annotation.cache_dir or default_cache_dir()
+    cache_root = annotation.cache_dir  # resolved by the dataset, in the trainer's environment
     if annotation.cache and annotator is not None:
         labeler.cache = _opened_cache(cache_root, labeler.identity, LABEL_CACHE_COLUMNS)
     if reference is not None:

@@ -4,7 +4,7 @@ With ``train.probe_windows`` > 0, the first windows of the first validation micr
 every validation) are the probe set. ``run_dir/probes/windows.npz`` holds their tokens and fact classes; at every
 validation ``run_dir/probes/step-NNNNNNNN.npz`` holds, per target: the loss with ``<CALL>`` excluded (how well the
 model has learned the token), ``log p(<CALL>)``, whether the token is among the model's calls (the window's
-``loss.call_ratio`` share of highest ``p(<CALL>)``, as ``compare`` takes them) and whether the training loss made
+``loss.call_ratio`` share of highest ``p(<CALL>)``, as the validation samples mark them) and whether the training loss made
 it a ``<CALL>`` target. A resumed run drops the steps recorded past its checkpoint and records them again.
 
 :func:`read_trajectories` loads them back for ``compare``, which plots how the loss of fact and other tokens

@@ -1,8 +1,8 @@
 """Validation samples: a few held-out windows as markdown for TensorBoard's text tab, so that a user sees, while
 the model trains, which tokens are facts and which ones the model would hand to ``<CALL>``.
 
-The model's calls in a window are its evaluation call mask (as ``compare`` and ``eval`` take it): the
-``call_ratio`` share of the window's targets with the highest ``p(<CALL>)``. A ``baseline`` run never
+The model's calls in a window are the ``call_ratio`` share of the window's targets with the highest
+``p(<CALL>)`` (per window; ``compare``'s log-odds C_M ranks the same way, per batch). A ``baseline`` run never
 learns ``<CALL>``, so its samples mark facts only.
 """
 
