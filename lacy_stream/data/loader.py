@@ -465,6 +465,13 @@ class TokenLoader:
             shutdown = getattr(batches, "_shutdown_workers", None)
             if shutdown is not None:
                 shutdown()
+            # torch waits 5 s for a worker to finish its document, then sends SIGTERM, which a worker outlives by
+            # its grace period (stop_signals). Nothing it makes now is read: it ends here, so that no worker
+            # outlives the loader (nor the fork server, whose temporary directory it would still be using).
+            for worker in getattr(batches, "_workers", ()):
+                if worker.is_alive():
+                    worker.kill()
+                    worker.join()
 
     def read_stats(self) -> dict:
         """This rank's read counters, summed over its workers as of the last batch handed out."""
@@ -513,3 +520,7 @@ def _prepare_worker(worker_id: int, log_level: int) -> None:
     # A native crash in a worker (spaCy, the student, a decompressor) prints the Python stack of every thread
     # before torch reports the worker's death.
     faulthandler.enable(all_threads=True)
+    # A worker's process object was made in the trainer and carries the trainer's multiprocessing temporary
+    # directory, which the trainer removes when it exits; the worker's own sockets (torch shares tensors through
+    # them) go to a directory of its own, removed when it exits.
+    multiprocessing.current_process()._config.pop("tempdir", None)
