@@ -22,6 +22,7 @@
 #   COMPARE_BATCHES  held-out batches that compare scores (16)
 #   CONFIG           the job config each run starts from, before the settings above (tiny_cpu)
 #   METHODS          the methods trained after the baseline, which always runs first (all eight others)
+#   TRAIN_ARGS       more `lacy-stream train` settings for every run, e.g. "--train.seed=1 --train.probe_windows=8"
 #   LACY             the lacy-stream command, e.g. "python -m lacy_stream" (lacy-stream)
 set -euo pipefail
 
@@ -38,6 +39,7 @@ COMPARE_BATCHES=${COMPARE_BATCHES:-16}
 CONFIG=${CONFIG:-tiny_cpu}
 LACY=${LACY:-lacy-stream}
 METHODS=${METHODS:-loss_based rho1 llm_judge spacy lacy spacy_refloss lacy_ignorefacts lacy_ignore}
+read -r -a TRAIN_ARGS <<< "${TRAIN_ARGS:-}"
 
 mkdir -p "$OUT/source" "$OUT/logs"
 if [[ ! -f "$OUT/train/manifest.json" ]]; then
@@ -59,7 +61,8 @@ train() {
         --data.shards="$OUT/train" --data.seq_len="$SEQ_LEN" --data.batch_size="$BATCH" \
         --data.num_workers="$WORKERS" --tokenizer.path="$OUT/tokenizer.model" --model.preset="$PRESET" \
         --train.steps="$STEPS" --train.run_dir="$OUT/runs/$method" --train.val_shards="$OUT/heldout" \
-        --checkpoint.keep=1 --loss.method="$method" --annotation.cache_dir="$OUT/label-cache" "$@" > "$log" 2>&1; then
+        --checkpoint.keep=1 --loss.method="$method" --annotation.cache_dir="$OUT/label-cache" \
+        ${TRAIN_ARGS[@]+"${TRAIN_ARGS[@]}"} "$@" > "$log" 2>&1; then
         tail -n 20 "$log" >&2
         echo "$method: training failed (its whole output: $log)" >&2
         exit 1

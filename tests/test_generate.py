@@ -28,7 +28,9 @@ from lacy_stream.inference.call_policy import (
 from lacy_stream.inference.generate import (
     TokenSource,
     generate,
+    next_token_logits,
     penalize_repetition,
+    prompt_call_logits,
     render,
 )
 from lacy_stream.models.gpt2 import Transformer, model_args
@@ -270,6 +272,34 @@ def test_calibrated_rate_tracks_target_over_real_generations(tokenizer: Tokenize
     assert sum(g.calls for g in generations) == policy.calls
     assert abs(policy.call_rate - 0.15) <= 0.02, policy.state_dict()
     assert all(g.calls > 0 for g in generations)
+
+
+def test_a_controller_primed_with_a_prompt_does_not_call_its_first_low_score() -> None:
+    cold = CallRateController(0.15)
+    assert cold.decide(-5.0), "alone in its window, the first score is its own top 15%"
+    primed = CallRateController(0.15)
+    primed.observe([float(score) for score in range(20)])
+    assert not primed.decide(-5.0) and primed.decide(25.0)
+    primed.observe([100.0])  # only an empty window is primed
+    assert len(primed._scores) == 22
+
+
+def test_the_first_generation_primes_a_calibrated_policy_with_its_prompt(tokenizer: Tokenizer) -> None:
+    model = tiny_model(tokenizer, seed=0, dim=64, n_layers=2)
+    prompt_ids = tokenizer.encode(PROMPTS[0])
+    with torch.inference_mode():
+        scores = prompt_call_logits(model, [tokenizer.eos_id, *prompt_ids], tokenizer.call_id)
+        assert len(scores) == len(prompt_ids)
+        for prefix in (1, len(prompt_ids)):  # the <CALL> logit where prompt token `prefix` was predicted
+            expected = next_token_logits(model, [tokenizer.eos_id, *prompt_ids[: prefix - 1]])[tokenizer.call_id]
+            assert scores[prefix - 1] == pytest.approx(float(expected), abs=1e-4)
+    policy = CalibratedCall(tokenizer.call_id, 0.15)
+    assert policy.wants_prompt
+    first = generate(model, tokenizer, PROMPTS[0], policy, max_new_tokens=4)
+    assert not policy.wants_prompt
+    assert len(policy.controller._scores) == len(prompt_ids) + first.steps
+    second = generate(model, tokenizer, PROMPTS[1], policy, max_new_tokens=4)
+    assert len(policy.controller._scores) == len(prompt_ids) + first.steps + second.steps
 
 
 def test_random_call_rate_is_seeded() -> None:

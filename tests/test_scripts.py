@@ -72,7 +72,8 @@ def test_compare_methods_trains_the_nine_methods_and_compares_them(tmp_path):
     out = tmp_path / "compare"
     output = run_script("bash", str(SCRIPTS / "compare_methods.sh"), str(corpus), str(out), cwd=tmp_path,
                         STEPS="2", SEQ_LEN="32", BATCH="2", VOCAB="400", WORKERS="0", HELDOUT_DOCS="10",
-                        COMPARE_BATCHES="2", LACY=f"{sys.executable} -m lacy_stream")
+                        COMPARE_BATCHES="2", LACY=f"{sys.executable} -m lacy_stream",
+                        TRAIN_ARGS="--train.seed=3 --train.log_every=1")
     summaries = re.findall(r"^(\w+) +step 2/2  loss [\d.]+  [\d,]+ tokens/s  ETA 0s  val loss [\d.]+(.*)$", output,
                            flags=re.M)
     assert [method for method, _ in summaries] == list(METHODS)  # one line per run, in training order
@@ -88,6 +89,9 @@ def test_compare_methods_trains_the_nine_methods_and_compares_them(tmp_path):
     assert sorted(run["method"] for run in runs) == sorted(METHODS)
     assert all(run["steps"] == 2 and run["flags"] == [] and run["data"] == str(out / "train") for run in runs)
     assert len({run["tokenizer"] for run in runs}) == 1
+    for method in METHODS:  # TRAIN_ARGS reach every run
+        train_config = json.loads((out / "runs" / method / "config.json").read_text())["train"]
+        assert (train_config["seed"], train_config["log_every"]) == (3, 1)
     assert (out / "comparison" / "comparison.md").is_file()
     held_out = json.loads((out / "heldout" / "manifest.json").read_text())
     assert held_out["documents"] == 10

@@ -92,24 +92,65 @@ def test_documents_labeled_together_are_labeled_as_if_alone(tokenizer_path, stud
         np.testing.assert_array_equal(one, batched)
 
 
-def test_a_version_1_student_file_still_loads_and_labels_the_same(tmp_path, tokenizer_path, student):
-    path, _ = student
-    saved = torch.load(path, weights_only=True)
-    version_1 = {}
-    for name, value in saved["state"].items():
-        if ".mix." in name:
-            kind = name.rsplit(".", 1)[1]
-            taps = saved["config"]["kernel"]
-            value = value.reshape(value.shape[0], taps, -1).permute(0, 2, 1) if kind == "weight" else value
-            name = name.replace(".mix.", ".")
-        version_1[name] = value
-    old = tmp_path / "v1.pt"
-    torch.save({**saved, "format": "lacy-student-1", "state": version_1}, old)
-    tokenizer = Tokenizer(tokenizer_path)
-    text = synthetic_text(random.Random(9), 6)
-    new_labels = student_labeler.StudentAnnotator.load(path, tokenizer).label_text(text)
-    old_labels = student_labeler.StudentAnnotator.load(old, tokenizer).label_text(text)
-    np.testing.assert_array_equal(old_labels.classes, new_labels.classes)
+def test_a_student_file_of_an_earlier_format_is_refused_with_what_to_do(tmp_path, tokenizer_path, student):
+    saved = torch.load(student[0], weights_only=True)
+    old = tmp_path / "old.pt"
+    torch.save({**saved, "format": "lacy-student-2"}, old)
+    with pytest.raises(StudentError, match="lacy-student-2 file.*distill the student again"):
+        student_labeler.StudentAnnotator.load(old, Tokenizer(tokenizer_path))
+
+
+class _Pieces:
+    """A tokenizer's piece table over a hand-written vocabulary (id 0 is the unknown piece)."""
+
+    def __init__(self, pieces: list[str]) -> None:
+        self.pieces = ["<unk>", *pieces]
+        self.num_pieces = len(self.pieces)
+
+    def is_special_piece(self, piece: int) -> bool:
+        return piece == 0
+
+    def is_byte_piece(self, piece: int) -> bool:
+        return False
+
+    def id_to_piece(self, piece: int) -> str:
+        return self.pieces[piece]
+
+    def ids(self, *pieces: str) -> np.ndarray:
+        return np.array([self.pieces.index(piece) for piece in pieces])
+
+
+def _decode_word_features(codes: np.ndarray) -> list[tuple[int, int, bool]]:
+    """(case, place in the word, starts a sentence) of each code."""
+    places = student_labeler.WORD_POSITIONS
+    return [(code // 2 // places, code // 2 % places, bool(code % 2)) for code in codes.tolist()]
+
+
+def test_word_features_find_words_their_pieces_and_sentence_starts():
+    vocabulary = _Pieces(["\u2581Ada", "\u2581met", "\u2581Bab", "b", "age", ".", "\u2581Then", "\u2581U", "S", "\u2581",
+                          "1", "\u2581he", "!\"", "\u2581NASA"])
+    table = student_labeler.piece_table(vocabulary)
+    ids = vocabulary.ids("\u2581Ada", "\u2581met", "\u2581Bab", "b", "age", ".", "\u2581Then", "\u2581U", ".", "S", ".",
+                         "\u2581he", "!\"", "\u2581", "1", "\u2581NASA")
+    features = student_labeler.word_features(ids, table)
+    assert features.max() < student_labeler.WORD_FEATURES
+    upper, title, lower, digits, punctuation = 3, 4, 5, 1, 2
+    alone, first_of_many, inner, last_of_many, first_of_two, last_of_two = 0, 3, 4, 5, 1, 2
+    assert _decode_word_features(features) == [
+        (title, alone, True),  # the document's first word
+        (lower, alone, False),
+        (title, first_of_many, False), (title, inner, False), (title, last_of_many, False),
+        (punctuation, alone, False),
+        (title, alone, True),  # after "." and a space
+        (title, alone, False), (punctuation, alone, False),
+        (title, alone, False),  # "S" after "U.": no space, so no new sentence
+        (punctuation, alone, False),
+        (lower, alone, True),
+        (punctuation, alone, False),  # '!"' ends the sentence with its quote
+        (digits, first_of_two, True), (digits, last_of_two, True),  # a bare "▁" takes the case of what follows
+        (upper, alone, False),
+    ]
+    assert student_labeler.word_features(np.array([], dtype=np.int64), table).shape == (0,)
 
 
 @pytest.fixture(scope="module")

@@ -9,6 +9,7 @@ import socket
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -232,3 +233,21 @@ def test_two_node_torchrun_on_localhost_trains(tmp_path, corpus, tokenizer_path)
     assert CheckpointManager(run_dir).steps() == [2, 4]
     assert json.loads((CheckpointManager(run_dir).path(4) / "COMPLETE").read_text())["world_size"] == 2
     assert (run_dir / "hf" / "model.safetensors").is_file()
+
+
+@pytest.mark.parametrize(
+    ("labeler", "reference", "tasks", "remedies"),
+    [
+        ("spacy", False, "labeling with spaCy", ["workers", "student labeler", "label cache"]),
+        ("student:s.pt", False, "labeling with a student", ["workers", "label cache"]),
+        ("spacy", True, "labeling with spaCy and scoring with the reference model",
+         ["workers", "student labeler", "reference losses stored with the shards", "label cache"]),
+    ],
+)
+def test_the_data_wait_advice_names_what_the_workers_do_and_what_would_help(labeler, reference, tasks, remedies):
+    config = load_job_config(RUN_CONFIGS / "tiny_cpu.toml", [f"--annotation.labeler={labeler}"])
+    trainer = SimpleNamespace(config=config, reference=object() if reference else None)
+    assert train_module._Trainer._worker_tasks(trainer) == tasks
+    advice = train_module._Trainer._data_wait_remedies(trainer, 3)
+    assert advice[0] == "about 3 workers would feed it (data.num_workers)"
+    assert [next(remedy for remedy in remedies if remedy in line) for line in advice] == remedies

@@ -40,9 +40,11 @@ from .student_labeler import (
     StudentAnnotator,
     StudentConfig,
     StudentNetwork,
-    piece_shapes,
+    PieceTable,
+    piece_table,
     resolve_pieces,
     save_student,
+    word_features,
 )
 
 log = logging.getLogger(__name__)
@@ -159,9 +161,13 @@ def split_held_out(texts: list[str]) -> tuple[list[int], list[int]]:
     return [i for i in range(len(texts)) if i not in chosen], held_out
 
 
-def _windows(targets: list[dict[str, np.ndarray]], max_pieces: int | None) -> list[dict[str, np.ndarray]]:
+def _windows(
+    targets: list[dict[str, np.ndarray]], table: PieceTable, max_pieces: int | None
+) -> list[dict[str, np.ndarray]]:
+    """Windows of ``WINDOW`` pieces, each with its word features (found over the whole document)."""
     windows, total = [], 0
     for document in targets:
+        document = {**document, "words": word_features(document["tokens"], table)}
         for start in range(0, len(document["tokens"]), WINDOW):
             window = {name: column[start : start + WINDOW] for name, column in document.items()}
             if max_pieces is not None and total + len(window["tokens"]) > max_pieces:
@@ -184,6 +190,7 @@ def _batch(windows: list[dict[str, np.ndarray]], shapes: torch.Tensor, device: t
     return {
         "pieces": pieces,
         "shapes": shapes[pieces],
+        "words": padded("words", 0),
         "span_tag": padded("span_tag", IGNORED),
         "base_class": padded("base_class", IGNORED, lambda column: column == BASE_CLASSES[1]),
         "fact_if_first": padded("fact_if_first", IGNORED),
@@ -198,6 +205,7 @@ def train_student(
     epochs: int = 6,
     width: int = StudentConfig.width,
     layers: int = StudentConfig.layers,
+    word_dim: int = StudentConfig.word_dim,
     batch_windows: int = 16,
     learning_rate: float = 3e-3,
     seed: int = 0,
@@ -206,9 +214,11 @@ def train_student(
     """The network trained on the targets' windows (at most ``max_pieces`` pieces), on the GPU when there is one."""
     torch.manual_seed(seed)
     target_device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    network = StudentNetwork(StudentConfig(num_pieces=tokenizer.num_pieces, width=width, layers=layers)).to(target_device)
-    shapes = torch.from_numpy(piece_shapes(tokenizer)).to(target_device)
-    windows = _windows(targets, max_pieces)
+    config = StudentConfig(num_pieces=tokenizer.num_pieces, width=width, layers=layers, word_dim=word_dim)
+    network = StudentNetwork(config).to(target_device)
+    table = piece_table(tokenizer)
+    shapes = torch.from_numpy(table.shapes).to(target_device)
+    windows = _windows(targets, table, max_pieces)
     if not windows:
         raise ValueError("no training pieces: give more documents")
     steps = epochs * math.ceil(len(windows) / batch_windows)
@@ -225,7 +235,7 @@ def train_student(
         order = random.permutation(len(windows))
         for start in range(0, len(windows), batch_windows):
             batch = _batch([windows[i] for i in order[start : start + batch_windows]], shapes, target_device)
-            tags, base, fact = network(batch["pieces"], batch["shapes"])
+            tags, base, fact = network(batch["pieces"], batch["shapes"], batch["words"])
             loss = (
                 F.cross_entropy(tags.flatten(0, 1), batch["span_tag"].flatten(), ignore_index=IGNORED)
                 + F.cross_entropy(base.flatten(0, 1), batch["base_class"].flatten(), ignore_index=IGNORED)
@@ -273,6 +283,7 @@ def distill(
     epochs: int = 6,
     width: int = StudentConfig.width,
     layers: int = StudentConfig.layers,
+    word_dim: int = StudentConfig.word_dim,
 ) -> dict:
     """Targets, training and held-out agreement; writes the student to ``out`` and returns its report."""
     tokenizer = Tokenizer(tokenizer_path)
@@ -292,7 +303,8 @@ def distill(
     training, held_out = split_held_out(texts)
     started = time.monotonic()
     network = train_student(
-        [targets[i] for i in training], tokenizer, max_pieces=max_pieces, epochs=epochs, width=width, layers=layers
+        [targets[i] for i in training], tokenizer, max_pieces=max_pieces, epochs=epochs, width=width, layers=layers,
+        word_dim=word_dim,
     )
     student = StudentAnnotator(network, tokenizer, identity="distilling")
     teacher_classes = [targets[i]["token_class"] for i in held_out]

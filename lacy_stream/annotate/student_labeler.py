@@ -45,31 +45,37 @@ OUTSIDE, BEGIN, INSIDE, BEGIN_PERSON, INSIDE_PERSON = range(5)
 SPAN_TAGS = 5
 BASE_CLASSES = (TokenClass.OTHER, TokenClass.GRAMMAR)
 SHAPES = 14
+WORD_CASES, WORD_POSITIONS = 6, 6
+WORD_FEATURES = WORD_CASES * WORD_POSITIONS * 2
+"""Codes of :func:`word_features`: the word's case, the piece's place in it, whether the word starts a sentence."""
 BATCH_PIECES = 8192
 """Pieces the network labels in one call (documents are not split; a longer one runs alone)."""
-STUDENT_FORMAT = "lacy-student-2"
-"""Version 2 keeps each convolution as a linear map over its taps; version 1 files (``nn.Conv1d``) still load."""
+STUDENT_FORMAT = "lacy-student-3"
+"""Version 3 adds the word features; students of earlier versions were distilled from rules lacy-rules-1."""
 
 
 @dataclass
 class StudentConfig:
-    """The network's size: piece and shape embeddings, then dilated convolutions (receptive field grows 2x a layer)."""
+    """The network's size: piece, piece-shape and word-feature embeddings, then dilated convolutions (the
+    receptive field doubles with each layer). ``word_dim`` 0 leaves the word features out."""
 
     num_pieces: int
     width: int = 64
     layers: int = 4
     kernel: int = 3
     shape_dim: int = 16
+    word_dim: int = 16
 
 
 class StudentNetwork(nn.Module):
-    """Pieces and their shapes -> span tag, base class and "fact if first" logits per piece."""
+    """Pieces, their shapes and word features -> span tag, base class and "fact if first" logits per piece."""
 
     def __init__(self, config: StudentConfig) -> None:
         super().__init__()
         self.config = config
-        self.pieces = nn.Embedding(config.num_pieces, config.width - config.shape_dim)
+        self.pieces = nn.Embedding(config.num_pieces, config.width - config.shape_dim - config.word_dim)
         self.shapes = nn.Embedding(SHAPES, config.shape_dim)
+        self.words = nn.Embedding(WORD_FEATURES, config.word_dim) if config.word_dim else None
         self.convolutions = nn.ModuleList(
             DilatedConvolution(config.width, config.kernel, dilation=2**layer) for layer in range(config.layers)
         )
@@ -82,13 +88,17 @@ class StudentNetwork(nn.Module):
         return max(convolution.reach for convolution in self.convolutions)
 
     def forward(
-        self, pieces: torch.Tensor, shapes: torch.Tensor, keep: torch.Tensor | None = None
+        self, pieces: torch.Tensor, shapes: torch.Tensor, words: torch.Tensor, keep: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """``[batch, length]`` ids -> logits ``[batch, length, 5]`` (span tag), ``[.., 2]`` (base), ``[.., 2]`` (fact).
+        """``[batch, length]`` piece ids, shape codes (:attr:`PieceTable.shapes`) and word-feature codes
+        (:func:`word_features`) -> logits ``[batch, length, 5]`` (span tag), ``[.., 2]`` (base), ``[.., 2]`` (fact).
 
         ``keep`` (``[batch, length, 1]``, 0 or 1) zeroes positions before every convolution: a run of at least
         :attr:`reach` zeroed positions between two documents makes each see the other as "same" padding."""
-        hidden = torch.cat([self.pieces(pieces), self.shapes(shapes)], dim=-1)
+        inputs = [self.pieces(pieces), self.shapes(shapes)]
+        if self.words is not None:
+            inputs.append(self.words(words))
+        hidden = torch.cat(inputs, dim=-1)
         for convolution, norm in zip(self.convolutions, self.norms):
             if keep is not None:
                 hidden = hidden * keep
@@ -116,20 +126,79 @@ class DilatedConvolution(nn.Module):
         return self.mix(torch.cat(taps, dim=-1))
 
 
-def piece_shapes(tokenizer: Tokenizer) -> np.ndarray:
-    """``shapes[id]``: a code for what piece ``id`` looks like (word start, case, digits, punctuation, bytes),
-    so that pieces rarely seen in training still say something."""
-    shapes = np.zeros(tokenizer.num_pieces, dtype=np.int64)
-    for piece in range(tokenizer.num_pieces):
+@dataclass(frozen=True)
+class PieceTable:
+    """What each piece id looks like, indexed by id: the network's shape input and what :func:`word_features`
+    needs to find words and sentences in a sequence of ids."""
+
+    shapes: np.ndarray
+    """:data:`SHAPES` codes: word start, case, digits, punctuation, bytes; so that pieces rarely seen in
+    training still say something."""
+    letters: np.ndarray
+    """The case of the piece's text without its "▁" (:data:`WORD_CASES` codes, 0 when nothing is left)."""
+    spaced: np.ndarray
+    """Begins with "▁": a word starts here (and so does one after punctuation: spaCy splits it off)."""
+    punctuation: np.ndarray
+    ends_sentence: np.ndarray
+    """Ends in ".", "!" or "?" (closing quotes and brackets after them allowed)."""
+    closes: np.ndarray
+    """Only closing quotes or brackets: a sentence can end just before it."""
+
+
+_SENTENCE_END = re.compile(r"[.!?][\"')\]]*$")
+_CLOSERS = re.compile(r"[\"')\]]+$")
+
+
+def piece_table(tokenizer: Tokenizer) -> PieceTable:
+    """The :class:`PieceTable` of ``tokenizer``'s pieces (special pieces look like nothing; byte pieces are shape 1)."""
+    size = tokenizer.num_pieces
+    shapes, letters = np.zeros(size, dtype=np.int64), np.zeros(size, dtype=np.int64)
+    spaced, punctuation, ends_sentence, closes = (np.zeros(size, dtype=bool) for _ in range(4))
+    for piece in range(size):
         if tokenizer.is_special_piece(piece):
             continue
         if tokenizer.is_byte_piece(piece):
             shapes[piece] = 1
             continue
         text = tokenizer.id_to_piece(piece)
-        word_start = text.startswith("\u2581")
-        shapes[piece] = 2 + 2 * _letters_shape(text.lstrip("\u2581")) + word_start
-    return shapes
+        bare = text.lstrip("\u2581")
+        letters[piece] = _letters_shape(bare)
+        shapes[piece] = 2 + 2 * letters[piece] + text.startswith("\u2581")
+        punctuation[piece] = letters[piece] == 2
+        spaced[piece] = text.startswith("\u2581")
+        ends_sentence[piece] = bool(_SENTENCE_END.search(bare))
+        closes[piece] = bool(_CLOSERS.fullmatch(bare))
+    return PieceTable(shapes, letters, spaced, punctuation, ends_sentence, closes)
+
+
+def word_features(ids: np.ndarray, table: PieceTable) -> np.ndarray:
+    """Per piece of one document, a code (< :data:`WORD_FEATURES`) of what its word looks like: the word's case
+    (from its first piece with letters or digits), the piece's place in it (alone; first or last of two; first,
+    inner or last of more) and whether the word starts a sentence (the document's first word, or one after a
+    sentence end and a space). Words start at a "▁" piece, and punctuation stands alone, roughly as spaCy
+    splits them."""
+    count = len(ids)
+    if count == 0:
+        return np.zeros(0, dtype=np.int64)
+    punctuation, spaced = table.punctuation[ids], table.spaced[ids]
+    starts = spaced | punctuation
+    starts[1:] |= punctuation[:-1] & ~punctuation[1:]
+    starts[0] = True
+    firsts = np.flatnonzero(starts)
+    word_of = np.cumsum(starts) - 1
+    lengths = np.diff(np.append(firsts, count))
+    length, place = lengths[word_of], np.arange(count) - firsts[word_of]
+    position = np.where(
+        length == 1, 0, np.where(length == 2, 1 + place, np.where(place == 0, 3, np.where(place == length - 1, 5, 4)))
+    )
+    letters = table.letters[ids]
+    second = np.minimum(firsts + 1, count - 1)
+    word_case = np.where(letters[firsts] == 0, letters[second], letters[firsts])
+    ends, closes = table.ends_sentence[ids], table.closes[ids]
+    previous, before_that = np.maximum(firsts - 1, 0), np.maximum(firsts - 2, 0)
+    sentence_start = spaced[firsts] & (ends[previous] | (closes[previous] & ends[before_that]))
+    sentence_start[0] = True  # the document's first word
+    return ((word_case[word_of] * WORD_POSITIONS + position) * 2 + sentence_start[word_of]).astype(np.int64)
 
 
 def _letters_shape(text: str) -> int:
@@ -246,10 +315,11 @@ def load_student(path: str | Path, tokenizer: Tokenizer) -> tuple[StudentNetwork
         raise StudentError(not_a_student) from None
     except (RuntimeError, EOFError, OSError):
         raise StudentError(not_a_student) from None
-    if not isinstance(saved, dict) or saved.get("format") not in (STUDENT_FORMAT, "lacy-student-1"):
+    if not isinstance(saved, dict) or "format" not in saved or "rules" not in saved:
         raise StudentError(not_a_student)
-    if saved["format"] == "lacy-student-1":
-        saved["state"] = _taps_from_conv1d(saved["state"])
+    if saved["format"] != STUDENT_FORMAT and saved["rules"] == RULES_VERSION:
+        raise StudentError(f"{path} is a {saved['format']} file, this code reads {STUDENT_FORMAT}: "
+                           "distill the student again (lacy-stream distill-labeler)")
     if saved["rules"] != RULES_VERSION:
         raise StudentError(
             f"{path} was distilled from rules {saved['rules']}, this code runs {RULES_VERSION}: "
@@ -266,20 +336,6 @@ def load_student(path: str | Path, tokenizer: Tokenizer) -> tuple[StudentNetwork
     return network.eval(), saved
 
 
-def _taps_from_conv1d(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """A version 1 state: ``convolutions.N.weight`` ``[out, in, taps]`` becomes ``convolutions.N.mix.weight``
-    ``[out, taps x in]``."""
-    converted = {}
-    for name, value in state.items():
-        if name.startswith("convolutions."):
-            prefix, kind = name.rsplit(".", 1)
-            if kind == "weight":
-                value = value.permute(0, 2, 1).flatten(1)
-            name = f"{prefix}.mix.{kind}"
-        converted[name] = value
-    return converted
-
-
 class StudentAnnotator:
     """Labels texts with a distilled student: the network, then the document-level rules.
 
@@ -291,7 +347,7 @@ class StudentAnnotator:
         self.network = network
         self.tokenizer = tokenizer
         self.identity = identity
-        self._shapes = torch.from_numpy(piece_shapes(tokenizer))
+        self._table = piece_table(tokenizer)
 
     @classmethod
     def load(cls, path: str | Path, tokenizer: Tokenizer) -> StudentAnnotator:
@@ -330,12 +386,18 @@ class StudentAnnotator:
         gap = self.network.reach
         starts = np.cumsum([0] + [len(ids) + gap for ids in documents])
         pieces = np.zeros(starts[-1], dtype=np.int64)
+        words = np.zeros(starts[-1], dtype=np.int64)
         keep = np.zeros((1, starts[-1], 1), dtype=np.float32)
         for start, ids in zip(starts, documents):
             pieces[start : start + len(ids)] = ids
+            words[start : start + len(ids)] = word_features(ids, self._table)
             keep[0, start : start + len(ids)] = 1
-        sequence = torch.from_numpy(pieces).unsqueeze(0)
-        logits = self.network(sequence, self._shapes[sequence], torch.from_numpy(keep))
+        logits = self.network(
+            torch.from_numpy(pieces).unsqueeze(0),
+            torch.from_numpy(self._table.shapes[pieces]).unsqueeze(0),
+            torch.from_numpy(words).unsqueeze(0),
+            torch.from_numpy(keep),
+        )
         tags, base, fact = (scores[0].argmax(-1).numpy() for scores in logits)
         tags, base, fact = tags.astype(np.int8), np.asarray(BASE_CLASSES, dtype=np.int8)[base], fact.astype(bool)
         return [

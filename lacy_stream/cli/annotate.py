@@ -115,6 +115,8 @@ def add_distill_labeler_arguments(parser: argparse.ArgumentParser) -> None:
                                                   "grows with the square")
     parser.add_argument("--layers", type=int, help="dilated convolutions (default 4); each doubles the context "
                                                    "a piece sees")
+    parser.add_argument("--word-dim", type=int, help="channels of the word features (default 16; 0: none): the "
+                                                     "word's case, the piece's place in it, sentence start")
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="spaCy processes for new targets")
     parser.add_argument("--spacy-model", default=AnnotationConfig.spacy_model)
     parser.add_argument("--cache-dir", help="where spaCy's targets are kept for the next run (default: the label cache)")
@@ -138,6 +140,7 @@ def run_distill_labeler(args: argparse.Namespace) -> int:
         epochs=args.epochs,
         width=args.width or StudentConfig.width,
         layers=args.layers or StudentConfig.layers,
+        word_dim=StudentConfig.word_dim if args.word_dim is None else args.word_dim,
     )
     print(json.dumps(report))
     print(f"wrote {args.out}; use it with --annotation.labeler=student:{args.out}", file=sys.stderr)

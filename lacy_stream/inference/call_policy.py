@@ -67,6 +67,14 @@ class CallPolicy(ABC):
     def _is_call(self, logits: torch.Tensor, context_ids: Sequence[int]) -> bool: ...
 
     @property
+    def wants_prompt(self) -> bool:
+        """Whether :meth:`prime` would use the prompt's ``<CALL>`` logits (generation computes them only then)."""
+        return False
+
+    def prime(self, prompt_call_logits: Sequence[float]) -> None:
+        """The ``<CALL>`` logit at each position of the prompt, before the generation's first step."""
+
+    @property
     def call_rate(self) -> float:
         return self.calls / self.steps if self.steps else 0.0
 
@@ -179,6 +187,18 @@ class CallRateController:
         self._eligible.append(False)
         self._settle(False)
 
+    @property
+    def is_empty(self) -> bool:
+        """Whether no score has been seen yet."""
+        return not self._scores
+
+    def observe(self, scores: Sequence[float]) -> None:
+        """Scores of steps that are not decided (a prompt's) into the window, when it is still empty: the first
+        decisions of a generation then compare with a quantile instead of with only the scores before them."""
+        if self.is_empty:
+            for score in scores[-self.window :]:
+                self._remember(score)
+
     def _remember(self, score: float) -> None:
         if len(self._scores) == self.window:
             oldest = self._scores.popleft()
@@ -208,6 +228,8 @@ class CalibratedCall(CallPolicy):
     """A call when the ``<CALL>`` logit passes a running quantile steered to the ``target`` call rate.
 
     Pass one object to many generations for one budget over all of them; see :class:`CallRateController`.
+    The first generation's prompt fills the quantile's window before its first step (a short generation would
+    otherwise call at its first steps, whose window holds only themselves).
     """
 
     name = "calibrated"
@@ -223,6 +245,13 @@ class CalibratedCall(CallPolicy):
         super().__init__()
         self.call_id = call_id
         self.controller = CallRateController(target, window=window, horizon=horizon)
+
+    @property
+    def wants_prompt(self) -> bool:
+        return self.controller.is_empty
+
+    def prime(self, prompt_call_logits: Sequence[float]) -> None:
+        self.controller.observe(prompt_call_logits)
 
     def _is_call(self, logits: torch.Tensor, context_ids: Sequence[int]) -> bool:
         return self.controller.decide(float(logits[self.call_id]))

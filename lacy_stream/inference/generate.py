@@ -117,6 +117,8 @@ def generate(
     stopped_at_eos = False
     start = time.perf_counter()
     reader = _ContextReader(model, kv_cache)
+    if policy.wants_prompt:
+        policy.prime(prompt_call_logits(model, [tokenizer.eos_id, *prompt_ids], tokenizer.call_id))
     while len(new_ids) < max_new_tokens:
         logits = reader.next_token_logits([tokenizer.eos_id, *context])
         logits = penalize_repetition(logits, context, repetition_penalty)
@@ -166,6 +168,14 @@ class _ContextReader:
             return next_token_logits(self.model, ids)
         new = torch.tensor([list(ids[self.cache.length :])], device=self.model.output_weight.device)
         return self.model.logits(self.model(new, cache=self.cache)[0, -1]).float()
+
+
+def prompt_call_logits(model: Transformer, ids: Sequence[int], call_id: int) -> list[float]:
+    """The ``<CALL>`` logit where each token of ``ids`` after the first was predicted (the last
+    ``max_seq_len`` positions)."""
+    window = torch.tensor([list(ids[-model.args.max_seq_len :])], device=model.output_weight.device)
+    hidden = model(window)[0, :-1]
+    return (hidden.float() @ model.output_weight[call_id].float()).tolist()
 
 
 def next_token_logits(model: Transformer, ids: Sequence[int]) -> torch.Tensor:

@@ -396,16 +396,32 @@ class _Trainer:
         data = self.config.data
         # The workers deliver what the step consumes now; without waiting it would consume 1 / (1 - wait) times more.
         needed = math.ceil(max(data.num_workers, 1) / (1 - wait_share))
+        log.warning("the step waits for data %.0f%% of its time: %d dataloader workers per rank %s keep up with "
+                    "%.0f%% of it; %s", 100 * wait_share, data.num_workers, self._worker_tasks(),
+                    100 * (1 - wait_share), "; or ".join(self._data_wait_remedies(needed)))
+
+    def _worker_tasks(self) -> str:
+        """What the dataloader workers spend their time on, for the data-wait advice."""
         annotation = self.config.annotation
-        labeler = "a student" if student_path(annotation.labeler) else "spaCy"
-        labeling = f"labeling with {labeler}" if annotation.enabled else "reading"
-        log.warning(
-            "the step waits for data %.0f%% of its time: %d dataloader workers per rank %s keep up with %.0f%% of "
-            "it; about %d workers would feed it (data.num_workers), or a student labeler (annotation.labeler="
-            "student:PATH, ~13x spaCy per core), or the label cache of an earlier epoch (lacy-stream bench annotate "
-            "--gpu-tokens-per-s gives the cores each needs)", 100 * wait_share, data.num_workers, labeling,
-            100 * (1 - wait_share), needed,
-        )
+        tasks = []
+        if annotation.enabled:
+            tasks.append(f"labeling with {'a student' if student_path(annotation.labeler) else 'spaCy'}")
+        if self.reference is not None:
+            tasks.append("scoring with the reference model")
+        return " and ".join(tasks) or "reading"
+
+    def _data_wait_remedies(self, workers_needed: int) -> list[str]:
+        remedies = [f"about {workers_needed} workers would feed it (data.num_workers)"]
+        annotation = self.config.annotation
+        if annotation.enabled and not student_path(annotation.labeler):
+            remedies.append("a student labeler (annotation.labeler=student:PATH, ~13x spaCy per core; lacy-stream "
+                            "bench annotate --gpu-tokens-per-s gives the cores each labeler needs)")
+        if self.reference is not None:
+            remedies.append("the reference losses stored with the shards, computed once (lacy-stream annotate "
+                            "--shards ... --reference ...)")
+        if annotation.enabled or self.reference is not None:
+            remedies.append("the label cache, from the second epoch on")
+        return remedies
 
     def _warn_on_low_agreement(self, audit: dict[str, float]) -> None:
         """Once per run: the student labels this corpus unlike spaCy (judged on enough audited pieces)."""
