@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import random
+import re
 from pathlib import Path
 
 import numpy as np
@@ -326,3 +327,15 @@ def test_a_student_of_other_rules_is_refused(tokenizer_path, student, monkeypatc
 def test_an_unknown_labeler_is_refused(tokenizer_path):
     with pytest.raises(ValueError, match="'spacy' or 'student:PATH'"):
         check_annotation_config(AnnotationConfig(labeler="bert"), Tokenizer(tokenizer_path))
+
+
+def test_distill_labeler_help_states_the_defaults_it_uses(capsys):
+    from lacy_stream.annotate.distill import EPOCHS
+    from lacy_stream.annotate.student_labeler import StudentConfig
+
+    with pytest.raises(SystemExit):
+        main(["distill-labeler", "--help"])
+    help_text = " ".join(capsys.readouterr().out.split())
+    for option, default in [("epochs", EPOCHS), ("width", StudentConfig.width), ("layers", StudentConfig.layers),
+                            ("word-dim", StudentConfig.word_dim)]:
+        assert re.search(rf"--{option} \S+ .*?\(default {default}\b", help_text), option

@@ -110,7 +110,7 @@ def add_distill_labeler_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", required=True, help="the student file to write (student.pt)")
     parser.add_argument("--tokens", type=int, help="train on at most this many pieces (default: all)")
     parser.add_argument("--max-docs", type=int, default=1_000_000, help="documents per --shards source")
-    parser.add_argument("--epochs", type=int, default=6)
+    parser.add_argument("--epochs", type=int, help="passes over the training pieces (default 12)")
     parser.add_argument("--width", type=int, help="channels of the network (default 64): its time per piece "
                                                   "grows with the square")
     parser.add_argument("--layers", type=int, help="dilated convolutions (default 4); each doubles the context "
@@ -124,7 +124,7 @@ def add_distill_labeler_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run_distill_labeler(args: argparse.Namespace) -> int:
-    from ..annotate.distill import distill
+    from ..annotate.distill import EPOCHS, distill
     from ..annotate.label_cache import default_cache_dir
     from ..annotate.student_labeler import StudentConfig
 
@@ -137,7 +137,7 @@ def run_distill_labeler(args: argparse.Namespace) -> int:
         spacy_model=args.spacy_model,
         cache_dir=None if args.no_cache else (args.cache_dir or default_cache_dir()),
         workers=args.workers,
-        epochs=args.epochs,
+        epochs=args.epochs or EPOCHS,
         width=args.width or StudentConfig.width,
         layers=args.layers or StudentConfig.layers,
         word_dim=StudentConfig.word_dim if args.word_dim is None else args.word_dim,
