@@ -51,7 +51,8 @@ def test_bench_loss_table_has_every_case_at_its_vocabulary_rows(capsys):
             continue
         assert device == "cpu float32"
         assert int(vocab_rows) == (padded_rows if LOSS_CASES[case].padded else 200), case
-        assert float(ms) > 0 and float(x_floor) > 0, case
+        # A time of a few hundredths of a millisecond over a floor slowed by a busy machine prints as "0.0".
+        assert float(ms) > 0 and float(x_floor) >= 0, case
     assert next(row for row in rows if row[0] == FLOOR)[6] == "1.0"
 
 
