@@ -554,7 +554,7 @@ def plot_trajectories(comparison: Comparison, path: Path) -> bool:
             called.plot(trajectory.steps, trajectory.facts_called, color=color, label=run.name)
     losses.set(xlabel="step", ylabel="mean loss, <CALL> excluded (nats)", title="Probe windows: loss of the targets")
     losses.legend(fontsize=8)
-    called.set(xlabel="step", ylabel="share of fact targets", ylim=(0, 1), title="Fact targets among the model's calls")
+    called.set(xlabel="step", ylabel="share of fact targets", ylim=(0, 1), title="Share of the fact targets the model calls")
     if called.lines:
         called.legend(fontsize=8)
     figure.savefig(path, dpi=100)
