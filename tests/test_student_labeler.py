@@ -166,6 +166,23 @@ def student(tmp_path_factory, tokenizer_path) -> tuple[str, dict]:
     return str(path), report
 
 
+def test_a_student_without_word_features_trains_loads_and_labels(tmp_path, tokenizer_path, monkeypatch):
+    rng = random.Random(6)
+    source = tmp_path / "docs.jsonl"
+    source.write_text("".join(json.dumps({"id": i, "text": synthetic_text(rng, 4)}) + "\n" for i in range(12)))
+    path = tmp_path / "student.pt"
+    distill([str(source)], tokenizer_path, path, max_docs=12, max_pieces=None, cache_dir=None, epochs=1, word_dim=0)
+
+    def unused(*args):
+        raise AssertionError("word features computed for a network without them")
+
+    monkeypatch.setattr(student_labeler, "word_features", unused)
+    annotator = student_labeler.StudentAnnotator.load(path, Tokenizer(tokenizer_path))
+    assert annotator.network.words is None
+    text = synthetic_text(rng, 3)
+    assert len(annotator.label_text(text).classes) == len(Tokenizer(tokenizer_path).encode(text))
+
+
 def test_distillation_reports_agreement_with_the_teacher(student):
     _, report = student
     assert report["documents"] == 40 and report["training_pieces"] > 1000

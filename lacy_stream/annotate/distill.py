@@ -164,12 +164,14 @@ def split_held_out(texts: list[str]) -> tuple[list[int], list[int]]:
 
 
 def _windows(
-    targets: list[dict[str, np.ndarray]], table: PieceTable, max_pieces: int | None
+    targets: list[dict[str, np.ndarray]], table: PieceTable | None, max_pieces: int | None
 ) -> list[dict[str, np.ndarray]]:
-    """Windows of ``WINDOW`` pieces, each with its word features (found over the whole document)."""
+    """Windows of ``WINDOW`` pieces; with a ``table``, each with its word features (found over the whole
+    document)."""
     windows, total = [], 0
     for document in targets:
-        document = {**document, "words": word_features(document["tokens"], table)}
+        if table is not None:
+            document = {**document, "words": word_features(document["tokens"], table)}
         for start in range(0, len(document["tokens"]), WINDOW):
             window = {name: column[start : start + WINDOW] for name, column in document.items()}
             if max_pieces is not None and total + len(window["tokens"]) > max_pieces:
@@ -179,7 +181,9 @@ def _windows(
     return windows
 
 
-def _batch(windows: list[dict[str, np.ndarray]], shapes: torch.Tensor, device: torch.device) -> dict[str, torch.Tensor]:
+def _batch(
+    windows: list[dict[str, np.ndarray]], shapes: torch.Tensor, device: torch.device
+) -> dict[str, torch.Tensor | None]:
     length = max(len(w["tokens"]) for w in windows)
 
     def padded(name: str, fill: int, convert=lambda column: column) -> torch.Tensor:
@@ -192,7 +196,7 @@ def _batch(windows: list[dict[str, np.ndarray]], shapes: torch.Tensor, device: t
     return {
         "pieces": pieces,
         "shapes": shapes[pieces],
-        "words": padded("words", 0),
+        "words": padded("words", 0) if "words" in windows[0] else None,
         "span_tag": padded("span_tag", IGNORED),
         "base_class": padded("base_class", IGNORED, lambda column: column == BASE_CLASSES[1]),
         "fact_if_first": padded("fact_if_first", IGNORED),
@@ -220,7 +224,7 @@ def train_student(
     network = StudentNetwork(config).to(target_device)
     table = piece_table(tokenizer)
     shapes = torch.from_numpy(table.shapes).to(target_device)
-    windows = _windows(targets, table, max_pieces)
+    windows = _windows(targets, table if word_dim else None, max_pieces)
     if not windows:
         raise ValueError("no training pieces: give more documents")
     steps = epochs * math.ceil(len(windows) / batch_windows)

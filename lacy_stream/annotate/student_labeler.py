@@ -88,10 +88,15 @@ class StudentNetwork(nn.Module):
         return max(convolution.reach for convolution in self.convolutions)
 
     def forward(
-        self, pieces: torch.Tensor, shapes: torch.Tensor, words: torch.Tensor, keep: torch.Tensor | None = None
+        self,
+        pieces: torch.Tensor,
+        shapes: torch.Tensor,
+        words: torch.Tensor | None,
+        keep: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """``[batch, length]`` piece ids, shape codes (:attr:`PieceTable.shapes`) and word-feature codes
-        (:func:`word_features`) -> logits ``[batch, length, 5]`` (span tag), ``[.., 2]`` (base), ``[.., 2]`` (fact).
+        (:func:`word_features`; None for a network without them, ``word_dim`` 0) -> logits ``[batch, length, 5]``
+        (span tag), ``[.., 2]`` (base), ``[.., 2]`` (fact).
 
         ``keep`` (``[batch, length, 1]``, 0 or 1) zeroes positions before every convolution: a run of at least
         :attr:`reach` zeroed positions between two documents makes each see the other as "same" padding."""
@@ -317,14 +322,14 @@ def load_student(path: str | Path, tokenizer: Tokenizer) -> tuple[StudentNetwork
         raise StudentError(not_a_student) from None
     if not isinstance(saved, dict) or "format" not in saved or "rules" not in saved:
         raise StudentError(not_a_student)
-    if saved["format"] != STUDENT_FORMAT and saved["rules"] == RULES_VERSION:
-        raise StudentError(f"{path} is a {saved['format']} file, this code reads {STUDENT_FORMAT}: "
-                           "distill the student again (lacy-stream distill-labeler)")
     if saved["rules"] != RULES_VERSION:
         raise StudentError(
             f"{path} was distilled from rules {saved['rules']}, this code runs {RULES_VERSION}: "
             "distill the student again (lacy-stream distill-labeler)"
         )
+    if saved["format"] != STUDENT_FORMAT:
+        raise StudentError(f"{path} is a {saved['format']} file, this code reads {STUDENT_FORMAT}: "
+                           "distill the student again (lacy-stream distill-labeler)")
     digest = file_digest(tokenizer.model_path)
     if saved["tokenizer"] != digest:
         raise StudentError(
@@ -386,16 +391,18 @@ class StudentAnnotator:
         gap = self.network.reach
         starts = np.cumsum([0] + [len(ids) + gap for ids in documents])
         pieces = np.zeros(starts[-1], dtype=np.int64)
+        with_words = self.network.words is not None
         words = np.zeros(starts[-1], dtype=np.int64)
         keep = np.zeros((1, starts[-1], 1), dtype=np.float32)
         for start, ids in zip(starts, documents):
             pieces[start : start + len(ids)] = ids
-            words[start : start + len(ids)] = word_features(ids, self._table)
+            if with_words:
+                words[start : start + len(ids)] = word_features(ids, self._table)
             keep[0, start : start + len(ids)] = 1
         logits = self.network(
             torch.from_numpy(pieces).unsqueeze(0),
             torch.from_numpy(self._table.shapes[pieces]).unsqueeze(0),
-            torch.from_numpy(words).unsqueeze(0),
+            torch.from_numpy(words).unsqueeze(0) if with_words else None,
             torch.from_numpy(keep),
         )
         tags, base, fact = (scores[0].argmax(-1).numpy() for scores in logits)

@@ -173,15 +173,18 @@ class _ContextReader:
 def prompt_call_logits(model: Transformer, ids: Sequence[int], call_id: int) -> list[float]:
     """The ``<CALL>`` logit where each token of ``ids`` after the first was predicted (the last
     ``max_seq_len`` positions)."""
-    window = torch.tensor([list(ids[-model.args.max_seq_len :])], device=model.output_weight.device)
-    hidden = model(window)[0, :-1]
+    hidden = model(_context_window(model, ids))[0, :-1]
     return (hidden.float() @ model.output_weight[call_id].float()).tolist()
 
 
 def next_token_logits(model: Transformer, ids: Sequence[int]) -> torch.Tensor:
     """Full-vocabulary float logits [vocab_size] after ``ids``, seen through the model's context window."""
-    window = torch.tensor([list(ids[-model.args.max_seq_len :])], device=model.output_weight.device)
-    return model.logits(model(window)[0, -1]).float()
+    return model.logits(model(_context_window(model, ids))[0, -1]).float()
+
+
+def _context_window(model: Transformer, ids: Sequence[int]) -> torch.Tensor:
+    """``[1, T]``: the last ``max_seq_len`` ids on the model's device."""
+    return torch.tensor([list(ids[-model.args.max_seq_len :])], device=model.output_weight.device)
 
 
 def penalize_repetition(logits: torch.Tensor, seen_ids: Sequence[int], penalty: float) -> torch.Tensor:
