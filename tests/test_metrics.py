@@ -121,6 +121,7 @@ def test_wandb_mirrors_the_records_offline_and_a_resumed_run_continues_its_wandb
         time.sleep(0.2)  # wandb's service process may still be writing the records after finish()
     assert [key for key in wanted if key not in offline.read_bytes()] == []
     assert list(offline.parent.glob("files/media/html/val/sample_0_*.html"))
+    time.sleep(1.1)  # wandb names an offline run's directory by the second it started in
     with MetricsLogger(run_dir, enabled_tensorboard=False, config=tracking, start_step=1) as logger:
         logger.log(2, {"loss": 3.0})
     assert (run_dir / "wandb-run-id").read_text().strip() == run_id
