@@ -66,14 +66,21 @@ def test_mention_text_is_sliced_from_the_text_as_utf8_byte_offsets_say():
     assert student_labeler._byte_slices(text, np.array([0, 12]), np.array([7, 16])) == ["Zürich", "Jos\ufffd"]
 
 
-def test_the_convolution_as_one_matrix_product_equals_conv1d():
+@pytest.mark.parametrize("length, dilation", [(11, 4), (3, 4), (1, 1)])  # shifts within, past and at the length
+def test_the_convolution_as_one_matrix_product_equals_conv1d_and_so_do_its_gradients(length, dilation):
     torch.manual_seed(0)
-    convolution = student_labeler.DilatedConvolution(width=8, kernel=3, dilation=4)
-    hidden = torch.randn(2, 11, 8)
+    convolution = student_labeler.DilatedConvolution(width=8, kernel=3, dilation=dilation)
+    hidden = torch.randn(2, length, 8, requires_grad=True)
     weight = convolution.mix.weight.reshape(8, 3, 8).permute(0, 2, 1)  # [out, in, taps]
     expected = torch.nn.functional.conv1d(hidden.transpose(1, 2), weight, convolution.mix.bias, padding="same",
-                                          dilation=4).transpose(1, 2)
-    torch.testing.assert_close(convolution(hidden), expected)
+                                          dilation=dilation).transpose(1, 2)
+    output = convolution(hidden)
+    torch.testing.assert_close(output, expected)
+    upstream = torch.randn_like(output)
+    gradients = torch.autograd.grad(output, [hidden, convolution.mix.weight], upstream)
+    expected_gradients = torch.autograd.grad(expected, [hidden, convolution.mix.weight], upstream)
+    for gradient, expected_gradient in zip(gradients, expected_gradients):
+        torch.testing.assert_close(gradient, expected_gradient)
 
 
 def test_documents_labeled_together_are_labeled_as_if_alone(tokenizer_path, student, monkeypatch):

@@ -125,10 +125,19 @@ class DilatedConvolution(nn.Module):
         self.mix = nn.Linear(kernel * width, width)  # input features tap by tap
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        length = hidden.shape[1]
-        padded = torch.nn.functional.pad(hidden, (0, 0, self.reach, self.reach))
-        taps = [padded[:, tap * self.dilation : tap * self.dilation + length] for tap in range(self.kernel)]
-        return self.mix(torch.cat(taps, dim=-1))
+        batch, length, width = hidden.shape
+        # The shifted inputs are written straight into the matrix product's input (a pad and a concatenation
+        # would copy them twice); only the ends a shift leaves uncovered are zeroed.
+        taps = hidden.new_empty(batch, length, self.kernel * width)
+        for tap in range(self.kernel):
+            shift = tap * self.dilation - self.reach
+            columns = slice(tap * width, (tap + 1) * width)
+            begin, end = max(0, -shift), min(length, length - shift)
+            taps[:, :begin, columns] = 0
+            taps[:, max(begin, end) :, columns] = 0
+            if begin < end:
+                taps[:, begin:end, columns] = hidden[:, begin + shift : end + shift]
+        return self.mix(taps)
 
 
 @dataclass(frozen=True)
