@@ -14,6 +14,7 @@ import torch
 from helpers import make_corpus, synthetic_text
 
 from lacy_stream.annotate import annotation, student_labeler
+from lacy_stream.annotate import distill as distill_module
 from lacy_stream.annotate.annotate_shards import annotate_shards
 from lacy_stream.annotate.distill import distill
 from lacy_stream.annotate.labeling import Audit, DocumentLabeler, audit_figures, build_annotator
@@ -108,6 +109,24 @@ def test_a_student_file_of_an_earlier_format_is_refused_with_what_to_do(tmp_path
         student_labeler.StudentAnnotator.load(old, Tokenizer(tokenizer_path))
 
 
+def test_a_student_file_of_the_previous_format_still_labels(tmp_path, tokenizer_path):
+    rng = random.Random(8)
+    source = tmp_path / "docs.jsonl"
+    source.write_text("".join(json.dumps({"id": i, "text": synthetic_text(rng, 4)}) + "\n" for i in range(12)))
+    path = tmp_path / "student.pt"
+    report = distill([str(source)], tokenizer_path, path, max_docs=12, max_pieces=None, cache_dir=None, epochs=1,
+                     known_words=0)
+    assert report["held_out"]["pieces"] > 0 or report["held_out"]["agreement"] is None  # none held out: no figure
+    saved = torch.load(path, weights_only=True)
+    config = {name: value for name, value in saved["config"].items() if name != "known_words"}
+    previous = tmp_path / "previous.pt"
+    torch.save({**saved, "format": "lacy-student-3", "config": config}, previous)
+    text = synthetic_text(rng, 3)
+    labels = [student_labeler.StudentAnnotator.load(file, Tokenizer(tokenizer_path)).label_text(text).classes
+              for file in (path, previous)]
+    np.testing.assert_array_equal(*labels)
+
+
 class _Pieces:
     """A tokenizer's piece table over a hand-written vocabulary (id 0 is the unknown piece)."""
 
@@ -159,6 +178,50 @@ def test_word_features_find_words_their_pieces_and_sentence_starts():
         (upper, alone, False),
     ]
     assert student_labeler.word_features(np.array([], dtype=np.int64), table).shape == (0,)
+
+
+def test_word_hashes_name_a_word_by_its_pieces_wherever_it_stands():
+    vocabulary = _Pieces(["\u2581inter", "nation", "al", "\u2581of", "\u2581nation", ",", "\u2581al"])
+    table = student_labeler.piece_table(vocabulary)
+    ids = vocabulary.ids("\u2581inter", "nation", "al", "\u2581of", "\u2581inter", "nation", "al", ",",
+                         "\u2581nation", "\u2581al", "\u2581inter", "nation")
+    hashes = student_labeler.word_hashes(ids, table).tolist()
+    international, of, comma, nation, al, inter_nation = hashes[0], hashes[3], hashes[7], hashes[8], hashes[9], hashes[10]
+    assert hashes[:3] == [international] * 3 and hashes[4:7] == [international] * 3  # all its pieces, both times
+    assert hashes[11] == inter_nation
+    # Other words, the same pieces in other words or places included, hash otherwise.
+    assert len({international, of, comma, nation, al, inter_nation}) == 6
+    assert student_labeler.word_hashes(np.array([], dtype=np.int64), table).shape == (0,)
+
+
+def test_the_known_words_are_the_most_frequent_seen_often_enough():
+    vocabulary = _Pieces(["\u2581the", "\u2581cat", "\u2581dog", "\u2581emu"])
+    table = student_labeler.piece_table(vocabulary)
+    times = {"\u2581the": 30, "\u2581cat": 20, "\u2581dog": distill_module.KNOWN_WORD_MIN_COUNT,
+             "\u2581emu": distill_module.KNOWN_WORD_MIN_COUNT - 1}
+    documents = [vocabulary.ids(*[piece for piece, count in times.items() if count > i]) for i in range(30)]
+    hash_of = {piece: student_labeler.word_hashes(vocabulary.ids(piece), table)[0] for piece in times}
+    assert distill_module.frequent_words(documents, table, 2).tolist() == sorted([hash_of["\u2581the"], hash_of["\u2581cat"]])
+    assert set(distill_module.frequent_words(documents, table, 10).tolist()) == {
+        hash_of[piece] for piece in ["\u2581the", "\u2581cat", "\u2581dog"]}
+
+
+def test_a_student_knowing_words_by_identity_trains_loads_and_labels_documents_as_if_alone(tmp_path, tokenizer_path):
+    rng = random.Random(7)
+    source = tmp_path / "docs.jsonl"
+    source.write_text("".join(json.dumps({"id": i, "text": synthetic_text(rng, 4)}) + "\n" for i in range(12)))
+    path = tmp_path / "student.pt"
+    distill([str(source)], tokenizer_path, path, max_docs=12, max_pieces=None, cache_dir=None, epochs=1,
+            known_words=50)
+    annotator = student_labeler.StudentAnnotator.load(path, Tokenizer(tokenizer_path))
+    network = annotator.network
+    assert 0 < network.config.known_words <= 50 and network.word_identities.num_embeddings == network.config.known_words + 1
+    known = network.known_words.numpy()
+    assert network.identities_of(known).tolist() == list(range(1, len(known) + 1))
+    assert network.identities_of(np.setdiff1d(np.arange(-5, 5), known)).tolist() == [0] * 10  # unknown words
+    texts = [synthetic_text(rng, 3) for _ in range(3)]
+    for text, labels in zip(texts, annotator.annotate(texts)):
+        assert np.array_equal(labels.classes, annotator.label_text(text).classes)
 
 
 @pytest.fixture(scope="module")
@@ -354,12 +417,12 @@ def test_an_unknown_labeler_is_refused(tokenizer_path):
 
 
 def test_distill_labeler_help_states_the_defaults_it_uses(capsys):
-    from lacy_stream.annotate.distill import EPOCHS
+    from lacy_stream.annotate.distill import EPOCHS, KNOWN_WORDS
     from lacy_stream.annotate.student_labeler import StudentConfig
 
     with pytest.raises(SystemExit):
         main(["distill-labeler", "--help"])
     help_text = " ".join(capsys.readouterr().out.split())
     for option, default in [("epochs", EPOCHS), ("width", StudentConfig.width), ("layers", StudentConfig.layers),
-                            ("word-dim", StudentConfig.word_dim)]:
+                            ("word-dim", StudentConfig.word_dim), ("known-words", KNOWN_WORDS)]:
         assert re.search(rf"--{option} \S+ .*?\(default {default}\b", help_text), option

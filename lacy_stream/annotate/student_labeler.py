@@ -50,21 +50,27 @@ WORD_FEATURES = WORD_CASES * WORD_POSITIONS * 2
 """Codes of :func:`word_features`: the word's case, the piece's place in it, whether the word starts a sentence."""
 BATCH_PIECES = 8192
 """Pieces the network labels in one call (documents are not split; a longer one runs alone)."""
-STUDENT_FORMAT = "lacy-student-3"
-"""Version 3 adds the word features; students of earlier versions were distilled from rules lacy-rules-1."""
+STUDENT_FORMAT = "lacy-student-4"
+"""Version 4 adds the known words; 3 (read too: no known words) the word features; students of earlier versions
+were distilled from rules lacy-rules-1."""
+READABLE_FORMATS = ("lacy-student-3", STUDENT_FORMAT)
 
 
 @dataclass
 class StudentConfig:
-    """The network's size: piece, piece-shape and word-feature embeddings, then dilated convolutions (the
-    receptive field doubles with each layer). ``word_dim`` 0 leaves the word features out."""
+    """The network's size: piece, piece-shape and word-feature embeddings (plus, for the known words, an
+    embedding of the word's identity), then dilated convolutions (the receptive field doubles with each layer).
+    ``word_dim`` 0 leaves the word features out."""
 
     num_pieces: int
-    width: int = 64
+    width: int = 96
     layers: int = 4
     kernel: int = 3
     shape_dim: int = 16
     word_dim: int = 16
+    known_words: int = 0
+    """Words the network knows by identity (its training's most frequent; the others share one embedding),
+    added to their pieces' embeddings; 0 leaves word identities out."""
 
 
 class StudentNetwork(nn.Module):
@@ -76,11 +82,23 @@ class StudentNetwork(nn.Module):
         self.pieces = nn.Embedding(config.num_pieces, config.width - config.shape_dim - config.word_dim)
         self.shapes = nn.Embedding(SHAPES, config.shape_dim)
         self.words = nn.Embedding(WORD_FEATURES, config.word_dim) if config.word_dim else None
+        self.word_identities = None
+        if config.known_words:
+            piece_dim = config.width - config.shape_dim - config.word_dim
+            self.word_identities = nn.Embedding(config.known_words + 1, piece_dim)
+            self.register_buffer("known_words", torch.zeros(config.known_words, dtype=torch.int64))
         self.convolutions = nn.ModuleList(
             DilatedConvolution(config.width, config.kernel, dilation=2**layer) for layer in range(config.layers)
         )
         self.norms = nn.ModuleList(nn.LayerNorm(config.width) for _ in range(config.layers))
         self.head = nn.Linear(config.width, SPAN_TAGS + 2 + 2)
+
+    def identities_of(self, hashes: np.ndarray) -> np.ndarray:
+        """Word identities of pieces from their :func:`word_hashes`: 1 + the word's place among the known
+        words, 0 for any other word."""
+        known = self.known_words.numpy()
+        places = np.minimum(np.searchsorted(known, hashes), len(known) - 1)
+        return np.where(known[places] == hashes, places + 1, 0)
 
     @property
     def reach(self) -> int:
@@ -93,14 +111,19 @@ class StudentNetwork(nn.Module):
         shapes: torch.Tensor,
         words: torch.Tensor | None,
         keep: torch.Tensor | None = None,
+        identities: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """``[batch, length]`` piece ids, shape codes (:attr:`PieceTable.shapes`) and word-feature codes
-        (:func:`word_features`; None for a network without them, ``word_dim`` 0) -> logits ``[batch, length, 5]``
+        (:func:`word_features`; None for a network without them, ``word_dim`` 0) and, for a network with
+        ``known_words``, the pieces' word identities (:meth:`identities_of`) -> logits ``[batch, length, 5]``
         (span tag), ``[.., 2]`` (base), ``[.., 2]`` (fact).
 
         ``keep`` (``[batch, length, 1]``, 0 or 1) zeroes positions before every convolution: a run of at least
         :attr:`reach` zeroed positions between two documents makes each see the other as "same" padding."""
-        inputs = [self.pieces(pieces), self.shapes(shapes)]
+        embedded = self.pieces(pieces)
+        if self.word_identities is not None:
+            embedded = embedded + self.word_identities(identities)
+        inputs = [embedded, self.shapes(shapes)]
         if self.words is not None:
             inputs.append(self.words(words))
         hidden = torch.cat(inputs, dim=-1)
@@ -194,14 +217,9 @@ def word_features(ids: np.ndarray, table: PieceTable) -> np.ndarray:
     count = len(ids)
     if count == 0:
         return np.zeros(0, dtype=np.int64)
-    punctuation, spaced = table.punctuation[ids], table.spaced[ids]
-    starts = spaced | punctuation
-    starts[1:] |= punctuation[:-1] & ~punctuation[1:]
-    starts[0] = True
-    firsts = np.flatnonzero(starts)
-    word_of = np.cumsum(starts) - 1
-    lengths = np.diff(np.append(firsts, count))
-    length, place = lengths[word_of], np.arange(count) - firsts[word_of]
+    spaced = table.spaced[ids]
+    firsts, word_of, place = find_words(ids, table)
+    length = np.diff(np.append(firsts, count))[word_of]
     position = np.where(
         length == 1, 0, np.where(length == 2, 1 + place, np.where(place == 0, 3, np.where(place == length - 1, 5, 4)))
     )
@@ -213,6 +231,39 @@ def word_features(ids: np.ndarray, table: PieceTable) -> np.ndarray:
     sentence_start = spaced[firsts] & (ends[previous] | (closes[previous] & ends[before_that]))
     sentence_start[0] = True  # the document's first word
     return ((word_case[word_of] * WORD_POSITIONS + position) * 2 + sentence_start[word_of]).astype(np.int64)
+
+
+def find_words(ids: np.ndarray, table: PieceTable) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The words of a document's pieces: each word's first piece, each piece's word and its place in it. Words
+    start at a "▁" piece, and punctuation stands alone, roughly as spaCy splits them."""
+    punctuation = table.punctuation[ids]
+    starts = table.spaced[ids] | punctuation
+    starts[1:] |= punctuation[:-1] & ~punctuation[1:]
+    starts[0] = True
+    firsts = np.flatnonzero(starts)
+    word_of = np.cumsum(starts) - 1
+    return firsts, word_of, np.arange(len(ids)) - firsts[word_of]
+
+
+def _mix(values: np.ndarray) -> np.ndarray:
+    """SplitMix64's finalizer: 64-bit values to well-spread 64-bit values (uint64 arithmetic wraps)."""
+    values = values * np.uint64(0x9E3779B97F4A7C15)
+    values = (values ^ (values >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    values = (values ^ (values >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    return values ^ (values >> np.uint64(31))
+
+
+_PLACE_FACTORS = _mix(np.arange(1, 33, dtype=np.uint64)) | np.uint64(1)
+
+
+def word_hashes(ids: np.ndarray, table: PieceTable) -> np.ndarray:
+    """Per piece of one document, a 64-bit hash of the pieces of its word (:func:`find_words`): the same word
+    gets the same hash wherever it stands."""
+    if len(ids) == 0:
+        return np.zeros(0, dtype=np.int64)
+    firsts, word_of, place = find_words(ids, table)
+    terms = (ids.astype(np.uint64) + np.uint64(1)) * _PLACE_FACTORS[np.minimum(place, len(_PLACE_FACTORS) - 1)]
+    return np.add.reduceat(terms, firsts)[word_of].view(np.int64)
 
 
 def _letters_shape(text: str) -> int:
@@ -336,8 +387,8 @@ def load_student(path: str | Path, tokenizer: Tokenizer) -> tuple[StudentNetwork
             f"{path} was distilled from rules {saved['rules']}, this code runs {RULES_VERSION}: "
             "distill the student again (lacy-stream distill-labeler)"
         )
-    if saved["format"] != STUDENT_FORMAT:
-        raise StudentError(f"{path} is a {saved['format']} file, this code reads {STUDENT_FORMAT}: "
+    if saved["format"] not in READABLE_FORMATS:
+        raise StudentError(f"{path} is a {saved['format']} file, this code reads {' and '.join(READABLE_FORMATS)}: "
                            "distill the student again (lacy-stream distill-labeler)")
     digest = file_digest(tokenizer.model_path)
     if saved["tokenizer"] != digest:
@@ -403,16 +454,22 @@ class StudentAnnotator:
         with_words = self.network.words is not None
         words = np.zeros(starts[-1], dtype=np.int64)
         keep = np.zeros((1, starts[-1], 1), dtype=np.float32)
+        with_identities = self.network.word_identities is not None
+        hashes = np.zeros(starts[-1], dtype=np.int64)
         for start, ids in zip(starts, documents):
             pieces[start : start + len(ids)] = ids
             if with_words:
                 words[start : start + len(ids)] = word_features(ids, self._table)
+            if with_identities:
+                hashes[start : start + len(ids)] = word_hashes(ids, self._table)
             keep[0, start : start + len(ids)] = 1
+        identities = self.network.identities_of(hashes) if with_identities else None
         logits = self.network(
             torch.from_numpy(pieces).unsqueeze(0),
             torch.from_numpy(self._table.shapes[pieces]).unsqueeze(0),
             torch.from_numpy(words).unsqueeze(0) if with_words else None,
             torch.from_numpy(keep),
+            torch.from_numpy(identities).unsqueeze(0) if with_identities else None,
         )
         tags, base, fact = (scores[0].argmax(-1).numpy() for scores in logits)
         tags, base, fact = tags.astype(np.int8), np.asarray(BASE_CLASSES, dtype=np.int8)[base], fact.astype(bool)
