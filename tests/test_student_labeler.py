@@ -216,7 +216,7 @@ def test_a_student_knowing_words_by_identity_trains_loads_and_labels_documents_a
     annotator = student_labeler.StudentAnnotator.load(path, Tokenizer(tokenizer_path))
     network = annotator.network
     assert 0 < network.config.known_words <= 50 and network.word_identities.num_embeddings == network.config.known_words + 1
-    known = network.known_words.numpy()
+    known = network.known_word_hashes.numpy()
     assert network.identities_of(known).tolist() == list(range(1, len(known) + 1))
     assert network.identities_of(np.setdiff1d(np.arange(-5, 5), known)).tolist() == [0] * 10  # unknown words
     texts = [synthetic_text(rng, 3) for _ in range(3)]
@@ -426,3 +426,16 @@ def test_distill_labeler_help_states_the_defaults_it_uses(capsys):
     for option, default in [("epochs", EPOCHS), ("width", StudentConfig.width), ("layers", StudentConfig.layers),
                             ("word-dim", StudentConfig.word_dim), ("known-words", KNOWN_WORDS)]:
         assert re.search(rf"--{option} \S+ .*?\(default {default}\b", help_text), option
+
+
+@pytest.mark.parametrize("option, value", [("--known-words", "-1"), ("--epochs", "0"), ("--width", "wide")])
+def test_distill_labeler_refuses_counts_out_of_range(option, value, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["distill-labeler", "--shards", "x.jsonl", "--tokenizer", "t.model", "--out", "s.pt", option, value])
+    assert exit_info.value.code == 2
+    assert f"{value} is not a whole number of at least" in capsys.readouterr().err
+
+
+def test_a_width_without_channels_for_the_pieces_is_refused():
+    with pytest.raises(ValueError, match="width 32 has no channels left for its pieces"):
+        student_labeler.StudentConfig(num_pieces=10, width=32)

@@ -255,7 +255,7 @@ def train_student(
                            known_words=len(vocabulary))
     network = StudentNetwork(config)
     if len(vocabulary):
-        network.known_words.copy_(torch.from_numpy(vocabulary))
+        network.known_word_hashes.copy_(torch.from_numpy(vocabulary))
         log.info("the student knows %d words by identity (each seen at least %d times)", len(vocabulary),
                  KNOWN_WORD_MIN_COUNT)
     windows = _windows(targets, table, network, max_pieces)

@@ -72,6 +72,11 @@ class StudentConfig:
     """Words the network knows by identity (its training's most frequent; the others share one embedding),
     added to their pieces' embeddings; 0 leaves word identities out."""
 
+    def __post_init__(self) -> None:
+        if self.width <= self.shape_dim + self.word_dim:
+            raise ValueError(f"a student of width {self.width} has no channels left for its pieces after "
+                             f"{self.shape_dim} of shape and {self.word_dim} of word features: give a larger width")
+
 
 class StudentNetwork(nn.Module):
     """Pieces, their shapes and word features -> span tag, base class and "fact if first" logits per piece."""
@@ -86,7 +91,7 @@ class StudentNetwork(nn.Module):
         if config.known_words:
             piece_dim = config.width - config.shape_dim - config.word_dim
             self.word_identities = nn.Embedding(config.known_words + 1, piece_dim)
-            self.register_buffer("known_words", torch.zeros(config.known_words, dtype=torch.int64))
+            self.register_buffer("known_word_hashes", torch.zeros(config.known_words, dtype=torch.int64))
         self.convolutions = nn.ModuleList(
             DilatedConvolution(config.width, config.kernel, dilation=2**layer) for layer in range(config.layers)
         )
@@ -96,7 +101,7 @@ class StudentNetwork(nn.Module):
     def identities_of(self, hashes: np.ndarray) -> np.ndarray:
         """Word identities of pieces from their :func:`word_hashes`: 1 + the word's place among the known
         words, 0 for any other word."""
-        known = self.known_words.numpy()
+        known = self.known_word_hashes.numpy()
         places = np.minimum(np.searchsorted(known, hashes), len(known) - 1)
         return np.where(known[places] == hashes, places + 1, 0)
 

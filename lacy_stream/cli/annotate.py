@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 from ..config.job_config import AnnotationConfig, DataConfig
-from .arguments import add_max_skip_ratio, add_url_options, stream_options_from_arguments
+from .arguments import add_max_skip_ratio, add_url_options, count, positive_count, stream_options_from_arguments
 from .exit_status import UsageError
 
 
@@ -108,17 +108,17 @@ def add_distill_labeler_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--shards", action="append", required=True, help="shard URL spec or jsonl file; repeatable")
     parser.add_argument("--tokenizer", required=True, help="the SentencePiece model the student labels pieces of")
     parser.add_argument("--out", required=True, help="the student file to write (student.pt)")
-    parser.add_argument("--tokens", type=int, help="train on at most this many pieces (default: all)")
+    parser.add_argument("--tokens", type=positive_count, help="train on at most this many pieces (default: all)")
     parser.add_argument("--max-docs", type=int, default=1_000_000, help="documents per --shards source")
-    parser.add_argument("--epochs", type=int, help="passes over the training pieces (default 12)")
-    parser.add_argument("--width", type=int, help="channels of the network (default 96; 64 is ~25%% faster and agrees "
+    parser.add_argument("--epochs", type=positive_count, help="passes over the training pieces (default 12)")
+    parser.add_argument("--width", type=positive_count, help="channels of the network (default 96; 64 is ~25%% faster and agrees "
                                                   "with spaCy 0.2 points less): its time per piece "
                                                   "grows with the square")
-    parser.add_argument("--layers", type=int, help="dilated convolutions (default 4); each doubles the context "
+    parser.add_argument("--layers", type=positive_count, help="dilated convolutions (default 4); each doubles the context "
                                                    "a piece sees")
-    parser.add_argument("--word-dim", type=int, help="channels of the word features (default 16; 0: none): the "
+    parser.add_argument("--word-dim", type=count, help="channels of the word features (default 16; 0: none): the "
                                                      "word's case, the piece's place in it, sentence start")
-    parser.add_argument("--known-words", type=int, help="words the network knows by identity: the most frequent "
+    parser.add_argument("--known-words", type=count, help="words the network knows by identity: the most frequent "
                                                         "of its training, each seen 10 times or more (default "
                                                         "32768; 0: none)")
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="spaCy processes for new targets")

@@ -42,6 +42,26 @@ def add_max_skip_ratio(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def positive_count(text: str) -> int:
+    """An argparse type: a whole number of at least 1."""
+    return _count(text, 1)
+
+
+def count(text: str) -> int:
+    """An argparse type: a whole number of at least 0."""
+    return _count(text, 0)
+
+
+def _count(text: str, least: int) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = least - 1
+    if value < least:
+        raise argparse.ArgumentTypeError(f"{text} is not a whole number of at least {least}")
+    return value
+
+
 def _share(text: str) -> float:
     value = float(text)
     if not 0 <= value <= 1:
