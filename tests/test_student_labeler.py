@@ -15,6 +15,7 @@ from helpers import make_corpus, synthetic_text
 
 from lacy_stream.annotate import annotation, student_labeler
 from lacy_stream.annotate import distill as distill_module
+from lacy_stream.annotate.alignment import encode_with_offsets
 from lacy_stream.annotate.annotate_shards import annotate_shards
 from lacy_stream.annotate.distill import distill
 from lacy_stream.annotate.labeling import Audit, DocumentLabeler, audit_figures, build_annotator
@@ -253,6 +254,38 @@ def test_a_student_without_word_features_trains_loads_and_labels(tmp_path, token
     assert len(annotator.label_text(text).classes) == len(Tokenizer(tokenizer_path).encode(text))
 
 
+def test_auxiliary_targets_give_each_piece_the_spacy_labels_of_the_word_it_ends_in(tokenizer_path):
+    annotator = annotation.FactAnnotator()
+    codes = distill_module.AuxiliaryCodes(annotator.nlp)
+    text = "Marie Curie was born in Warsaw in 1867.\n\nShe studied  physics."
+    (words, mentions, auxiliary), = annotator.annotate([text], rules=lambda doc: (*annotation.local_labels(doc), codes(doc)))
+    tokenizer = Tokenizer(tokenizer_path)
+    targets = distill_module.piece_targets(tokenizer, text, words, mentions, auxiliary)
+    labels = {name: ["", *annotator.nlp.get_pipe(component).labels]
+              for name, (component, _) in distill_module.AUXILIARY_LABELS.items()}
+    doc = annotator.nlp(text)  # ASCII: characters are bytes
+    _, begins, ends = encode_with_offsets(tokenizer, text)
+    between_words = 0
+    for piece, (begin, end) in enumerate(zip(begins.tolist(), ends.tolist())):
+        got = tuple(labels[name][targets[name][piece]] for name in labels)
+        word = next((token for token in doc if token.idx <= end - 1 < token.idx + len(token)), None)
+        if end == begin:  # a lone "▁" SentencePiece puts before the text
+            assert got == ("", "", "")
+        elif word is None:
+            assert text[end - 1] == " " and got == ("", "", "")
+            between_words += 1
+        else:
+            assert got == (word.tag_, word.dep_, word.ent_type_), word.text
+    assert between_words > 0
+    assert {labels["entity"][code] for code in targets["entity"]} == {"", "PERSON", "GPE", "DATE"}
+
+
+def test_the_student_file_holds_the_network_alone_not_the_auxiliary_head(student):
+    saved = torch.load(student[0], weights_only=True)
+    network = student_labeler.StudentNetwork(student_labeler.StudentConfig(**saved["config"]))
+    assert saved["state"].keys() == network.state_dict().keys()
+
+
 def test_distillation_reports_agreement_with_the_teacher(student):
     _, report = student
     assert report["documents"] == 40 and report["training_pieces"] > 1000
@@ -417,14 +450,15 @@ def test_an_unknown_labeler_is_refused(tokenizer_path):
 
 
 def test_distill_labeler_help_states_the_defaults_it_uses(capsys):
-    from lacy_stream.annotate.distill import EPOCHS, KNOWN_WORDS
+    from lacy_stream.annotate.distill import AUXILIARY_WEIGHT, EPOCHS, KNOWN_WORDS
     from lacy_stream.annotate.student_labeler import StudentConfig
 
     with pytest.raises(SystemExit):
         main(["distill-labeler", "--help"])
     help_text = " ".join(capsys.readouterr().out.split())
     for option, default in [("epochs", EPOCHS), ("width", StudentConfig.width), ("layers", StudentConfig.layers),
-                            ("word-dim", StudentConfig.word_dim), ("known-words", KNOWN_WORDS)]:
+                            ("word-dim", StudentConfig.word_dim), ("known-words", KNOWN_WORDS),
+                            ("auxiliary-weight", f"{AUXILIARY_WEIGHT:g}")]:
         assert re.search(rf"--{option} \S+ .*?\(default {default}\b", help_text), option
 
 
@@ -434,6 +468,15 @@ def test_distill_labeler_refuses_counts_out_of_range(option, value, capsys):
         main(["distill-labeler", "--shards", "x.jsonl", "--tokenizer", "t.model", "--out", "s.pt", option, value])
     assert exit_info.value.code == 2
     assert f"{value} is not a whole number of at least" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("value", ["-0.5", "inf", "heavy"])
+def test_distill_labeler_refuses_an_auxiliary_weight_out_of_range(value, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["distill-labeler", "--shards", "x.jsonl", "--tokenizer", "t.model", "--out", "s.pt",
+              "--auxiliary-weight", value])
+    assert exit_info.value.code == 2
+    assert f"{value} is not a number of at least 0" in capsys.readouterr().err
 
 
 def test_a_width_without_channels_for_the_pieces_is_refused():

@@ -110,18 +110,28 @@ class StudentNetwork(nn.Module):
         """How far the widest convolution looks to each side."""
         return max(convolution.reach for convolution in self.convolutions)
 
-    def forward(
+    def forward(self, *inputs: torch.Tensor | None, **named: torch.Tensor | None) -> tuple[torch.Tensor, ...]:
+        """Logits ``[batch, length, 5]`` (span tag), ``[.., 2]`` (base), ``[.., 2]`` (fact) of the pieces
+        (inputs as for :meth:`encode`)."""
+        return self.outputs(self.encode(*inputs, **named))
+
+    def outputs(self, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The three logits of :meth:`forward` from the hidden state of :meth:`encode`."""
+        logits = self.head(hidden)
+        return logits[..., :SPAN_TAGS], logits[..., SPAN_TAGS : SPAN_TAGS + 2], logits[..., SPAN_TAGS + 2 :]
+
+    def encode(
         self,
         pieces: torch.Tensor,
         shapes: torch.Tensor,
         words: torch.Tensor | None,
         keep: torch.Tensor | None = None,
         identities: torch.Tensor | None = None,
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    ) -> torch.Tensor:
         """``[batch, length]`` piece ids, shape codes (:attr:`PieceTable.shapes`) and word-feature codes
         (:func:`word_features`; None for a network without them, ``word_dim`` 0) and, for a network with
-        ``known_words``, the pieces' word identities (:meth:`identities_of`) -> logits ``[batch, length, 5]``
-        (span tag), ``[.., 2]`` (base), ``[.., 2]`` (fact).
+        ``known_words``, the pieces' word identities (:meth:`identities_of`) -> the hidden state
+        ``[batch, length, width]`` the heads read.
 
         ``keep`` (``[batch, length, 1]``, 0 or 1) zeroes positions before every convolution: a run of at least
         :attr:`reach` zeroed positions between two documents makes each see the other as "same" padding."""
@@ -136,8 +146,7 @@ class StudentNetwork(nn.Module):
             if keep is not None:
                 hidden = hidden * keep
             hidden = norm(hidden + torch.relu(convolution(hidden)))
-        logits = self.head(hidden)
-        return logits[..., :SPAN_TAGS], logits[..., SPAN_TAGS : SPAN_TAGS + 2], logits[..., SPAN_TAGS + 2 :]
+        return hidden
 
 
 class DilatedConvolution(nn.Module):
@@ -213,17 +222,21 @@ def piece_table(tokenizer: Tokenizer) -> PieceTable:
     return PieceTable(shapes, letters, spaced, punctuation, ends_sentence, closes)
 
 
-def word_features(ids: np.ndarray, table: PieceTable) -> np.ndarray:
+Words = tuple[np.ndarray, np.ndarray, np.ndarray]
+"""What :func:`find_words` finds: each word's first piece, each piece's word, its place in it."""
+
+
+def word_features(ids: np.ndarray, table: PieceTable, words: Words | None = None) -> np.ndarray:
     """Per piece of one document, a code (< :data:`WORD_FEATURES`) of what its word looks like: the word's case
     (from its first piece with letters or digits), the piece's place in it (alone; first or last of two; first,
     inner or last of more) and whether the word starts a sentence (the document's first word, or one after a
     sentence end and a space). Words start at a "▁" piece, and punctuation stands alone, roughly as spaCy
-    splits them."""
+    splits them. ``words`` is :func:`find_words` of ``ids`` when the caller has it already."""
     count = len(ids)
     if count == 0:
         return np.zeros(0, dtype=np.int64)
     spaced = table.spaced[ids]
-    firsts, word_of, place = find_words(ids, table)
+    firsts, word_of, place = words or find_words(ids, table)
     length = np.diff(np.append(firsts, count))[word_of]
     position = np.where(
         length == 1, 0, np.where(length == 2, 1 + place, np.where(place == 0, 3, np.where(place == length - 1, 5, 4)))
@@ -238,7 +251,7 @@ def word_features(ids: np.ndarray, table: PieceTable) -> np.ndarray:
     return ((word_case[word_of] * WORD_POSITIONS + position) * 2 + sentence_start[word_of]).astype(np.int64)
 
 
-def find_words(ids: np.ndarray, table: PieceTable) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def find_words(ids: np.ndarray, table: PieceTable) -> Words:
     """The words of a document's pieces: each word's first piece, each piece's word and its place in it. Words
     start at a "▁" piece, and punctuation stands alone, roughly as spaCy splits them."""
     punctuation = table.punctuation[ids]
@@ -261,12 +274,12 @@ def _mix(values: np.ndarray) -> np.ndarray:
 _PLACE_FACTORS = _mix(np.arange(1, 33, dtype=np.uint64)) | np.uint64(1)
 
 
-def word_hashes(ids: np.ndarray, table: PieceTable) -> np.ndarray:
-    """Per piece of one document, a 64-bit hash of the pieces of its word (:func:`find_words`): the same word
-    gets the same hash wherever it stands."""
+def word_hashes(ids: np.ndarray, table: PieceTable, words: Words | None = None) -> np.ndarray:
+    """Per piece of one document, a 64-bit hash of the pieces of its word (:func:`find_words`, or ``words``
+    when the caller has them): the same word gets the same hash wherever it stands."""
     if len(ids) == 0:
         return np.zeros(0, dtype=np.int64)
-    firsts, word_of, place = find_words(ids, table)
+    firsts, word_of, place = words or find_words(ids, table)
     terms = (ids.astype(np.uint64) + np.uint64(1)) * _PLACE_FACTORS[np.minimum(place, len(_PLACE_FACTORS) - 1)]
     return np.add.reduceat(terms, firsts)[word_of].view(np.int64)
 
@@ -463,10 +476,11 @@ class StudentAnnotator:
         hashes = np.zeros(starts[-1], dtype=np.int64)
         for start, ids in zip(starts, documents):
             pieces[start : start + len(ids)] = ids
+            found = find_words(ids, self._table) if len(ids) and (with_words or with_identities) else None
             if with_words:
-                words[start : start + len(ids)] = word_features(ids, self._table)
+                words[start : start + len(ids)] = word_features(ids, self._table, found)
             if with_identities:
-                hashes[start : start + len(ids)] = word_hashes(ids, self._table)
+                hashes[start : start + len(ids)] = word_hashes(ids, self._table, found)
             keep[0, start : start + len(ids)] = 1
         identities = self.network.identities_of(hashes) if with_identities else None
         logits = self.network(

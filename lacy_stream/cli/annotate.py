@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 from ..config.job_config import AnnotationConfig, DataConfig
-from .arguments import add_max_skip_ratio, add_url_options, count, positive_count, stream_options_from_arguments
+from .arguments import add_max_skip_ratio, add_url_options, count, positive_count, stream_options_from_arguments, weight
 from .exit_status import UsageError
 
 
@@ -121,6 +121,9 @@ def add_distill_labeler_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--known-words", type=count, help="words the network knows by identity: the most frequent "
                                                         "of its training, each seen 10 times or more (default "
                                                         "32768; 0: none)")
+    parser.add_argument("--auxiliary-weight", type=weight, help="weight in the training loss of learning spaCy's tag, "
+                                                              "dependency label and entity type of each piece's "
+                                                              "word (default 0.3; 0: none); labeling never computes them")
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="spaCy processes for new targets")
     parser.add_argument("--spacy-model", default=AnnotationConfig.spacy_model)
     parser.add_argument("--cache-dir", help="where spaCy's targets are kept for the next run (default: the label cache)")
@@ -128,7 +131,7 @@ def add_distill_labeler_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run_distill_labeler(args: argparse.Namespace) -> int:
-    from ..annotate.distill import EPOCHS, KNOWN_WORDS, distill
+    from ..annotate.distill import AUXILIARY_WEIGHT, EPOCHS, KNOWN_WORDS, distill
     from ..annotate.label_cache import default_cache_dir
     from ..annotate.student_labeler import StudentConfig
 
@@ -146,6 +149,7 @@ def run_distill_labeler(args: argparse.Namespace) -> int:
         layers=args.layers or StudentConfig.layers,
         word_dim=StudentConfig.word_dim if args.word_dim is None else args.word_dim,
         known_words=KNOWN_WORDS if args.known_words is None else args.known_words,
+        auxiliary_weight=AUXILIARY_WEIGHT if args.auxiliary_weight is None else args.auxiliary_weight,
     )
     print(json.dumps(report))
     print(f"wrote {args.out}; use it with --annotation.labeler=student:{args.out}", file=sys.stderr)

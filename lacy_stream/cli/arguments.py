@@ -52,6 +52,17 @@ def count(text: str) -> int:
     return _count(text, 0)
 
 
+def weight(text: str) -> float:
+    """An argparse type: a finite number of at least 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not 0 <= value < float("inf"):
+        raise argparse.ArgumentTypeError(f"{text} is not a number of at least 0")
+    return value
+
+
 def _count(text: str, least: int) -> int:
     try:
         value = int(text)
