@@ -286,6 +286,21 @@ def test_the_student_file_holds_the_network_alone_not_the_auxiliary_head(student
     assert saved["state"].keys() == network.state_dict().keys()
 
 
+@pytest.mark.parametrize("weight", [0.0, 0.3])
+def test_the_auxiliary_targets_are_learned_only_with_a_weight(tmp_path, tokenizer_path, monkeypatch, weight):
+    rng = random.Random(8)
+    source = tmp_path / "docs.jsonl"
+    source.write_text("".join(json.dumps({"id": i, "text": synthetic_text(rng, 4)}) + "\n" for i in range(12)))
+    learned = set()
+    loss = distill_module._loss
+    monkeypatch.setattr(distill_module, "_loss",
+                        lambda logits, batch, targets: learned.update(targets) or loss(logits, batch, targets))
+    distill([str(source)], tokenizer_path, tmp_path / "student.pt", max_docs=12, max_pieces=None, cache_dir=None,
+            epochs=1, auxiliary_weight=weight)
+    auxiliary = set(distill_module.AUXILIARY_LABELS)
+    assert learned == {"span_tag", "base_class", "fact_if_first"} | (auxiliary if weight else set())
+
+
 def test_distillation_reports_agreement_with_the_teacher(student):
     _, report = student
     assert report["documents"] == 40 and report["training_pieces"] > 1000

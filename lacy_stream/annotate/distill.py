@@ -21,6 +21,7 @@ import multiprocessing
 import time
 from itertools import islice
 from pathlib import Path
+from typing import Iterable
 
 import numpy as np
 import torch
@@ -48,6 +49,7 @@ from .student_labeler import (
     PieceTable,
     find_words,
     piece_table,
+    places_among,
     resolve_pieces,
     save_student,
     word_features,
@@ -98,15 +100,14 @@ class AuxiliaryCodes:
             hashes = np.array([nlp.vocab.strings[label] for label in nlp.get_pipe(component).labels], dtype=np.uint64)
             order = np.argsort(hashes)
             self._attributes.append(attribute)
-            self._tables.append((hashes[order], (order + 1).astype(np.int8)))
+            self._tables.append((hashes[order], np.append(0, order + 1).astype(np.int8)))
 
     def __call__(self, doc: Doc) -> np.ndarray:
         """``[words, len(AUXILIARY_LABELS)]`` codes of ``doc``'s tokens."""
         columns = doc.to_array(self._attributes).reshape(len(doc), len(self._attributes)).astype(np.uint64)
         codes = np.zeros(columns.shape, dtype=np.int8)
-        for column, (hashes, values) in enumerate(self._tables):
-            places = np.minimum(np.searchsorted(hashes, columns[:, column]), len(hashes) - 1)
-            codes[:, column] = np.where(hashes[places] == columns[:, column], values[places], 0)
+        for column, (hashes, code_of_place) in enumerate(self._tables):
+            codes[:, column] = code_of_place[places_among(hashes, columns[:, column])]
         return codes
 
 
@@ -287,6 +288,14 @@ def _batch(
     }
 
 
+def _loss(logits: tuple[torch.Tensor, ...], batch: dict[str, torch.Tensor], targets: Iterable[str]) -> torch.Tensor:
+    """The sum of the cross-entropies of each of ``logits`` with the batch's target of the same place in ``targets``."""
+    return sum(
+        F.cross_entropy(scores.flatten(0, 1), batch[name].flatten(), ignore_index=IGNORED)
+        for scores, name in zip(logits, targets, strict=True)
+    )
+
+
 def train_student(
     targets: list[dict[str, np.ndarray]],
     tokenizer: Tokenizer,
@@ -313,20 +322,19 @@ def train_student(
     config = StudentConfig(num_pieces=tokenizer.num_pieces, width=width, layers=layers, word_dim=word_dim,
                            known_words=len(vocabulary))
     network = StudentNetwork(config)
-    auxiliary_sizes = [max(int(document[name].max(initial=0)) for document in targets) + 1 for name in AUXILIARY_LABELS]
-    auxiliary_head = torch.nn.Linear(width, sum(auxiliary_sizes))
     if len(vocabulary):
         network.known_word_hashes.copy_(torch.from_numpy(vocabulary))
         log.info("the student knows %d words by identity (each seen at least %d times)", len(vocabulary),
                  KNOWN_WORD_MIN_COUNT)
     windows = _windows(targets, table, network, max_pieces)
     network.to(target_device)
-    auxiliary_head.to(target_device)
+    auxiliary_sizes = [max(int(document[name].max(initial=0)) for document in targets) + 1 for name in AUXILIARY_LABELS]
+    auxiliary_head = torch.nn.Linear(width, sum(auxiliary_sizes), device=target_device) if auxiliary_weight else None
     shapes = torch.from_numpy(table.shapes).to(target_device)
     if not windows:
         raise ValueError("no training pieces: give more documents")
     steps = epochs * math.ceil(len(windows) / batch_windows)
-    parameters = [*network.parameters(), *auxiliary_head.parameters()]
+    parameters = [*network.parameters(), *(auxiliary_head.parameters() if auxiliary_head else [])]
     optimizer = torch.optim.AdamW(parameters, lr=learning_rate, weight_decay=0.01)
     # OneCycleLR divides by the length of its warm-up phase, pct_start x total_steps - 1: at least one step,
     # so a few documents (the GPU check's keep-up section) train for the few steps they have.
@@ -341,13 +349,10 @@ def train_student(
         for start in range(0, len(windows), batch_windows):
             batch = _batch([windows[i] for i in order[start : start + batch_windows]], shapes, target_device)
             hidden = network.encode(batch["pieces"], batch["shapes"], batch["words"], identities=batch["identities"])
-            outputs = zip((*network.outputs(hidden), *auxiliary_head(hidden).split(auxiliary_sizes, dim=-1)),
-                          ("span_tag", "base_class", "fact_if_first", *AUXILIARY_LABELS))
-            losses_by_target = [
-                F.cross_entropy(logits.flatten(0, 1), batch[name].flatten(), ignore_index=IGNORED)
-                for logits, name in outputs
-            ]
-            loss = sum(losses_by_target[:3]) + auxiliary_weight * sum(losses_by_target[3:]) / len(AUXILIARY_LABELS)
+            loss = _loss(network.outputs(hidden), batch, ("span_tag", "base_class", "fact_if_first"))
+            if auxiliary_weight:
+                auxiliary = auxiliary_head(hidden).split(auxiliary_sizes, dim=-1)
+                loss = loss + auxiliary_weight * _loss(auxiliary, batch, AUXILIARY_LABELS) / len(AUXILIARY_LABELS)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -402,7 +407,8 @@ def distill(
     teacher = teacher_identity(spacy_model)
     cache = None
     if cache_dir is not None:
-        cache = LabelCache(cache_dir, f"distill-targets-{TARGETS_VERSION}|{teacher}|tokenizer:{file_digest(tokenizer_path)}", TARGET_COLUMNS)
+        identity = f"distill-targets-{TARGETS_VERSION}|{teacher}|tokenizer:{file_digest(tokenizer_path)}"
+        cache = LabelCache(cache_dir, identity, TARGET_COLUMNS)
     texts, targets, origins = [], [], []
     for source in sources:
         documents = list(islice(read_documents(source), max_docs))

@@ -101,9 +101,7 @@ class StudentNetwork(nn.Module):
     def identities_of(self, hashes: np.ndarray) -> np.ndarray:
         """Word identities of pieces from their :func:`word_hashes`: 1 + the word's place among the known
         words, 0 for any other word."""
-        known = self.known_word_hashes.numpy()
-        places = np.minimum(np.searchsorted(known, hashes), len(known) - 1)
-        return np.where(known[places] == hashes, places + 1, 0)
+        return places_among(self.known_word_hashes.numpy(), hashes)
 
     @property
     def reach(self) -> int:
@@ -147,6 +145,14 @@ class StudentNetwork(nn.Module):
                 hidden = hidden * keep
             hidden = norm(hidden + torch.relu(convolution(hidden)))
         return hidden
+
+
+def places_among(sorted_keys: np.ndarray, keys: np.ndarray) -> np.ndarray:
+    """1 + each key's place among ``sorted_keys``, 0 for a key not among them."""
+    if len(sorted_keys) == 0:
+        return np.zeros(len(keys), dtype=np.int64)
+    places = np.minimum(np.searchsorted(sorted_keys, keys), len(sorted_keys) - 1)
+    return np.where(sorted_keys[places] == keys, places + 1, 0)
 
 
 class DilatedConvolution(nn.Module):

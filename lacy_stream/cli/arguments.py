@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import math
 import shutil
+import sys
 import textwrap
 
 from ..config.job_config import DataConfig, config_keys, load_job_config, toml_value
@@ -54,13 +56,7 @@ def count(text: str) -> int:
 
 def weight(text: str) -> float:
     """An argparse type: a finite number of at least 0."""
-    try:
-        value = float(text)
-    except ValueError:
-        value = -1.0
-    if not 0 <= value < float("inf"):
-        raise argparse.ArgumentTypeError(f"{text} is not a number of at least 0")
-    return value
+    return _number_within(text, 0, sys.float_info.max, "a number of at least 0")
 
 
 def _count(text: str, least: int) -> int:
@@ -74,9 +70,16 @@ def _count(text: str, least: int) -> int:
 
 
 def _share(text: str) -> float:
-    value = float(text)
-    if not 0 <= value <= 1:
-        raise argparse.ArgumentTypeError(f"{text} is not a share between 0 and 1")
+    return _number_within(text, 0, 1, "a share between 0 and 1")
+
+
+def _number_within(text: str, least: float, most: float, what: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not least <= value <= most:
+        raise argparse.ArgumentTypeError(f"{text} is not {what}")
     return value
 
 
