@@ -74,3 +74,13 @@ def test_bench_annotate_prints_a_table_of_every_case(tmp_path, tokenizer_path, c
     labels = next(line for line in output.splitlines() if line.startswith("labels: "))
     assert "of tokens are facts" in labels and labels.endswith("none in this text")  # no judge markup in the input
 
+
+
+def test_bench_annotate_says_when_the_documents_are_too_few_to_time_the_dataloader(tmp_path, tokenizer_path, capsys):
+    source = tmp_path / "docs.jsonl"
+    source.write_text(json.dumps({"id": 1, "text": "Ada Lovelace wrote notes."}) + "\n")
+    with pytest.raises(SystemExit) as exit_info:
+        main(["bench", "annotate", "--input", str(source), "--workers", "1", "--repeats", "1", "--tokenizer",
+              tokenizer_path])
+    error = capsys.readouterr().err
+    assert exit_info.value.code != 0 and "too few to time 1 dataloader worker(s)" in error and "Traceback" not in error

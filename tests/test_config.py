@@ -86,6 +86,7 @@ def test_shipped_run_configs_load_with_every_method(name):
         ("--train.steps=0", "positive"),
         ("--optimizer.warmup_steps=-1", "negative"),
         ("--train.dtype=fp16", "not one of"),
+        ("--annotation.student_dtype=fp16", "not one of"),
         ("--optimizer.schedule=linear", "not one of"),
     ],
 )

@@ -31,6 +31,7 @@ from lacy_stream.cli import main
 from lacy_stream.config.job_config import AnnotationConfig
 from lacy_stream.data.loader import TokenLoader, check_annotation_config
 from lacy_stream.labels import TokenClass
+from lacy_stream.bench import annotation as bench_annotation
 from lacy_stream.bench.annotation import cores_to_keep_up
 from lacy_stream.shards.documents import Document, ReadStats
 from lacy_stream.shards.shard_reader import read_shard
@@ -85,8 +86,9 @@ def test_the_convolution_as_one_matrix_product_equals_conv1d_and_so_do_its_gradi
         torch.testing.assert_close(gradient, expected_gradient)
 
 
-def test_documents_labeled_together_are_labeled_as_if_alone(tokenizer_path, student, monkeypatch):
-    annotator = student_labeler.StudentAnnotator.load(student[0], Tokenizer(tokenizer_path))
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+def test_documents_labeled_together_are_labeled_as_if_alone(tokenizer_path, student, monkeypatch, dtype):
+    annotator = student_labeler.StudentAnnotator.load(student[0], Tokenizer(tokenizer_path), dtype)
     rng = random.Random(3)
     texts = ["", *(synthetic_text(rng, rng.randint(1, 6)) for _ in range(12)), "", "Ada."]
     alone = [annotator.label_text(text) for text in texts]
@@ -100,6 +102,44 @@ def test_documents_labeled_together_are_labeled_as_if_alone(tokenizer_path, stud
     tags_together = [tags for tags, _, _ in annotator.predict([labels.ids for labels in alone])]
     for one, batched in zip(tags_alone, tags_together):
         np.testing.assert_array_equal(one, batched)
+
+
+def test_a_student_labels_in_the_dtype_asked_under_an_identity_that_names_it(tokenizer_path, student):
+    tokenizer = Tokenizer(tokenizer_path)
+    students = {dtype: student_labeler.StudentAnnotator.load(student[0], tokenizer, dtype) for dtype in ("fp32", "bf16")}
+    assert {parameter.dtype for parameter in students["bf16"].network.parameters()} == {torch.bfloat16}
+    assert students["bf16"].identity == students["fp32"].identity + "+bf16"
+    assert not students["fp32"].identity.endswith("fp32")  # labels of students made before dtypes keep their cache
+    text = synthetic_text(random.Random(8), 6)
+    labeled = {dtype: annotator.label_text(text) for dtype, annotator in students.items()}
+    np.testing.assert_array_equal(labeled["fp32"].ids, labeled["bf16"].ids)
+    assert set(labeled["bf16"].classes.tolist()) <= {FACT, OTHER, GRAMMAR}
+    with pytest.raises(ValueError, match="not 'fp16'"):
+        student_labeler.StudentAnnotator.load(student[0], tokenizer, "fp16")
+
+
+@pytest.mark.parametrize("native, expected", [(True, "bf16"), (False, "fp32")])
+def test_auto_labels_in_bf16_only_where_the_cpu_multiplies_it_natively(monkeypatch, native, expected):
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: native)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: native)
+    assert student_labeler.labeling_dtype("auto") == expected
+    assert student_labeler.labeling_dtype("fp32") == "fp32" and student_labeler.labeling_dtype("bf16") == "bf16"
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_bench_annotate_times_a_bf16_student_beside_the_same_student_in_fp32(tmp_path, tokenizer_path, student,
+                                                                             monkeypatch):
+    monkeypatch.setattr(bench_annotation, "labeling_dtype", lambda: "bf16")
+    rng = random.Random(5)  # the student's own documents: its held-out tenth is what the bench labels
+    source = tmp_path / "docs.jsonl"
+    source.write_text("".join(json.dumps({"id": i, "text": synthetic_text(rng, 8)}) + "\n" for i in range(40)))
+    report = bench_annotation.bench_annotate(str(source), tokenizer_path, workers=1, max_docs=40, repeats=1,
+                                             seq_len=64, labeler=f"student:{student[0]}")["student"]
+    assert (report["dtype"], report["fp32"]["dtype"]) == ("bf16", "fp32")
+    assert report["identity"] == report["fp32"]["identity"] + "+bf16"
+    assert report["vs_fp32"] > 0 and report["fp32"]["vs_spacy_path"] > 0
+    assert report["agreement"]["pieces"] == report["fp32"]["agreement"]["pieces"] > 0
 
 
 def test_a_student_file_of_an_earlier_format_is_refused_with_what_to_do(tmp_path, tokenizer_path, student):

@@ -378,14 +378,16 @@ def student_path(labeler: str) -> str | None:
 
 
 def build_annotator(
-    labeler: str, tokenizer: Tokenizer, *, spacy_model: str, batch_size: int, max_doc_chars: int
+    labeler: str, tokenizer: Tokenizer, *, spacy_model: str, batch_size: int, max_doc_chars: int,
+    student_dtype: str = "auto",
 ) -> FactAnnotator | StudentAnnotator:
-    """The annotator ``labeler`` names: ``spacy`` (the spaCy model and the rules) or ``student:PATH``."""
+    """The annotator ``labeler`` names: ``spacy`` (the spaCy model and the rules) or ``student:PATH`` (running in
+    ``student_dtype``)."""
     path = student_path(labeler)
     if path:
         from .student_labeler import StudentAnnotator  # torch: only when needed
 
-        return StudentAnnotator.load(path, tokenizer)
+        return StudentAnnotator.load(path, tokenizer, student_dtype)
     annotator = FactAnnotator(spacy_model, batch_size=batch_size)
     # Documents are split to max_doc_chars before spaCy sees them; spaCy's own guard would stop a worker.
     annotator.nlp.max_length = max(annotator.nlp.max_length, max_doc_chars)

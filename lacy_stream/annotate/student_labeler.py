@@ -54,6 +54,8 @@ STUDENT_FORMAT = "lacy-student-4"
 """Version 4 adds the known words; 3 (read too: no known words) the word features; students of earlier versions
 were distilled from rules lacy-rules-1."""
 READABLE_FORMATS = ("lacy-student-3", STUDENT_FORMAT)
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+"""What a student can label in (``annotation.student_dtype``; ``auto`` picks one with :func:`labeling_dtype`)."""
 
 
 @dataclass
@@ -63,7 +65,9 @@ class StudentConfig:
     ``word_dim`` 0 leaves the word features out."""
 
     num_pieces: int
-    width: int = 96
+    width: int = 128
+    """On 7.2M pieces, 95.29% held-out agreement against 95.19% at 96 and 95.31% at 160; labeling in bf16 it runs
+    1.35x as fast as width 96 in fp32 (in fp32, 0.74x: on a CPU without native bfloat16, 96 is the faster choice)."""
     layers: int = 4
     kernel: int = 3
     shape_dim: int = 16
@@ -370,6 +374,17 @@ def _byte_slices(text: str, begins: np.ndarray, ends: np.ndarray) -> list[str]:
     ]
 
 
+def labeling_dtype(requested: str = "auto") -> str:
+    """``requested`` (a :data:`DTYPES` key), or for ``auto`` bf16 where this CPU multiplies bfloat16 matrices
+    natively (AVX512-BF16 or AMX: the network runs about twice as fast, its labels differ from fp32's on a few
+    pieces in ten thousand) and fp32 elsewhere (where bfloat16 would be emulated, slower than float32)."""
+    if requested != "auto":
+        if requested not in DTYPES:
+            raise ValueError(f"a student labels in {', '.join(['auto', *DTYPES])}, not {requested!r}")
+        return requested
+    return "bf16" if torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported() else "fp32"
+
+
 class StudentError(ValueError):
     """A student file that cannot label for this tokenizer or these rules."""
 
@@ -429,19 +444,22 @@ class StudentAnnotator:
     """Labels texts with a distilled student: the network, then the document-level rules.
 
     ``identity`` names the student file (its hash), its teacher and the rules, so that labels of different
-    labelers never share a label-cache namespace or pass for each other's stored labels.
+    labelers never share a label-cache namespace or pass for each other's stored labels. The network runs in
+    ``dtype`` (a :data:`DTYPES` key); one that is not fp32 is part of the identity, as its labels differ slightly.
     """
 
-    def __init__(self, network: StudentNetwork, tokenizer: Tokenizer, identity: str) -> None:
-        self.network = network
+    def __init__(self, network: StudentNetwork, tokenizer: Tokenizer, identity: str, dtype: str = "fp32") -> None:
+        dtype = labeling_dtype(dtype)
+        self.dtype = DTYPES[dtype]
+        self.network = network.to(self.dtype)
         self.tokenizer = tokenizer
-        self.identity = identity
+        self.identity = identity if dtype == "fp32" else f"{identity}+{dtype}"
         self._table = piece_table(tokenizer)
 
     @classmethod
-    def load(cls, path: str | Path, tokenizer: Tokenizer) -> StudentAnnotator:
+    def load(cls, path: str | Path, tokenizer: Tokenizer, dtype: str = "auto") -> StudentAnnotator:
         network, saved = load_student(path, tokenizer)
-        return cls(network, tokenizer, f"student:{file_digest(path)}+teacher:{saved['teacher']}")
+        return cls(network, tokenizer, f"student:{file_digest(path)}+teacher:{saved['teacher']}", dtype)
 
     def annotate(self, texts: Iterable[str]) -> Iterator[PieceLabels]:
         """Labels of each text, in order; the network runs over several documents at a time (up to
@@ -493,7 +511,7 @@ class StudentAnnotator:
             torch.from_numpy(pieces).unsqueeze(0),
             torch.from_numpy(self._table.shapes[pieces]).unsqueeze(0),
             torch.from_numpy(words).unsqueeze(0) if with_words else None,
-            torch.from_numpy(keep),
+            torch.from_numpy(keep).to(self.dtype),
             torch.from_numpy(identities).unsqueeze(0) if with_identities else None,
         )
         tags, base, fact = (scores[0].argmax(-1).numpy() for scores in logits)

@@ -9,7 +9,8 @@ Cases:
 - ``workers``: the dataloader with 1..N worker processes over all cores (scaling), in steady state;
 - ``student_path`` (with ``labeler="student:PATH"``): the full path with the distilled student instead of
   spaCy, alternating with ``full_path``, and its agreement with spaCy's labels. The documents are then only
-  those the student held out from its training (one in ten, by content hash).
+  those the student held out from its training (one in ten, by content hash). Where the student labels in
+  bf16 (:func:`.labeling_dtype`), the same student in fp32 alternates with them too (``student.fp32``).
 
 Tokens are SentencePiece tokens of the text (plus one EOS per document on the full path). Single-core cases
 pin the process to one CPU and count tokens per CPU-second of it (on a shared VM, wall time also counts
@@ -40,7 +41,7 @@ from ..annotate.distill import agreement, split_held_out
 from ..annotate.label_cache import LabelCache
 from ..annotate.labeling import DocumentLabeler, student_path
 from ..annotate.spacy_pipeline import load_pipeline
-from ..annotate.student_labeler import StudentAnnotator
+from ..annotate.student_labeler import StudentAnnotator, labeling_dtype
 from ..config.job_config import AnnotationConfig
 from ..data.loader import TokenLoader
 from ..data.packing import WindowPacker, document_columns, split_doc_uid
@@ -84,9 +85,10 @@ def bench_annotate(
     ``gpu_tokens_per_s`` (a name -> the tokens/s a GPU trains at), the worker cores each labeler needs to keep
     up with each (:func:`cores_to_keep_up`)."""
     documents = list(islice(read_documents(source, options=options), max_docs))
-    student = None
+    students: dict[str, StudentAnnotator] = {}
     if student_path(labeler):
-        student = StudentAnnotator.load(student_path(labeler), Tokenizer(tokenizer_path))
+        students = {dtype: StudentAnnotator.load(student_path(labeler), Tokenizer(tokenizer_path), dtype)
+                    for dtype in dict.fromkeys((labeling_dtype(), "fp32"))}
         documents = [documents[i] for i in split_held_out([document["text"] for document in documents])[1]]
     if not documents:
         raise ValueError(f"{source}: no documents to benchmark")
@@ -111,17 +113,18 @@ def bench_annotate(
             list(annotator.annotate(texts[:4]))
             warm_up_alignment()
             # The two main cases alternate, so that a noisy machine slows both alike; medians are reported.
-            raw_runs, path_runs, student_runs = [], [], []
+            raw_runs, path_runs = [], []
+            student_runs: dict[str, list[dict]] = {dtype: [] for dtype in students}
             # Both start each run with spaCy's vocabulary as loaded: words first seen in the run cost both alike.
             for _ in range(repeats):
                 with full_pipeline.memory_zone():
                     raw_runs.append(_raw_spacy(texts, tokenizer, full_pipeline))
                 annotator.release_memory()
                 path_runs.append(_full_path(urls, steady_labeler(), seq_len))
-                if student is not None:
-                    student_runs.append(_full_path(urls, DocumentLabeler(tokenizer, student), seq_len))
+                for dtype, student in students.items():
+                    student_runs[dtype].append(_full_path(urls, DocumentLabeler(tokenizer, student), seq_len))
             raw, path = _median_run(raw_runs), _median_run(path_runs)
-            comparison = _student_report(urls, steady_labeler(), student, student_runs, path_runs) if student else None
+            comparison = _student_report(urls, steady_labeler(), students, student_runs, path_runs) if students else None
             word_classes = np.concatenate([labels.classes for labels in annotator.annotate(texts)])
             cached_labeler = steady_labeler()
             cached_labeler.cache = LabelCache(scratch / "cache", cached_labeler.identity)
@@ -144,9 +147,7 @@ def bench_annotate(
         "cpus": len(os.sched_getaffinity(0)),
         "spacy_full": raw,
         "full_path": {key: value for key, value in path.items() if key != "labels"},
-        "full_path_vs_spacy_full": round(statistics.median(
-            ours["tokens_per_s"] / theirs["tokens_per_s"] for ours, theirs in zip(path_runs, raw_runs)
-        ), 2),
+        "full_path_vs_spacy_full": _median_ratio(path_runs, raw_runs),
         "full_path_vs_paper": round(path["tokens_per_s"] / PAPER_TOKENS_PER_S_PER_CORE, 2),
         "cache_write": {key: value for key, value in cache_write.items() if key != "labels"},
         "cached_epoch": {key: value for key, value in cached.items() if key != "labels"},
@@ -170,23 +171,38 @@ def cores_to_keep_up(tokens_per_s_per_core: dict[str, float], gpu_tokens_per_s: 
 
 
 def _student_report(
-    urls: list[str], spacy_labeler: DocumentLabeler, student: StudentAnnotator, student_runs: list[dict], path_runs: list[dict]
+    urls: list[str],
+    spacy_labeler: DocumentLabeler,
+    students: dict[str, StudentAnnotator],
+    student_runs: dict[str, list[dict]],
+    path_runs: list[dict],
 ) -> dict:
-    """The student's full path next to spaCy's, and its labels against spaCy's on the same documents."""
-    student_labeler = DocumentLabeler(spacy_labeler.tokenizer, student)
+    """The student's full path next to spaCy's, and its labels against spaCy's on the same documents; with two
+    dtypes, the first's report holds the fp32 one's under ``fp32`` and its speed over it under ``vs_fp32``."""
     documents = [doc for shard, url in enumerate(urls) for doc in read_shard(url, shard, ReadStats())]
     teacher = [spacy_labeler.label_document(doc)["token_class"] for doc in documents]
-    predicted = [student_labeler.label_document(doc)["token_class"] for doc in documents]
-    path = _median_run(student_runs)
-    return {
-        "identity": student.identity,
-        "full_path": {key: value for key, value in path.items() if key != "labels"},
-        "vs_spacy_path": round(statistics.median(
-            ours["tokens_per_s"] / theirs["tokens_per_s"] for ours, theirs in zip(student_runs, path_runs)
-        ), 2),
-        "labels": path["labels"],
-        "agreement": agreement(teacher, predicted),
-    }
+    reports = []
+    for dtype, student in students.items():
+        student_labeler = DocumentLabeler(spacy_labeler.tokenizer, student)
+        predicted = [student_labeler.label_document(doc)["token_class"] for doc in documents]
+        path = _median_run(student_runs[dtype])
+        reports.append({
+            "identity": student.identity,
+            "dtype": dtype,
+            "full_path": {key: value for key, value in path.items() if key != "labels"},
+            "vs_spacy_path": _median_ratio(student_runs[dtype], path_runs),
+            "labels": path["labels"],
+            "agreement": agreement(teacher, predicted),
+        })
+    report, *in_fp32 = reports
+    if in_fp32:
+        report["fp32"], report["vs_fp32"] = in_fp32[0], _median_ratio(*student_runs.values())
+    return report
+
+
+def _median_ratio(ours: list[dict], theirs: list[dict]) -> float:
+    """The median of the per-round throughput ratios of two alternating cases."""
+    return round(statistics.median(one["tokens_per_s"] / other["tokens_per_s"] for one, other in zip(ours, theirs)), 2)
 
 
 PAPER_TOKENS_PER_S_PER_CORE = 1827
@@ -273,5 +289,8 @@ def _loader_throughput(
             started = time.perf_counter()
         if seen >= epoch_tokens:
             break
+    if not counted:
+        raise ValueError(f"the documents fill only {seen} tokens, too few to time {workers} dataloader worker(s) past "
+                         f"their first batches of {seq_len} tokens: give more documents")
     seconds = time.perf_counter() - started
     return {"workers": workers, "tokens_per_s": round(counted / seconds), "seconds": round(seconds, 2)}

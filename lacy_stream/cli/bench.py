@@ -71,8 +71,10 @@ def run_bench_annotate(args: argparse.Namespace) -> int:
         ["full path: read, annotate, align, pack", 1, path["tokens_per_s"], report["full_path_vs_spacy_full"]],
     ]
     if student:
-        rows.append([f"full path with the student ({student['identity']})", 1, student["full_path"]["tokens_per_s"],
-                     f"x{student['vs_spacy_path']} vs the spaCy path"])
+        for case in (student, student.get("fp32")):
+            if case:
+                rows.append([f"full path with the student in {case['dtype']} ({case['identity']})", 1,
+                             case["full_path"]["tokens_per_s"], f"x{case['vs_spacy_path']} vs the spaCy path"])
     rows += [
         ["first epoch with cache writes", 1, report["cache_write"]["tokens_per_s"], ""],
         ["cached epoch", 1, report["cached_epoch"]["tokens_per_s"], f"x{report['cached_vs_first_epoch']} vs first epoch"],

@@ -69,6 +69,9 @@ class AnnotationConfig:
     """Label facts with spaCy and the paper's rules; off: every token is "other" (runs that need no facts)."""
     labeler: str = "spacy"
     """``spacy``, or ``student:PATH``: a student distilled from spaCy's labels (``lacy-stream distill-labeler``)."""
+    student_dtype: str = "auto"
+    """A student labels in ``bf16`` (about 1.6x faster; its labels differ from fp32's on ~0.04% of pieces) or
+    ``fp32``; ``auto``: bf16 where the CPU multiplies bfloat16 natively (AVX512-BF16 or AMX), else fp32."""
     spacy_model: str = "en_core_web_sm"
     """A spaCy package name or model directory."""
     batch_size: int = 64
@@ -219,6 +222,7 @@ class JobConfig:
 _CHOICES = {
     ("optimizer", "schedule"): ("constant", "cosine"),
     ("train", "dtype"): ("auto", "bf16", "fp32"),
+    ("annotation", "student_dtype"): ("auto", "bf16", "fp32"),
 }
 _POSITIVE = {("data", "seq_len"), ("data", "batch_size"), ("data", "max_doc_chars"), ("annotation", "batch_size"),
              ("model", "vocab_multiple"),

@@ -307,7 +307,7 @@ def build_labeler(
     if annotation.enabled:
         annotator = build_annotator(
             annotation.labeler, tokenizer, spacy_model=annotation.spacy_model, batch_size=annotation.batch_size,
-            max_doc_chars=max_doc_chars,
+            max_doc_chars=max_doc_chars, student_dtype=annotation.student_dtype,
         )
     labeler = DocumentLabeler(tokenizer, annotator, batch_size=annotation.batch_size)
     if annotator is not None and student_path(annotation.labeler) and annotation.audit_ratio > 0:
