@@ -126,6 +126,12 @@ def test_auto_labels_in_bf16_only_where_the_cpu_multiplies_it_natively(monkeypat
     assert student_labeler.labeling_dtype("fp32") == "fp32" and student_labeler.labeling_dtype("bf16") == "bf16"
 
 
+def test_auto_labels_in_fp32_with_a_torch_that_cannot_say_what_the_cpu_multiplies(monkeypatch):
+    monkeypatch.delattr(torch.cpu, "_is_avx512_bf16_supported")
+    monkeypatch.delattr(torch.cpu, "_is_amx_tile_supported")
+    assert student_labeler.labeling_dtype("auto") == "fp32"
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(600)
 def test_bench_annotate_times_a_bf16_student_beside_the_same_student_in_fp32(tmp_path, tokenizer_path, student,

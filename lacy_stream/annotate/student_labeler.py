@@ -382,7 +382,9 @@ def labeling_dtype(requested: str = "auto") -> str:
         if requested not in DTYPES:
             raise ValueError(f"a student labels in {', '.join(['auto', *DTYPES])}, not {requested!r}")
         return requested
-    return "bf16" if torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported() else "fp32"
+    # torch's own checks are private: a torch without them labels in fp32 rather than failing.
+    checks = (getattr(torch.cpu, name, lambda: False) for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"))
+    return "bf16" if any(check() for check in checks) else "fp32"
 
 
 class StudentError(ValueError):
