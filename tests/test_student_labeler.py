@@ -543,3 +543,21 @@ def test_distill_labeler_refuses_an_auxiliary_weight_out_of_range(value, capsys)
 def test_a_width_without_channels_for_the_pieces_is_refused():
     with pytest.raises(ValueError, match="width 32 has no channels left for its pieces"):
         student_labeler.StudentConfig(num_pieces=10, width=32)
+
+
+def test_a_document_longer_than_spacy_takes_is_distilled_in_parts(tmp_path, tokenizer_path, monkeypatch):
+    rng = random.Random(10)
+    texts = [synthetic_text(rng, 6) for _ in range(6)]
+    source = tmp_path / "docs.jsonl"
+    source.write_text("".join(json.dumps({"id": i, "text": text}) + "\n" for i, text in enumerate(texts)))
+    limit = min(len(text) for text in texts) // 2
+    monkeypatch.setattr(distill_module, "MAX_DOC_CHARS", limit)
+    parsed = []
+    monkeypatch.setattr(distill_module, "gather_targets",
+                        lambda given, *args, **options: parsed.extend(given) or [
+                            {name: np.zeros(1, dtype=dtype) for name, dtype in distill_module.TARGET_COLUMNS.items()}
+                            for _ in given])
+    report = distill([str(source)], tokenizer_path, tmp_path / "student.pt", max_docs=6, max_pieces=None,
+                     cache_dir=None, epochs=1, known_words=0)
+    assert report["documents"] == len(parsed) > len(texts) and max(len(part) for part in parsed) <= limit
+    assert "".join(parsed) == "".join(texts)

@@ -8,7 +8,8 @@
    the label cache under their own identity (teacher + rules + tokenizer), so a second distillation over the
    same documents skips spaCy; the missing ones are parsed in worker processes, with progress on the log.
 2. **Training.** The network learns the three targets on windows of pieces; one document in ten (by content
-   hash) is held out.
+   hash) is held out. Optionally copies of the training documents with words swapped (:mod:`.augment`),
+   labeled by spaCy in the same way, add examples.
 3. **Agreement.** On the held-out documents the student labels as it will in the loader (network, then the
    document-level rules) and is compared with the teacher: 3-class agreement, fact precision and recall.
 """
@@ -31,10 +32,12 @@ from spacy.language import Language
 from spacy.tokens import Doc
 
 from ..labels import TokenClass
+from ..shards.documents import split_text
 from ..shards.sources import read_documents
 from ..tokenizer import Tokenizer
 from .alignment import char_to_byte_offsets, encode_with_offsets, piece_classes
 from .annotation import FactAnnotator, Mention, WordLabels, first_mentions, local_labels
+from .augment import augmented_texts
 from .label_cache import LabelCache, document_key
 from .label_cache import file_digest
 from .student_labeler import (
@@ -78,6 +81,9 @@ on 7.2M pieces a width-96 student agrees on 95.19% of held-out pieces at 0.3, 95
 TARGETS_VERSION = 2
 """Part of the targets' cache namespace: 2 adds the auxiliary targets."""
 HELD_OUT_EVERY = 10
+MAX_DOC_CHARS = 1_000_000
+"""spaCy's limit on a text: a longer document is distilled in parts, as the loader (``data.max_doc_chars``, the
+same by default) labels it."""
 EPOCHS = 12
 """On 7.2M pieces a width-64 student agrees on 93.9% of held-out pieces after 6 epochs, 94.3% after 12; a
 width-96 one on 94.8% after 12 and 94.9% after 24."""
@@ -221,15 +227,11 @@ def split_held_out(texts: list[str]) -> tuple[list[int], list[int]]:
     return [i for i in range(len(texts)) if i not in chosen], held_out
 
 
-def frequent_words(documents: list[np.ndarray], table: PieceTable, count: int, max_pieces: int | None = None) -> np.ndarray:
-    """The hashes (:func:`word_hashes`, sorted) of the ``count`` most frequent words of the documents' pieces
-    (of the documents that hold the first ``max_pieces``), among those seen at least ``KNOWN_WORD_MIN_COUNT``
-    times."""
+def frequent_words(documents: list[np.ndarray], table: PieceTable, count: int) -> np.ndarray:
+    """The hashes (:func:`word_hashes`, sorted) of the ``count`` most frequent words of the documents' pieces,
+    among those seen at least ``KNOWN_WORD_MIN_COUNT`` times."""
     if count == 0 or not documents:
         return np.zeros(0, dtype=np.int64)
-    ends = np.cumsum([len(ids) for ids in documents])
-    if max_pieces is not None:
-        documents = documents[: int(np.searchsorted(ends, max_pieces)) + 1]
     first_pieces = [np.zeros(0, dtype=np.int64)]  # the hash of each word's first piece stands for the word
     for ids in documents:
         if len(ids):
@@ -242,12 +244,23 @@ def frequent_words(documents: list[np.ndarray], table: PieceTable, count: int, m
     return np.sort(words[chosen])
 
 
-def _windows(
-    targets: list[dict[str, np.ndarray]], table: PieceTable, network: StudentNetwork, max_pieces: int | None
-) -> list[dict[str, np.ndarray]]:
+def first_pieces(targets: list[dict[str, np.ndarray]], max_pieces: int | None) -> list[dict[str, np.ndarray]]:
+    """The documents' targets up to ``max_pieces`` pieces in all (the last document cut), or all of them."""
+    if max_pieces is None:
+        return targets
+    kept, total = [], 0
+    for document in targets:
+        if total >= max_pieces:
+            break
+        kept.append({name: column[: max_pieces - total] for name, column in document.items()})
+        total += len(kept[-1]["tokens"])
+    return kept
+
+
+def _windows(targets: list[dict[str, np.ndarray]], table: PieceTable, network: StudentNetwork) -> list[dict[str, np.ndarray]]:
     """Windows of ``WINDOW`` pieces, each with the word features and word identities the network takes
     (words are found over the whole document)."""
-    windows, total = [], 0
+    windows = []
     for document in targets:
         ids = document["tokens"]
         found = find_words(ids, table) if len(ids) else None
@@ -256,11 +269,7 @@ def _windows(
         if network.word_identities is not None:
             document = {**document, "identities": network.identities_of(word_hashes(ids, table, found))}
         for start in range(0, len(document["tokens"]), WINDOW):
-            window = {name: column[start : start + WINDOW] for name, column in document.items()}
-            if max_pieces is not None and total + len(window["tokens"]) > max_pieces:
-                return windows
-            windows.append(window)
-            total += len(window["tokens"])
+            windows.append({name: column[start : start + WINDOW] for name, column in document.items()})
     return windows
 
 
@@ -300,7 +309,6 @@ def train_student(
     targets: list[dict[str, np.ndarray]],
     tokenizer: Tokenizer,
     *,
-    max_pieces: int | None = None,
     epochs: int = EPOCHS,
     width: int = StudentConfig.width,
     layers: int = StudentConfig.layers,
@@ -312,13 +320,13 @@ def train_student(
     seed: int = 0,
     device: str | None = None,
 ) -> StudentNetwork:
-    """The network trained on the targets' windows (at most ``max_pieces`` pieces), on the GPU when there is one.
+    """The network trained on the targets' windows, on the GPU when there is one.
 
     The auxiliary targets are learned through a head of their own, left behind: labeling never computes them."""
     torch.manual_seed(seed)
     target_device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     table = piece_table(tokenizer)
-    vocabulary = frequent_words([document["tokens"] for document in targets], table, known_words, max_pieces)
+    vocabulary = frequent_words([document["tokens"] for document in targets], table, known_words)
     config = StudentConfig(num_pieces=tokenizer.num_pieces, width=width, layers=layers, word_dim=word_dim,
                            known_words=len(vocabulary))
     network = StudentNetwork(config)
@@ -326,7 +334,7 @@ def train_student(
         network.known_word_hashes.copy_(torch.from_numpy(vocabulary))
         log.info("the student knows %d words by identity (each seen at least %d times)", len(vocabulary),
                  KNOWN_WORD_MIN_COUNT)
-    windows = _windows(targets, table, network, max_pieces)
+    windows = _windows(targets, table, network)
     network.to(target_device)
     auxiliary_sizes = [max(int(document[name].max(initial=0)) for document in targets) + 1 for name in AUXILIARY_LABELS]
     auxiliary_head = torch.nn.Linear(width, sum(auxiliary_sizes), device=target_device) if auxiliary_weight else None
@@ -401,8 +409,12 @@ def distill(
     word_dim: int = StudentConfig.word_dim,
     known_words: int = KNOWN_WORDS,
     auxiliary_weight: float = AUXILIARY_WEIGHT,
+    augment: int = 0,
 ) -> dict:
-    """Targets, training and held-out agreement; writes the student to ``out`` and returns its report."""
+    """Targets, training and held-out agreement; writes the student to ``out`` and returns its report.
+
+    ``max_pieces`` caps the training pieces taken from the sources; ``augment`` adds that many copies of those
+    training documents with words swapped (:mod:`.augment`), labeled by spaCy like the others."""
     tokenizer = Tokenizer(tokenizer_path)
     teacher = teacher_identity(spacy_model)
     cache = None
@@ -411,29 +423,38 @@ def distill(
         cache = LabelCache(cache_dir, identity, TARGET_COLUMNS)
     texts, targets, origins = [], [], []
     for source in sources:
-        documents = list(islice(read_documents(source), max_docs))
-        source_texts = [document["text"] for document in documents]
+        source_texts = []
+        for document in islice(read_documents(source), max_docs):
+            for part in split_text(document["text"], MAX_DOC_CHARS):
+                source_texts.append(part)
+                origins.append(document.get("source", source))
         texts += source_texts
-        origins += [document.get("source", source) for document in documents]
         targets += gather_targets(
             source_texts, tokenizer_path, spacy_model=spacy_model, cache=cache, source=source, workers=workers
         )
     training, held_out = split_held_out(texts)
+    natural = first_pieces([targets[i] for i in training], max_pieces)
+    augmented = [part for text in augmented_texts([texts[i] for i in training[: len(natural)]], copies=augment,
+                                                  spacy_model=spacy_model, workers=workers)
+                 for part in split_text(text, MAX_DOC_CHARS)]  # swapped words may make a copy longer
+    augmented_targets = gather_targets(augmented, tokenizer_path, spacy_model=spacy_model, cache=cache,
+                                       source="augmented", workers=workers) if augmented else []
     started = time.monotonic()
     network = train_student(
-        [targets[i] for i in training], tokenizer, max_pieces=max_pieces, epochs=epochs, width=width, layers=layers,
-        word_dim=word_dim, known_words=known_words, auxiliary_weight=auxiliary_weight,
+        natural + augmented_targets, tokenizer, epochs=epochs, width=width, layers=layers, word_dim=word_dim,
+        known_words=known_words, auxiliary_weight=auxiliary_weight,
     )
     student = StudentAnnotator(network, tokenizer, identity="distilling")
     teacher_classes = [targets[i]["token_class"] for i in held_out]
     student_classes = [student.label_text(texts[i]).classes for i in held_out]
-    available = sum(len(targets[i]["tokens"]) for i in training)
     by_origin: dict[str, list[int]] = {}
     for position, document in enumerate(held_out):
         by_origin.setdefault(origins[document], []).append(position)
     report = {
         "documents": len(texts),
-        "training_pieces": min(available, max_pieces or available),
+        "training_pieces": sum(len(document["tokens"]) for document in natural),
+        "augmented_documents": len(augmented),
+        "augmented_pieces": sum(len(document["tokens"]) for document in augmented_targets),
         "training_s": round(time.monotonic() - started, 1),
         "held_out": agreement(teacher_classes, student_classes),
         "held_out_by_source": {

@@ -125,6 +125,9 @@ def add_distill_labeler_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--auxiliary-weight", type=weight, help="weight in the training loss of learning spaCy's tag, "
                                                               "dependency label and entity type of each piece's "
                                                               "word (default 0.3; 0: none); labeling never computes them")
+    parser.add_argument("--augment", type=count, default=0,
+                        help="copies of each training document with words swapped for others spaCy tags the same "
+                             "way, labeled by spaCy like the rest: more examples of its labeling (default 0)")
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="spaCy processes for new targets")
     parser.add_argument("--spacy-model", default=AnnotationConfig.spacy_model)
     parser.add_argument("--cache-dir", help="where spaCy's targets are kept for the next run (default: the label cache)")
@@ -151,6 +154,7 @@ def run_distill_labeler(args: argparse.Namespace) -> int:
         word_dim=StudentConfig.word_dim if args.word_dim is None else args.word_dim,
         known_words=KNOWN_WORDS if args.known_words is None else args.known_words,
         auxiliary_weight=AUXILIARY_WEIGHT if args.auxiliary_weight is None else args.auxiliary_weight,
+        augment=args.augment,
     )
     print(json.dumps(report))
     print(f"wrote {args.out}; use it with --annotation.labeler=student:{args.out}", file=sys.stderr)
