@@ -99,7 +99,7 @@ def test_distillation_copies_only_training_documents_and_keeps_the_held_out_meas
     monkeypatch.setattr(distill_module, "augmented_texts",
                         lambda given, **options: copied.extend(given) or augmented_texts(given, **options))
     common = dict(max_docs=30, cache_dir=None, epochs=1, workers=1)
-    plain = distill([str(source)], tokenizer_path, tmp_path / "plain.pt", max_pieces=None, **common)
+    plain = distill([str(source)], tokenizer_path, tmp_path / "plain.pt", max_pieces=None, augment=0, **common)
     copied.clear()
     report = distill([str(source)], tokenizer_path, tmp_path / "augmented.pt", max_pieces=300, augment=2, **common)
     # The training documents that hold the first 300 training pieces, and none held out.
@@ -107,3 +107,9 @@ def test_distillation_copies_only_training_documents_and_keeps_the_held_out_meas
     assert report["training_pieces"] == 300 and plain["augmented_documents"] == 0
     assert 0 < report["augmented_documents"] <= 2 * len(copied) and report["augmented_pieces"] > 0
     assert report["held_out"]["pieces"] == plain["held_out"]["pieces"]
+
+
+def test_the_default_epochs_keep_the_steps_of_training_without_copies():
+    assert distill_module.default_epochs(0) == distill_module.EPOCHS
+    assert distill_module.default_epochs(1) * 2 == distill_module.EPOCHS
+    assert distill_module.default_epochs(100) == 1

@@ -161,7 +161,7 @@ def test_a_student_file_of_the_previous_format_still_labels(tmp_path, tokenizer_
     source = tmp_path / "docs.jsonl"
     source.write_text("".join(json.dumps({"id": i, "text": synthetic_text(rng, 4)}) + "\n" for i in range(12)))
     path = tmp_path / "student.pt"
-    report = distill([str(source)], tokenizer_path, path, max_docs=12, max_pieces=None, cache_dir=None, epochs=1,
+    report = distill([str(source)], tokenizer_path, path, max_docs=12, max_pieces=None, cache_dir=None, augment=0, epochs=1,
                      known_words=0)
     assert report["held_out"]["pieces"] > 0 or report["held_out"]["agreement"] is None  # none held out: no figure
     saved = torch.load(path, weights_only=True)
@@ -258,7 +258,7 @@ def test_a_student_knowing_words_by_identity_trains_loads_and_labels_documents_a
     source = tmp_path / "docs.jsonl"
     source.write_text("".join(json.dumps({"id": i, "text": synthetic_text(rng, 4)}) + "\n" for i in range(12)))
     path = tmp_path / "student.pt"
-    distill([str(source)], tokenizer_path, path, max_docs=12, max_pieces=None, cache_dir=None, epochs=1,
+    distill([str(source)], tokenizer_path, path, max_docs=12, max_pieces=None, cache_dir=None, augment=0, epochs=1,
             known_words=50)
     annotator = student_labeler.StudentAnnotator.load(path, Tokenizer(tokenizer_path))
     network = annotator.network
@@ -288,7 +288,7 @@ def test_a_student_without_word_features_trains_loads_and_labels(tmp_path, token
     source = tmp_path / "docs.jsonl"
     source.write_text("".join(json.dumps({"id": i, "text": synthetic_text(rng, 4)}) + "\n" for i in range(12)))
     path = tmp_path / "student.pt"
-    distill([str(source)], tokenizer_path, path, max_docs=12, max_pieces=None, cache_dir=None, epochs=1, word_dim=0)
+    distill([str(source)], tokenizer_path, path, max_docs=12, max_pieces=None, cache_dir=None, augment=0, epochs=1, word_dim=0)
 
     def unused(*args):
         raise AssertionError("word features computed for a network without them")
@@ -341,7 +341,7 @@ def test_the_auxiliary_targets_are_learned_only_with_a_weight(tmp_path, tokenize
     loss = distill_module._loss
     monkeypatch.setattr(distill_module, "_loss",
                         lambda logits, batch, targets: learned.update(targets) or loss(logits, batch, targets))
-    distill([str(source)], tokenizer_path, tmp_path / "student.pt", max_docs=12, max_pieces=None, cache_dir=None,
+    distill([str(source)], tokenizer_path, tmp_path / "student.pt", max_docs=12, max_pieces=None, cache_dir=None, augment=0,
             epochs=1, auxiliary_weight=weight)
     auxiliary = set(distill_module.AUXILIARY_LABELS)
     assert learned == {"span_tag", "base_class", "fact_if_first"} | (auxiliary if weight else set())
@@ -511,13 +511,14 @@ def test_an_unknown_labeler_is_refused(tokenizer_path):
 
 
 def test_distill_labeler_help_states_the_defaults_it_uses(capsys):
-    from lacy_stream.annotate.distill import AUXILIARY_WEIGHT, EPOCHS, KNOWN_WORDS
+    from lacy_stream.annotate.distill import AUGMENT, AUXILIARY_WEIGHT, EPOCHS, KNOWN_WORDS
     from lacy_stream.annotate.student_labeler import StudentConfig
 
     with pytest.raises(SystemExit):
         main(["distill-labeler", "--help"])
     help_text = " ".join(capsys.readouterr().out.split())
-    for option, default in [("epochs", EPOCHS), ("width", StudentConfig.width), ("layers", StudentConfig.layers),
+    assert f"(default {EPOCHS} / (1 + --augment)" in help_text
+    for option, default in [("augment", AUGMENT), ("width", StudentConfig.width), ("layers", StudentConfig.layers),
                             ("word-dim", StudentConfig.word_dim), ("known-words", KNOWN_WORDS),
                             ("auxiliary-weight", f"{AUXILIARY_WEIGHT:g}")]:
         assert re.search(rf"--{option} \S+ .*?\(default {default}\b", help_text), option
@@ -558,6 +559,6 @@ def test_a_document_longer_than_spacy_takes_is_distilled_in_parts(tmp_path, toke
                             {name: np.zeros(1, dtype=dtype) for name, dtype in distill_module.TARGET_COLUMNS.items()}
                             for _ in given])
     report = distill([str(source)], tokenizer_path, tmp_path / "student.pt", max_docs=6, max_pieces=None,
-                     cache_dir=None, epochs=1, known_words=0)
+                     cache_dir=None, epochs=1, known_words=0, augment=0)
     assert report["documents"] == len(parsed) > len(texts) and max(len(part) for part in parsed) <= limit
     assert "".join(parsed) == "".join(texts)

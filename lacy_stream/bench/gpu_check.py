@@ -439,7 +439,7 @@ def keep_up(section: Section, scale: Scale, work: Path, corpus: str | None, trai
     _, tokenizer, corpus_path = _training_data(work, scale, corpus)
     student = work / "student.pt"
     distilled = distill([str(corpus_path)], str(tokenizer), student, max_docs=scale.keep_up_documents, max_pieces=None,
-                        cache_dir=None, workers=scale.workers, epochs=1)
+                        cache_dir=None, workers=scale.workers, epochs=1, augment=0)
     if not section.may_start("annotation throughput"):
         return {}
     report = bench_annotate(str(corpus_path), str(tokenizer), workers=1, max_docs=scale.keep_up_documents, repeats=1,

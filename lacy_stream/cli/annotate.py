@@ -110,7 +110,9 @@ def add_distill_labeler_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", required=True, help="the student file to write (student.pt)")
     parser.add_argument("--tokens", type=positive_count, help="train on at most this many pieces (default: all)")
     parser.add_argument("--max-docs", type=int, default=1_000_000, help="documents per --shards source")
-    parser.add_argument("--epochs", type=positive_count, help="passes over the training pieces (default 12)")
+    parser.add_argument("--epochs", type=positive_count, help="passes over the training pieces, copies included "
+                                                             "(default 12 / (1 + --augment): the steps of 12 "
+                                                             "passes without copies)")
     parser.add_argument("--width", type=positive_count, help="channels of the network (default 128; 96 agrees with "
                                                   "spaCy 0.1 points less and is ~25%% faster, the choice where the "
                                                   "CPU has no native bfloat16): its time per piece grows with the "
@@ -125,9 +127,10 @@ def add_distill_labeler_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--auxiliary-weight", type=weight, help="weight in the training loss of learning spaCy's tag, "
                                                               "dependency label and entity type of each piece's "
                                                               "word (default 0.3; 0: none); labeling never computes them")
-    parser.add_argument("--augment", type=count, default=0,
+    parser.add_argument("--augment", type=count,
                         help="copies of each training document with words swapped for others spaCy tags the same "
-                             "way, labeled by spaCy like the rest: more examples of its labeling (default 0)")
+                             "way, labeled by spaCy like the rest: more examples of its labeling (default 1; 0: "
+                             "none, half the spaCy time)")
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="spaCy processes for new targets")
     parser.add_argument("--spacy-model", default=AnnotationConfig.spacy_model)
     parser.add_argument("--cache-dir", help="where spaCy's targets are kept for the next run (default: the label cache)")
@@ -135,7 +138,7 @@ def add_distill_labeler_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run_distill_labeler(args: argparse.Namespace) -> int:
-    from ..annotate.distill import AUXILIARY_WEIGHT, EPOCHS, KNOWN_WORDS, distill
+    from ..annotate.distill import AUGMENT, AUXILIARY_WEIGHT, KNOWN_WORDS, distill
     from ..annotate.label_cache import default_cache_dir
     from ..annotate.student_labeler import StudentConfig
 
@@ -148,13 +151,13 @@ def run_distill_labeler(args: argparse.Namespace) -> int:
         spacy_model=args.spacy_model,
         cache_dir=None if args.no_cache else (args.cache_dir or default_cache_dir()),
         workers=args.workers,
-        epochs=args.epochs or EPOCHS,
+        epochs=args.epochs,
         width=args.width or StudentConfig.width,
         layers=args.layers or StudentConfig.layers,
         word_dim=StudentConfig.word_dim if args.word_dim is None else args.word_dim,
         known_words=KNOWN_WORDS if args.known_words is None else args.known_words,
         auxiliary_weight=AUXILIARY_WEIGHT if args.auxiliary_weight is None else args.auxiliary_weight,
-        augment=args.augment,
+        augment=AUGMENT if args.augment is None else args.augment,
     )
     print(json.dumps(report))
     print(f"wrote {args.out}; use it with --annotation.labeler=student:{args.out}", file=sys.stderr)
