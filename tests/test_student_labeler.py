@@ -165,7 +165,7 @@ def test_a_student_file_of_the_previous_format_still_labels(tmp_path, tokenizer_
                      known_words=0)
     assert report["held_out"]["pieces"] > 0 or report["held_out"]["agreement"] is None  # none held out: no figure
     saved = torch.load(path, weights_only=True)
-    config = {name: value for name, value in saved["config"].items() if name != "known_words"}
+    config = {name: value for name, value in saved["config"].items() if name not in ("known_words", "dropout")}
     previous = tmp_path / "previous.pt"
     torch.save({**saved, "format": "lacy-student-3", "config": config}, previous)
     text = synthetic_text(rng, 3)
@@ -520,7 +520,8 @@ def test_distill_labeler_help_states_the_defaults_it_uses(capsys):
     assert f"(default {EPOCHS} / (1 + --augment)" in help_text
     for option, default in [("augment", AUGMENT), ("width", StudentConfig.width), ("layers", StudentConfig.layers),
                             ("word-dim", StudentConfig.word_dim), ("known-words", KNOWN_WORDS),
-                            ("auxiliary-weight", f"{AUXILIARY_WEIGHT:g}")]:
+                            ("auxiliary-weight", f"{AUXILIARY_WEIGHT:g}"),
+                            ("dropout", f"{StudentConfig.dropout:g}")]:
         assert re.search(rf"--{option} \S+ .*?\(default {default}\b", help_text), option
 
 
@@ -539,6 +540,29 @@ def test_distill_labeler_refuses_an_auxiliary_weight_out_of_range(value, capsys)
               "--auxiliary-weight", value])
     assert exit_info.value.code == 2
     assert f"{value} is not a number of at least 0" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("value", ["1", "-0.1", "nan"])
+def test_distill_labeler_refuses_a_dropout_out_of_range(value, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["distill-labeler", "--shards", "x.jsonl", "--tokenizer", "t.model", "--out", "s.pt", "--dropout", value])
+    assert exit_info.value.code == 2
+    assert f"{value} is not a share of at least 0 and below 1" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="dropout is a share of channels"):
+        student_labeler.StudentConfig(num_pieces=10, dropout=1.0)
+
+
+def test_dropout_acts_in_training_only():
+    torch.manual_seed(0)
+    dropping = student_labeler.StudentNetwork(student_labeler.StudentConfig(num_pieces=50, dropout=0.5))
+    plain = student_labeler.StudentNetwork(student_labeler.StudentConfig(num_pieces=50, dropout=0.0))
+    plain.load_state_dict(dropping.state_dict())
+    pieces = torch.randint(0, 50, (2, 40))
+    shapes, words = torch.zeros_like(pieces), torch.zeros_like(pieces)
+    assert not torch.equal(dropping.encode(pieces, shapes, words), dropping.encode(pieces, shapes, words))
+    dropping.eval()
+    plain.eval()
+    torch.testing.assert_close(dropping.encode(pieces, shapes, words), plain.encode(pieces, shapes, words), rtol=0, atol=0)
 
 
 def test_a_width_without_channels_for_the_pieces_is_refused():

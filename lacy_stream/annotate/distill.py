@@ -326,6 +326,7 @@ def train_student(
     word_dim: int = StudentConfig.word_dim,
     known_words: int = KNOWN_WORDS,
     auxiliary_weight: float = AUXILIARY_WEIGHT,
+    dropout: float = StudentConfig.dropout,
     batch_windows: int = 16,
     learning_rate: float = 3e-3,
     seed: int = 0,
@@ -339,7 +340,7 @@ def train_student(
     table = piece_table(tokenizer)
     vocabulary = frequent_words([document["tokens"] for document in targets], table, known_words)
     config = StudentConfig(num_pieces=tokenizer.num_pieces, width=width, layers=layers, word_dim=word_dim,
-                           known_words=len(vocabulary))
+                           known_words=len(vocabulary), dropout=dropout)
     network = StudentNetwork(config)
     if len(vocabulary):
         network.known_word_hashes.copy_(torch.from_numpy(vocabulary))
@@ -420,6 +421,7 @@ def distill(
     word_dim: int = StudentConfig.word_dim,
     known_words: int = KNOWN_WORDS,
     auxiliary_weight: float = AUXILIARY_WEIGHT,
+    dropout: float = StudentConfig.dropout,
     augment: int = AUGMENT,
 ) -> dict:
     """Targets, training and held-out agreement; writes the student to ``out`` and returns its report.
@@ -455,6 +457,7 @@ def distill(
     network = train_student(
         natural + augmented_targets, tokenizer, epochs=default_epochs(augment) if epochs is None else epochs,
         width=width, layers=layers, word_dim=word_dim, known_words=known_words, auxiliary_weight=auxiliary_weight,
+        dropout=dropout,
     )
     student = StudentAnnotator(network, tokenizer, identity="distilling")
     teacher_classes = [targets[i]["token_class"] for i in held_out]

@@ -9,7 +9,9 @@ import sys
 from pathlib import Path
 
 from ..config.job_config import AnnotationConfig, DataConfig
-from .arguments import add_max_skip_ratio, add_url_options, count, positive_count, stream_options_from_arguments, weight
+from .arguments import (
+    add_max_skip_ratio, add_url_options, count, dropout_share, positive_count, stream_options_from_arguments, weight,
+)
 from .exit_status import UsageError
 
 
@@ -127,6 +129,8 @@ def add_distill_labeler_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--auxiliary-weight", type=weight, help="weight in the training loss of learning spaCy's tag, "
                                                               "dependency label and entity type of each piece's "
                                                               "word (default 0.3; 0: none); labeling never computes them")
+    parser.add_argument("--dropout", type=dropout_share, help="share of the network's channels zeroed at random "
+                                                             "in training (default 0.1; 0: none)")
     parser.add_argument("--augment", type=count,
                         help="copies of each training document with words swapped for others spaCy tags the same "
                              "way, labeled by spaCy like the rest: more examples of its labeling (default 1; 0: "
@@ -157,6 +161,7 @@ def run_distill_labeler(args: argparse.Namespace) -> int:
         word_dim=StudentConfig.word_dim if args.word_dim is None else args.word_dim,
         known_words=KNOWN_WORDS if args.known_words is None else args.known_words,
         auxiliary_weight=AUXILIARY_WEIGHT if args.auxiliary_weight is None else args.auxiliary_weight,
+        dropout=StudentConfig.dropout if args.dropout is None else args.dropout,
         augment=AUGMENT if args.augment is None else args.augment,
     )
     print(json.dumps(report))

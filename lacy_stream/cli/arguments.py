@@ -59,6 +59,14 @@ def weight(text: str) -> float:
     return _number_within(text, 0, sys.float_info.max, "a number of at least 0")
 
 
+def dropout_share(text: str) -> float:
+    """An argparse type: a share of at least 0 and below 1."""
+    value = _number_within(text, 0, 1, "a share of at least 0 and below 1")
+    if value == 1:
+        raise argparse.ArgumentTypeError(f"{text} is not a share of at least 0 and below 1")
+    return value
+
+
 def _count(text: str, least: int) -> int:
     try:
         value = int(text)
