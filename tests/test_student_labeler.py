@@ -161,8 +161,8 @@ def test_a_student_file_of_the_previous_format_still_labels(tmp_path, tokenizer_
     source = tmp_path / "docs.jsonl"
     source.write_text("".join(json.dumps({"id": i, "text": synthetic_text(rng, 4)}) + "\n" for i in range(12)))
     path = tmp_path / "student.pt"
-    report = distill([str(source)], tokenizer_path, path, max_docs=12, max_pieces=None, cache_dir=None, augment=0, epochs=1,
-                     known_words=0)
+    report = distill([str(source)], tokenizer_path, path, max_docs=12, max_pieces=None, cache_dir=None, augment=0,
+                     epochs=1, known_words=0)
     assert report["held_out"]["pieces"] > 0 or report["held_out"]["agreement"] is None  # none held out: no figure
     saved = torch.load(path, weights_only=True)
     config = {name: value for name, value in saved["config"].items() if name not in ("known_words", "dropout")}
@@ -288,7 +288,8 @@ def test_a_student_without_word_features_trains_loads_and_labels(tmp_path, token
     source = tmp_path / "docs.jsonl"
     source.write_text("".join(json.dumps({"id": i, "text": synthetic_text(rng, 4)}) + "\n" for i in range(12)))
     path = tmp_path / "student.pt"
-    distill([str(source)], tokenizer_path, path, max_docs=12, max_pieces=None, cache_dir=None, augment=0, epochs=1, word_dim=0)
+    distill([str(source)], tokenizer_path, path, max_docs=12, max_pieces=None, cache_dir=None, augment=0, epochs=1,
+            word_dim=0)
 
     def unused(*args):
         raise AssertionError("word features computed for a network without them")
@@ -341,8 +342,8 @@ def test_the_auxiliary_targets_are_learned_only_with_a_weight(tmp_path, tokenize
     loss = distill_module._loss
     monkeypatch.setattr(distill_module, "_loss",
                         lambda logits, batch, targets: learned.update(targets) or loss(logits, batch, targets))
-    distill([str(source)], tokenizer_path, tmp_path / "student.pt", max_docs=12, max_pieces=None, cache_dir=None, augment=0,
-            epochs=1, auxiliary_weight=weight)
+    distill([str(source)], tokenizer_path, tmp_path / "student.pt", max_docs=12, max_pieces=None, cache_dir=None,
+            augment=0, epochs=1, auxiliary_weight=weight)
     auxiliary = set(distill_module.AUXILIARY_LABELS)
     assert learned == {"span_tag", "base_class", "fact_if_first"} | (auxiliary if weight else set())
 
@@ -562,7 +563,8 @@ def test_dropout_acts_in_training_only():
     assert not torch.equal(dropping.encode(pieces, shapes, words), dropping.encode(pieces, shapes, words))
     dropping.eval()
     plain.eval()
-    torch.testing.assert_close(dropping.encode(pieces, shapes, words), plain.encode(pieces, shapes, words), rtol=0, atol=0)
+    torch.testing.assert_close(dropping.encode(pieces, shapes, words), plain.encode(pieces, shapes, words),
+                               rtol=0, atol=0)
 
 
 def test_a_width_without_channels_for_the_pieces_is_refused():

@@ -61,10 +61,7 @@ def weight(text: str) -> float:
 
 def dropout_share(text: str) -> float:
     """An argparse type: a share of at least 0 and below 1."""
-    value = _number_within(text, 0, 1, "a share of at least 0 and below 1")
-    if value == 1:
-        raise argparse.ArgumentTypeError(f"{text} is not a share of at least 0 and below 1")
-    return value
+    return _number_within(text, 0, math.nextafter(1, 0), "a share of at least 0 and below 1")
 
 
 def _count(text: str, least: int) -> int:
