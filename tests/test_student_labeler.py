@@ -253,6 +253,22 @@ def test_the_known_words_are_the_most_frequent_seen_often_enough():
         hash_of[piece] for piece in ["\u2581the", "\u2581cat", "\u2581dog"]}
 
 
+def test_training_batches_hold_each_window_once_within_the_piece_budget():
+    random_lengths = np.random.default_rng(1)
+    lengths = np.concatenate([np.full(300, distill_module.WINDOW), random_lengths.integers(1, distill_module.WINDOW, 3000)])
+    batches = distill_module._length_batches(lengths, 4096, np.random.default_rng(0))
+    assert sorted(np.concatenate(batches).tolist()) == list(range(len(lengths)))
+    assert all(len(batch) * lengths[batch].max() <= 4096 for batch in batches)
+    assert sum(len(batch) * lengths[batch].max() for batch in batches) < 1.05 * lengths.sum()  # little padding
+    again = distill_module._length_batches(lengths, 4096, np.random.default_rng(0))
+    assert all(np.array_equal(a, b) for a, b in zip(batches, again, strict=True))
+
+
+def test_a_window_longer_than_the_piece_budget_is_a_batch_of_its_own():
+    batches = distill_module._length_batches(np.array([600, 10, 10]), 512, np.random.default_rng(0))
+    assert sorted(len(batch) for batch in batches) == [1, 2]
+
+
 def test_a_student_knowing_words_by_identity_trains_loads_and_labels_documents_as_if_alone(tmp_path, tokenizer_path):
     rng = random.Random(7)
     source = tmp_path / "docs.jsonl"

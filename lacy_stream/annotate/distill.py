@@ -97,6 +97,11 @@ KNOWN_WORDS = 32768
 (:data:`KNOWN_WORD_MIN_COUNT`), and knowing them takes a width-96 student from 94.8% to 95.1%, a width-64 one
 from 94.3% to 94.9%."""
 WINDOW = 512
+BATCH_PIECES = 4096
+"""Pieces of a training batch, padding included: about the real pieces of 16 windows drawn at random, many of
+which are a short document's whole text."""
+LENGTH_SORT_WINDOWS = 1024
+"""Windows shuffled together and then sorted by length into batches: few enough that each batch is a random draw."""
 KNOWN_WORD_MIN_COUNT = 10
 """A word seen fewer times in training stays unknown: its embedding would learn its few examples by heart."""
 IGNORED = -100
@@ -278,6 +283,22 @@ def _windows(targets: list[dict[str, np.ndarray]], table: PieceTable, network: S
     return windows
 
 
+def _length_batches(lengths: np.ndarray, piece_budget: int, random: np.random.Generator) -> list[np.ndarray]:
+    """One epoch's batches of window indices, in random order: windows of about the same length together, so
+    that padding to the longest costs little, each batch at most ``piece_budget`` pieces with its padding (or
+    one window)."""
+    order = random.permutation(len(lengths))
+    batches = []
+    for chunk in np.array_split(order, max(1, len(order) // LENGTH_SORT_WINDOWS)):
+        chunk = chunk[np.argsort(-lengths[chunk], kind="stable")]
+        start = 0
+        while start < len(chunk):
+            size = max(1, piece_budget // int(lengths[chunk[start]]))
+            batches.append(chunk[start : start + size])
+            start += size
+    return [batches[i] for i in random.permutation(len(batches))]
+
+
 def _batch(
     windows: list[dict[str, np.ndarray]], shapes: torch.Tensor, device: torch.device
 ) -> dict[str, torch.Tensor | None]:
@@ -327,7 +348,7 @@ def train_student(
     known_words: int = KNOWN_WORDS,
     auxiliary_weight: float = AUXILIARY_WEIGHT,
     dropout: float = StudentConfig.dropout,
-    batch_windows: int = 16,
+    batch_pieces: int = BATCH_PIECES,
     learning_rate: float = 3e-3,
     seed: int = 0,
     device: str | None = None,
@@ -353,7 +374,10 @@ def train_student(
     shapes = torch.from_numpy(table.shapes).to(target_device)
     if not windows:
         raise ValueError("no training pieces: give more documents")
-    steps = epochs * math.ceil(len(windows) / batch_windows)
+    lengths = np.array([len(window["tokens"]) for window in windows])
+    random = np.random.default_rng(seed)
+    epoch_batches = [_length_batches(lengths, batch_pieces, random) for _ in range(epochs)]
+    steps = sum(len(batches) for batches in epoch_batches)
     parameters = [*network.parameters(), *(auxiliary_head.parameters() if auxiliary_head else [])]
     optimizer = torch.optim.AdamW(parameters, lr=learning_rate, weight_decay=0.01)
     # OneCycleLR divides by the length of its warm-up phase, pct_start x total_steps - 1: at least one step,
@@ -361,13 +385,11 @@ def train_student(
     warmup_share = 0.1
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=learning_rate, pct_start=warmup_share,
                                                    total_steps=max(steps, math.ceil(2 / warmup_share)))
-    random = np.random.default_rng(seed)
     network.train()
-    for epoch in range(epochs):
+    for epoch, batches in enumerate(epoch_batches):
         losses = []
-        order = random.permutation(len(windows))
-        for start in range(0, len(windows), batch_windows):
-            batch = _batch([windows[i] for i in order[start : start + batch_windows]], shapes, target_device)
+        for indices in batches:
+            batch = _batch([windows[i] for i in indices], shapes, target_device)
             hidden = network.encode(batch["pieces"], batch["shapes"], batch["words"], identities=batch["identities"])
             loss = _loss(network.outputs(hidden), batch, ("span_tag", "base_class", "fact_if_first"))
             if auxiliary_weight:
