@@ -12,6 +12,13 @@ if not torch.cuda.is_available():
     # when the kernel is defined, so this has the loss's Triton kernels tested on the CPU.
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+if os.environ.get("PYTEST_XDIST_WORKER_COUNT"):
+    # The suite runs in several worker processes (pytest-xdist): each gets its share of the cores, it and the
+    # processes its tests start (torch's threads spin-wait for each other when the cores are oversubscribed).
+    _threads = max(1, len(os.sched_getaffinity(0)) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"]))
+    os.environ.setdefault("OMP_NUM_THREADS", str(_threads))
+    torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
+
 from helpers import SHARED_DIR, make_judged_corpus, synthetic_text  # noqa: E402
 from lacy_stream.tokenizer import train_tokenizer  # noqa: E402
 

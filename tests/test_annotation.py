@@ -433,6 +433,7 @@ def test_annotate_input_of_nothing_usable_exits_65_without_a_traceback(tmp_path,
     assert not (tmp_path / "out.jsonl").exists() and not (tmp_path / ".out.jsonl.partial").exists()
 
 
+@pytest.mark.slow
 @pytest.mark.needs_shared
 def test_pruned_pipeline_gives_the_labels_of_the_full_pipeline(annotator):
     source = SHARED_DIR / "data" / "dwiki-dev.jsonl"

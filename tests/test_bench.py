@@ -76,6 +76,7 @@ def test_bench_annotate_prints_a_table_of_every_case(tmp_path, tokenizer_path, c
 
 
 
+@pytest.mark.slow
 def test_bench_annotate_says_when_the_documents_are_too_few_to_time_the_dataloader(tmp_path, tokenizer_path, capsys):
     source = tmp_path / "docs.jsonl"
     source.write_text(json.dumps({"id": 1, "text": "Ada Lovelace wrote notes."}) + "\n")

@@ -57,6 +57,7 @@ def test_parse_verdict(reply, verdict):
     assert parse_verdict(reply) == verdict
 
 
+@pytest.mark.slow
 def test_accuracy_buckets_and_plot_without_judge(lacy, texts, tmp_path):
     result = evaluate_acceptability(lacy, texts, out_dir=tmp_path, buckets=4, batch_size=3)
 

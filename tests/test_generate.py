@@ -261,6 +261,7 @@ def test_calibrated_rate_tracks_target_on_drifting_logits(tokenizer: Tokenizer, 
     assert plain_rate - target > 0.02
 
 
+@pytest.mark.slow
 def test_calibrated_rate_tracks_target_over_real_generations(tokenizer: Tokenizer) -> None:
     model = tiny_model(tokenizer, seed=0, dim=64, n_layers=2)  # 2000 steps recompute the window: keep it cheap
     policy = CalibratedCall(tokenizer.call_id, 0.15)

@@ -61,6 +61,20 @@ def test_bad_samples_are_counted_and_logged(tmp_path, caplog):
     assert f"{path}:102 (missing_text)" in caplog.text
 
 
+def test_a_member_named_in_another_encoding_is_logged_with_escapes(tmp_path, caplog):
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w") as tar:  # the name's byte 0xff is not UTF-8
+        info = tarfile.TarInfo("7\udcff.txt")
+        tar.addfile(info, io.BytesIO(b""))
+    path = tmp_path / "latin.tar"
+    path.write_bytes(buffer.getvalue())
+    with caplog.at_level(logging.WARNING):
+        docs, stats = read(path)
+    assert docs == [] and stats.skipped == {"empty_document": 1}
+    assert f"{path}:7\\udcff.txt (empty_document)" in caplog.text
+    caplog.text.encode("utf-8")  # a UTF-8 log file can write every line
+
+
 @pytest.mark.parametrize("cut", [0.3, 0.75, 2048 * 7])
 def test_truncated_tar_keeps_what_came_before(tmp_path, cut):
     data = tar_bytes(GOOD)

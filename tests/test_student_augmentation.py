@@ -85,6 +85,7 @@ def test_first_pieces_cuts_the_training_pieces_in_one_place():
     assert [len(d["tokens"]) for d in first_pieces(documents, 100)] == [5, 4, 6]
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(180)
 def test_distillation_copies_only_training_documents_and_keeps_the_held_out_measure(tmp_path, tokenizer_path,
                                                                                     monkeypatch):

@@ -156,6 +156,7 @@ def test_a_student_file_of_an_earlier_format_is_refused_with_what_to_do(tmp_path
         student_labeler.StudentAnnotator.load(old, Tokenizer(tokenizer_path))
 
 
+@pytest.mark.slow
 def test_a_student_file_of_the_previous_format_still_labels(tmp_path, tokenizer_path):
     rng = random.Random(8)
     source = tmp_path / "docs.jsonl"
@@ -269,6 +270,7 @@ def test_a_window_longer_than_the_piece_budget_is_a_batch_of_its_own():
     assert sorted(len(batch) for batch in batches) == [1, 2]
 
 
+@pytest.mark.slow
 def test_a_student_knowing_words_by_identity_trains_loads_and_labels_documents_as_if_alone(tmp_path, tokenizer_path):
     rng = random.Random(7)
     source = tmp_path / "docs.jsonl"
@@ -289,16 +291,19 @@ def test_a_student_knowing_words_by_identity_trains_loads_and_labels_documents_a
 
 @pytest.fixture(scope="module")
 def student(tmp_path_factory, tokenizer_path) -> tuple[str, dict]:
-    """A student distilled from spaCy on 40 synthetic documents (seconds)."""
+    """A student distilled from spaCy on 40 synthetic documents, without swapped copies (those have their own test
+    in test_student_augmentation.py): seconds."""
     directory = tmp_path_factory.mktemp("student")
     rng = random.Random(5)
     source = directory / "docs.jsonl"
     source.write_text("".join(json.dumps({"id": i, "text": synthetic_text(rng, 8)}) + "\n" for i in range(40)))
     path = directory / "student.pt"
-    report = distill([str(source)], tokenizer_path, path, max_docs=40, max_pieces=None, cache_dir=None, epochs=3)
+    report = distill([str(source)], tokenizer_path, path, max_docs=40, max_pieces=None, cache_dir=None, epochs=3,
+                     augment=0)
     return str(path), report
 
 
+@pytest.mark.slow
 def test_a_student_without_word_features_trains_loads_and_labels(tmp_path, tokenizer_path, monkeypatch):
     rng = random.Random(6)
     source = tmp_path / "docs.jsonl"
@@ -349,6 +354,7 @@ def test_the_student_file_holds_the_network_alone_not_the_auxiliary_head(student
     assert saved["state"].keys() == network.state_dict().keys()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("weight", [0.0, 0.3])
 def test_the_auxiliary_targets_are_learned_only_with_a_weight(tmp_path, tokenizer_path, monkeypatch, weight):
     rng = random.Random(8)
@@ -430,6 +436,7 @@ def test_exact_resume_with_a_student(tmp_path, tokenizer_path, student):
             torch.testing.assert_close(want[name], got[name], rtol=0, atol=0, equal_nan=True, msg=name)
 
 
+@pytest.mark.slow
 def test_the_audit_counts_the_students_agreement_with_spacy_and_resume_stays_exact(tmp_path, tokenizer_path, student):
     """Every document audited: the counts describe all the pieces the student labeled, the figures follow from
     them, and the batches are those of a run without an audit, before and after a resume."""

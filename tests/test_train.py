@@ -38,6 +38,7 @@ def corpus(tmp_path: Path) -> Path:
     return tmp_path / "corpus"
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(120)
 def test_cli_trains_logs_checkpoints_and_exports(tmp_path, corpus, tokenizer_path):
     run_dir = tmp_path / "run"

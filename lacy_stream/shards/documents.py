@@ -72,6 +72,12 @@ class Document:
         return self.part == self.num_parts - 1
 
 
+def loggable(text: str) -> str:
+    """``text`` with the lone surrogates of undecodable bytes (a tar member named in another encoding) written as
+    escapes: a UTF-8 log file refuses to write them."""
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
 class ReadStats:
     """Counts what a reader saw: documents, bytes, split documents and skips by reason.
 
@@ -93,13 +99,13 @@ class ReadStats:
             raise ValueError(f"unknown skip reason {reason!r}: add it to the vocabulary in documents.py and docs/operations.md")
         self.skipped[reason] += 1
         where = f"{url}:{member}" if member else url
-        log.warning("skipped %s (%s)%s", where, reason, f": {detail}" if detail else "")
+        log.warning("skipped %s (%s)%s", loggable(where), reason, f": {loggable(detail)}" if detail else "")
 
     def repair(self, reason: str, where: str) -> None:
         if reason not in REPAIR_REASONS:
             raise ValueError(f"unknown repair {reason!r}: add it to the vocabulary in documents.py and docs/operations.md")
         self.repaired[reason] += 1
-        log.info("repaired %s (%s)", where, reason)
+        log.info("repaired %s (%s)", loggable(where), reason)
 
     def skipped_shares(self) -> dict[str, float]:
         """The shares of shards and of documents that were skipped (0 when there were none)."""
