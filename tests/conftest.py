@@ -15,7 +15,8 @@ if not torch.cuda.is_available():
 if os.environ.get("PYTEST_XDIST_WORKER_COUNT"):
     # The suite runs in several worker processes (pytest-xdist): each gets its share of the cores, it and the
     # processes its tests start (torch's threads spin-wait for each other when the cores are oversubscribed).
-    _threads = max(1, len(os.sched_getaffinity(0)) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"]))
+    _cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1  # macOS has no affinity
+    _threads = max(1, _cores // int(os.environ["PYTEST_XDIST_WORKER_COUNT"]))
     os.environ.setdefault("OMP_NUM_THREADS", str(_threads))
     torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
