@@ -79,6 +79,8 @@ def test_the_convolution_as_one_matrix_product_equals_conv1d_and_so_do_its_gradi
                                           dilation=dilation).transpose(1, 2)
     output = convolution(hidden)
     torch.testing.assert_close(output, expected)
+    with torch.no_grad():  # labeling writes the shifted inputs in place, training concatenates them
+        torch.testing.assert_close(convolution(hidden), expected.detach())
     upstream = torch.randn_like(output)
     gradients = torch.autograd.grad(output, [hidden, convolution.mix.weight], upstream)
     expected_gradients = torch.autograd.grad(expected, [hidden, convolution.mix.weight], upstream)
@@ -588,6 +590,23 @@ def test_dropout_acts_in_training_only():
     plain.eval()
     torch.testing.assert_close(dropping.encode(pieces, shapes, words), plain.encode(pieces, shapes, words),
                                rtol=0, atol=0)
+
+
+def test_dropout_zeroes_its_share_of_elements_and_scales_the_rest():
+    torch.manual_seed(0)
+    dropout = student_labeler.BitDropout(0.25)
+    ones = torch.ones(64, 1001)  # not a multiple of the four masks one 64-bit draw makes
+    dropped = dropout(ones)
+    assert dropped.unique().tolist() == pytest.approx([0.0, 1 / 0.75])
+    assert (dropped == 0).float().mean().item() == pytest.approx(0.25, abs=0.01)
+    assert not torch.equal(dropout(ones), dropped)
+    ones.requires_grad_(True)
+    dropout(ones).sum().backward()
+    assert ones.grad.unique().tolist() == pytest.approx([0.0, 1 / 0.75])
+    torch.manual_seed(0)
+    again = student_labeler.BitDropout(0.25)
+    assert torch.equal(again(torch.ones(64, 1001)), dropped)  # seeded by torch's generator
+    assert torch.equal(dropout.eval()(ones), ones)
 
 
 def test_a_width_without_channels_for_the_pieces_is_refused():
