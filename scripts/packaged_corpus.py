@@ -17,7 +17,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from lacy_stream.shards.packaged_corpus import SOURCES, build_corpus  # noqa: E402
+from lacy_stream.shards.packaged_corpus import SOURCES, PackageError, build_corpus  # noqa: E402
 from lacy_stream.shards.sources import read_documents  # noqa: E402
 
 
@@ -41,7 +41,11 @@ def main(argv: list[str] | None = None) -> int:
 
         kept_apart += [document["text"] for document in iter_demo_documents()]
     caps = {name: int(value) for name, _, value in (item.partition("=") for item in args.max_words)}
-    report = build_corpus(Path(args.out), Path(args.cache), kept_apart=kept_apart, max_words=caps)
+    try:
+        report = build_corpus(Path(args.out), Path(args.cache), kept_apart=kept_apart, max_words=caps)
+    except PackageError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
     print(json.dumps(report, indent=2))
     return 0
 

